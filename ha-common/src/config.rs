@@ -1,0 +1,626 @@
+//! The cluster config: one TOML file describes every host and instance of a cluster.
+//!
+//! Every role reads the same file and finds itself by name (`--node`). Loading
+//! validates the whole file; an error names the file, the key and what is wrong.
+//! See `configs/local.toml` for a documented example of every key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default GXID block size (design.md §2: the primary syncs the boundary every 2000 GXIDs).
+pub const DEFAULT_GTM_BLOCK_SIZE: u64 = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax errors, unknown keys, missing keys and wrong types: toml's message
+    /// names the key and shows the line.
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {key}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+/// The role an instance is configured with. At run time the CMServer may change it;
+/// the config only gives the initial layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Standby,
+    Secondary,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+            Role::Secondary => "secondary",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// A name for the cluster, shown in status.
+    pub name: String,
+    /// Root of every data dir, socket and log (`--base-dir` overrides it).
+    #[serde(default = "default_base_dir")]
+    pub base_dir: PathBuf,
+    /// The unprivileged OS user PostgreSQL runs as (PostgreSQL refuses root).
+    pub os_user: String,
+    /// Where initdb, pg_ctl, postgres, pg_basebackup ... live.
+    #[serde(default = "default_pg_bin_dir")]
+    pub pg_bin_dir: PathBuf,
+    /// Where our own binaries (gtm, cn, cm_agent ...) live; default: beside the running one.
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+fn default_base_dir() -> PathBuf {
+    PathBuf::from("/tmp/mpp-ha")
+}
+
+fn default_pg_bin_dir() -> PathBuf {
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+
+/// Timings of the cluster manager. Defaults are chosen so that one lost heartbeat or a
+/// slow fsync never causes a failover.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimingSection {
+    /// How often each agent reports to the CMServer.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// An agent whose report is older than this is considered silent.
+    #[serde(default = "default_agent_timeout_ms")]
+    pub agent_timeout_ms: u64,
+    /// Time a probe (a query to PostgreSQL, an RPC to a GTM) may take before the
+    /// instance counts as not responding.
+    #[serde(default = "default_probe_timeout_ms")]
+    pub probe_timeout_ms: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+fn default_agent_timeout_ms() -> u64 {
+    3000
+}
+fn default_probe_timeout_ms() -> u64 {
+    2000
+}
+
+impl Default for TimingSection {
+    fn default() -> Self {
+        TimingSection {
+            heartbeat_interval_ms: default_heartbeat_ms(),
+            agent_timeout_ms: default_agent_timeout_ms(),
+            probe_timeout_ms: default_probe_timeout_ms(),
+        }
+    }
+}
+
+impl TimingSection {
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_millis(self.agent_timeout_ms)
+    }
+    pub fn probe_timeout(&self) -> Duration {
+        Duration::from_millis(self.probe_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    pub name: String,
+    /// IP address or DNS name the other roles use to reach this host.
+    pub address: String,
+}
+
+/// A server process of ours: a CMServer, a GTM or a CN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub name: String,
+    pub host: String,
+    /// Raw so that validation can say "70000 is not a TCP port" instead of a type error.
+    port: i64,
+    #[serde(default)]
+    role: Option<Role>,
+}
+
+impl Instance {
+    /// Validated at load time: always 1..=65535.
+    pub fn port(&self) -> u16 {
+        self.port as u16
+    }
+    /// Configured role (GTM and DN members; None for CMServers and CNs).
+    pub fn role(&self) -> Option<Role> {
+        self.role
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GtmSection {
+    /// GXIDs per reserved block; the boundary is synced to the standby once per block.
+    #[serde(default = "default_block_size")]
+    pub block_size: u64,
+    /// How long the primary waits for the standby's acknowledgement before it answers
+    /// an error (unless it has been ordered to run alone).
+    #[serde(default = "default_sync_timeout_ms")]
+    pub sync_timeout_ms: u64,
+    #[serde(rename = "instance")]
+    pub instances: Vec<Instance>,
+}
+
+fn default_block_size() -> u64 {
+    DEFAULT_GTM_BLOCK_SIZE
+}
+fn default_sync_timeout_ms() -> u64 {
+    3000
+}
+
+impl GtmSection {
+    pub fn sync_timeout(&self) -> Duration {
+        Duration::from_millis(self.sync_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnGroup {
+    pub name: String,
+    #[serde(rename = "member")]
+    pub members: Vec<Instance>,
+}
+
+impl DnGroup {
+    pub fn member_with_role(&self, role: Role) -> Option<&Instance> {
+        self.members.iter().find(|m| m.role == Some(role))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub timing: TimingSection,
+    #[serde(rename = "host")]
+    pub hosts: Vec<Host>,
+    #[serde(rename = "cm_server")]
+    pub cm_servers: Vec<Instance>,
+    pub gtm: GtmSection,
+    #[serde(rename = "cn", default)]
+    pub cns: Vec<Instance>,
+    #[serde(rename = "dn_group", default)]
+    pub dn_groups: Vec<DnGroup>,
+    /// Where the config was read from (for messages).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// What kind of instance a name refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceKind {
+    CmServer,
+    Gtm,
+    Coordinator,
+    /// A member of a DN group; its configured role says primary/standby/secondary.
+    DnMember,
+}
+
+/// An instance found by name, with where it belongs.
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceRef<'a> {
+    pub kind: InstanceKind,
+    pub instance: &'a Instance,
+    /// The DN group, for DN members.
+    pub group: Option<&'a DnGroup>,
+}
+
+impl ClusterConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cfg.source = path.to_owned();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn invalid(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source.clone(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.cluster.name.trim().is_empty() {
+            return Err(self.invalid("cluster.name", "must not be empty"));
+        }
+        if self.cluster.os_user.trim().is_empty() {
+            return Err(self.invalid("cluster.os_user", "must name an unprivileged OS user"));
+        }
+        if self.cluster.os_user == "root" {
+            return Err(self.invalid("cluster.os_user", "PostgreSQL refuses to run as root"));
+        }
+        if self.timing.heartbeat_interval_ms == 0 {
+            return Err(self.invalid("timing.heartbeat_interval_ms", "must be > 0"));
+        }
+        if self.timing.agent_timeout_ms < 2 * self.timing.heartbeat_interval_ms {
+            return Err(self.invalid(
+                "timing.agent_timeout_ms",
+                "must be at least twice timing.heartbeat_interval_ms, so one lost heartbeat is not a failure",
+            ));
+        }
+        if self.gtm.block_size == 0 {
+            return Err(self.invalid("gtm.block_size", "must be > 0"));
+        }
+        if self.hosts.is_empty() {
+            return Err(self.invalid("host", "at least one [[host]] is required"));
+        }
+        let mut host_names = BTreeSet::new();
+        for (i, h) in self.hosts.iter().enumerate() {
+            if h.name.trim().is_empty() {
+                return Err(self.invalid(format!("host[{i}].name"), "must not be empty"));
+            }
+            if h.address.trim().is_empty() {
+                return Err(self.invalid(format!("host[{i}] ({}).address", h.name), "must not be empty"));
+            }
+            if !host_names.insert(h.name.as_str()) {
+                return Err(self.invalid(format!("host[{i}].name"), format!("duplicate host name {:?}", h.name)));
+            }
+        }
+
+        // Every instance: a unique, safe name, a declared host, a valid port, and no
+        // two instances listening on the same address and port.
+        let mut names = BTreeSet::new();
+        let mut endpoints: BTreeMap<(String, u16), String> = BTreeMap::new();
+        for (key, inst) in self.all_instances_with_keys() {
+            if inst.name.is_empty()
+                || !inst
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    format!("{:?} must be non-empty ASCII letters, digits, '_' or '-'", inst.name),
+                ));
+            }
+            if !names.insert(inst.name.clone()) {
+                return Err(self.invalid(format!("{key}.name"), format!("duplicate instance name {:?}", inst.name)));
+            }
+            let Some(host) = self.host(&inst.host) else {
+                return Err(self.invalid(
+                    format!("{key} ({}).host", inst.name),
+                    format!("host {:?} is not declared in any [[host]]", inst.host),
+                ));
+            };
+            if !(1..=65535).contains(&inst.port) {
+                return Err(self.invalid(
+                    format!("{key} ({}).port", inst.name),
+                    format!("{} is not a valid TCP port (1-65535)", inst.port),
+                ));
+            }
+            let ep = (host.address.clone(), inst.port as u16);
+            if let Some(other) = endpoints.insert(ep.clone(), inst.name.clone()) {
+                return Err(self.invalid(
+                    format!("{key} ({}).port", inst.name),
+                    format!("{}:{} is already used by {other}", ep.0, ep.1),
+                ));
+            }
+        }
+
+        if self.cm_servers.is_empty() || self.cm_servers.len() > 2 {
+            return Err(self.invalid("cm_server", "one or two [[cm_server]] entries are required"));
+        }
+        for (i, s) in self.cm_servers.iter().enumerate() {
+            if s.role.is_some() {
+                return Err(self.invalid(
+                    format!("cm_server[{i}] ({}).role", s.name),
+                    "CMServers have no configured role: the primary is elected",
+                ));
+            }
+        }
+        for (i, c) in self.cns.iter().enumerate() {
+            if c.role.is_some() {
+                return Err(self.invalid(format!("cn[{i}] ({}).role", c.name), "CNs are all active peers and take no role"));
+            }
+        }
+
+        // GTM: one primary, at most one standby, on different hosts.
+        let g = &self.gtm.instances;
+        if g.is_empty() || g.len() > 2 {
+            return Err(self.invalid("gtm.instance", "one primary and at most one standby are required"));
+        }
+        for (i, inst) in g.iter().enumerate() {
+            match inst.role {
+                Some(Role::Primary) | Some(Role::Standby) => {}
+                Some(Role::Secondary) => {
+                    return Err(self.invalid(format!("gtm.instance[{i}] ({}).role", inst.name), "must be primary or standby"))
+                }
+                None => return Err(self.invalid(format!("gtm.instance[{i}] ({}).role", inst.name), "missing (primary or standby)")),
+            }
+        }
+        if g.iter().filter(|i| i.role == Some(Role::Primary)).count() != 1 {
+            return Err(self.invalid("gtm.instance", "exactly one GTM instance must have role = \"primary\""));
+        }
+        if g.len() == 2 && g[0].host == g[1].host {
+            return Err(self.invalid("gtm.instance", "the GTM primary and standby must be on different hosts"));
+        }
+
+        // DN groups: one primary, one standby, at most one secondary, distinct hosts.
+        let mut group_names = BTreeSet::new();
+        for (gi, group) in self.dn_groups.iter().enumerate() {
+            let key = format!("dn_group[{gi}] ({})", group.name);
+            if !group_names.insert(group.name.as_str()) || names.contains(&group.name) {
+                return Err(self.invalid(format!("{key}.name"), "duplicate name"));
+            }
+            let mut hosts = BTreeSet::new();
+            for (mi, m) in group.members.iter().enumerate() {
+                if m.role.is_none() {
+                    return Err(self.invalid(
+                        format!("{key}.member[{mi}] ({}).role", m.name),
+                        "missing (primary, standby or secondary)",
+                    ));
+                }
+                if !hosts.insert(m.host.as_str()) {
+                    return Err(self.invalid(
+                        format!("{key}.member[{mi}] ({}).host", m.name),
+                        "two members of one DN group on one host defeat the point of a group",
+                    ));
+                }
+            }
+            let count = |r| group.members.iter().filter(|m| m.role == Some(r)).count();
+            if count(Role::Primary) != 1 {
+                return Err(self.invalid(format!("{key}.member"), "exactly one member must have role = \"primary\""));
+            }
+            if count(Role::Standby) != 1 {
+                return Err(self.invalid(format!("{key}.member"), "exactly one member must have role = \"standby\""));
+            }
+            if count(Role::Secondary) > 1 {
+                return Err(self.invalid(format!("{key}.member"), "at most one member may have role = \"secondary\""));
+            }
+        }
+        Ok(())
+    }
+
+    fn all_instances_with_keys(&self) -> Vec<(String, &Instance)> {
+        let mut out = Vec::new();
+        for (i, s) in self.cm_servers.iter().enumerate() {
+            out.push((format!("cm_server[{i}]"), s));
+        }
+        for (i, s) in self.gtm.instances.iter().enumerate() {
+            out.push((format!("gtm.instance[{i}]"), s));
+        }
+        for (i, s) in self.cns.iter().enumerate() {
+            out.push((format!("cn[{i}]"), s));
+        }
+        for (gi, g) in self.dn_groups.iter().enumerate() {
+            for (mi, m) in g.members.iter().enumerate() {
+                out.push((format!("dn_group[{gi}] ({}).member[{mi}]", g.name), m));
+            }
+        }
+        out
+    }
+
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// The address of the host an instance runs on (validated to exist).
+    pub fn address_of(&self, inst: &Instance) -> &str {
+        self.host(&inst.host).map(|h| h.address.as_str()).unwrap_or("127.0.0.1")
+    }
+
+    /// `address:port` of an instance.
+    pub fn endpoint(&self, inst: &Instance) -> String {
+        format!("{}:{}", self.address_of(inst), inst.port())
+    }
+
+    /// Finds any instance (CMServer, GTM, CN, DN member) by name.
+    pub fn find(&self, name: &str) -> Option<InstanceRef<'_>> {
+        self.all_refs().into_iter().find(|r| r.instance.name == name)
+    }
+
+    /// Every instance placed on `host`, CMServers included.
+    pub fn instances_on_host(&self, host: &str) -> Vec<InstanceRef<'_>> {
+        self.all_refs().into_iter().filter(|r| r.instance.host == host).collect()
+    }
+
+    /// Every instance of the cluster, in config order.
+    pub fn all_refs(&self) -> Vec<InstanceRef<'_>> {
+        let mut out = Vec::new();
+        for (kind, list) in [
+            (InstanceKind::CmServer, &self.cm_servers),
+            (InstanceKind::Gtm, &self.gtm.instances),
+            (InstanceKind::Coordinator, &self.cns),
+        ] {
+            out.extend(list.iter().map(|instance| InstanceRef {
+                kind,
+                instance,
+                group: None,
+            }));
+        }
+        for g in &self.dn_groups {
+            out.extend(g.members.iter().map(|instance| InstanceRef {
+                kind: InstanceKind::DnMember,
+                instance,
+                group: Some(g),
+            }));
+        }
+        out
+    }
+
+    /// The directory that holds everything of one instance (or host-level process,
+    /// e.g. an agent named after its host): `<base_dir>/<name>`.
+    pub fn instance_dir(&self, name: &str) -> PathBuf {
+        self.cluster.base_dir.join(name)
+    }
+
+    /// Overrides `cluster.base_dir` (the `--base-dir` flag).
+    pub fn with_base_dir(mut self, base_dir: Option<PathBuf>) -> Self {
+        if let Some(dir) = base_dir {
+            self.cluster.base_dir = dir;
+        }
+        self
+    }
+
+    /// The GTM instances' endpoints, primary first (client libraries try them in order).
+    pub fn gtm_endpoints(&self) -> Vec<String> {
+        let mut list: Vec<&Instance> = self.gtm.instances.iter().collect();
+        list.sort_by_key(|i| i.role != Some(Role::Primary));
+        list.into_iter().map(|i| self.endpoint(i)).collect()
+    }
+
+    /// The CMServers' endpoints, in config order.
+    pub fn cm_server_endpoints(&self) -> Vec<String> {
+        self.cm_servers.iter().map(|i| self.endpoint(i)).collect()
+    }
+
+    /// Where our binaries live: `cluster.bin_dir`, else beside the running executable.
+    pub fn bin_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.cluster.bin_dir {
+            return dir.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const LOCAL: &str = include_str!("../../configs/local.toml");
+
+    fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
+        ClusterConfig::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn local_config_is_valid_and_has_the_documented_layout() {
+        let cfg = parse(LOCAL).expect("configs/local.toml must be valid");
+        assert_eq!(cfg.hosts.len(), 3);
+        assert_eq!(cfg.cm_servers.len(), 2);
+        assert_eq!(cfg.gtm.block_size, 2000);
+        assert_eq!(cfg.cluster.os_user, "postgres");
+        let gtm1 = cfg.find("gtm1").unwrap();
+        assert_eq!(gtm1.instance.host, "h1");
+        assert_eq!(gtm1.instance.role(), Some(Role::Primary));
+        assert_eq!(cfg.find("gtm2").unwrap().instance.role(), Some(Role::Standby));
+        let dn1 = cfg.dn_groups.iter().find(|g| g.name == "dn1").unwrap();
+        assert_eq!(dn1.member_with_role(Role::Primary).unwrap().host, "h1");
+        assert_eq!(dn1.member_with_role(Role::Standby).unwrap().host, "h2");
+        assert_eq!(dn1.member_with_role(Role::Secondary).unwrap().host, "h3");
+        let dn2 = cfg.dn_groups.iter().find(|g| g.name == "dn2").unwrap();
+        assert_eq!(dn2.member_with_role(Role::Primary).unwrap().host, "h2");
+        assert_eq!(dn2.member_with_role(Role::Standby).unwrap().host, "h3");
+        assert_eq!(dn2.member_with_role(Role::Secondary).unwrap().host, "h1");
+        assert_eq!(cfg.find("cn1").unwrap().instance.host, "h1");
+        assert_eq!(cfg.find("cn2").unwrap().instance.host, "h2");
+        assert_eq!(cfg.gtm_endpoints()[0], cfg.endpoint(gtm1.instance));
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn bad_port_is_named() {
+        let e = err(&LOCAL.replacen("port = 7101", "port = 70000", 1));
+        assert!(e.contains("gtm.instance[0] (gtm1).port") && e.contains("70000"), "{e}");
+    }
+
+    #[test]
+    fn unknown_host_is_named() {
+        let e = err(&LOCAL.replacen("host = \"h3\"", "host = \"h9\"", 1));
+        assert!(e.contains("host") && e.contains("\"h9\""), "{e}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let e = err(&LOCAL.replacen("os_user = \"postgres\"", "", 1));
+        assert!(e.contains("os_user"), "{e}");
+        assert!(e.contains("test.toml"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&LOCAL.replacen("[cluster]", "[cluster]\nbogus_key = 1", 1));
+        assert!(e.contains("bogus_key"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_port_is_rejected() {
+        let e = err(&LOCAL.replacen("port = 7102", "port = 7101", 1));
+        assert!(e.contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn two_gtm_primaries_are_rejected() {
+        let e = err(&LOCAL.replacen("role = \"standby\"", "role = \"primary\"", 1));
+        assert!(e.contains("primary"), "{e}");
+    }
+
+    #[test]
+    fn root_os_user_is_rejected() {
+        let e = err(&LOCAL.replacen("os_user = \"postgres\"", "os_user = \"root\"", 1));
+        assert!(e.contains("cluster.os_user"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = ClusterConfig::load("/nonexistent/x.toml").unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/x.toml"), "{e}");
+    }
+
+    #[test]
+    fn base_dir_override() {
+        let cfg = parse(LOCAL).unwrap().with_base_dir(Some("/tmp/other".into()));
+        assert_eq!(cfg.instance_dir("gtm1"), Path::new("/tmp/other/gtm1"));
+    }
+}

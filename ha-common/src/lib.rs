@@ -1,0 +1,23 @@
+//! Shared parts of mpp-ha: the cluster config, terms, durable state files, logging,
+//! and the gRPC protocol every role speaks.
+
+pub mod config;
+pub mod durable;
+pub mod logging;
+pub mod lsn;
+pub mod term;
+
+pub use config::{ClusterConfig, ConfigError, Role};
+pub use term::Term;
+
+/// Generated gRPC code (tonic/prost), compiled from `proto/*.proto` at build time.
+pub mod proto {
+    /// GTM: GXIDs, 2PC decisions, the GTM pair's sync.
+    pub mod gtm {
+        tonic::include_proto!("mpp_ha.gtm");
+    }
+    /// Cluster manager: agent reports, CMServer orders, cluster status.
+    pub mod cm {
+        tonic::include_proto!("mpp_ha.cm");
+    }
+}
