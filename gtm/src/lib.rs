@@ -1,1 +1,15 @@
-//! placeholder
+//! The GTM: hands out globally unique GXIDs from blocks whose boundary is persisted on
+//! the standby and then on the primary, stores 2PC decisions on both, and fails over
+//! by term-fenced promotion. `client` is the library other roles use to reach it.
+
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod control_file;
+pub mod decisions;
+pub mod node;
+pub mod replication;
+pub mod reservation;
+pub mod server;
+
+pub use client::{ClientError, ClientOptions, Decision, GtmClient};

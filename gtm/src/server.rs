@@ -1,0 +1,318 @@
+//! `gtm serve`: opens the instance's data dir, decides its starting role, and serves the
+//! Gtm gRPC service (client calls, the pair's sync, orders) on the instance's port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ha_common::config::ClusterConfig;
+use ha_common::proto::gtm as pb;
+use pb::gtm_server::{Gtm, GtmServer};
+use tonic::{Request, Response, Status};
+
+use crate::node::{
+    decision_from_pb, decision_to_pb, from_records, GtmError, Node, NodeSettings, OpenError, Role,
+};
+use crate::replication::{self, PeerLink};
+
+/// Metadata key on every error status produced by a GTM (as opposed to a transport
+/// failure): clients tell "the GTM said no" from "the GTM is unreachable" by it.
+pub const NODE_HEADER: &str = "x-gtm-node";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ha_common::ConfigError),
+    #[error("config {config}: no GTM instance named {node:?} (known: {known})")]
+    UnknownNode {
+        config: PathBuf,
+        node: String,
+        known: String,
+    },
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("bad peer endpoint {0}: {1}")]
+    Peer(String, tonic::transport::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn to_status(node: &str, e: GtmError) -> Status {
+    let code = match &e {
+        GtmError::NotPrimary { .. }
+        | GtmError::NotStandby { .. }
+        | GtmError::StaleTerm { .. }
+        | GtmError::NotReady(_) => tonic::Code::FailedPrecondition,
+        GtmError::StandbyUnavailable { .. } => tonic::Code::Unavailable,
+        GtmError::Conflict(_) => tonic::Code::AlreadyExists,
+        GtmError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+        GtmError::Storage(_) => tonic::Code::Internal,
+    };
+    let mut s = Status::new(code, e.to_string());
+    if let Ok(v) = node.parse() {
+        s.metadata_mut().insert(NODE_HEADER, v);
+    }
+    s
+}
+
+/// The tonic service: a thin translation onto [`Node`].
+pub struct GtmService {
+    node: Arc<Node>,
+}
+
+impl GtmService {
+    pub fn new(node: Arc<Node>) -> GtmService {
+        GtmService { node }
+    }
+    fn err(&self, e: GtmError) -> Status {
+        to_status(self.node.name(), e)
+    }
+}
+
+#[tonic::async_trait]
+impl Gtm for GtmService {
+    async fn next_gxid(
+        &self,
+        req: Request<pb::NextGxidRequest>,
+    ) -> Result<Response<pb::NextGxidResponse>, Status> {
+        let count = req.into_inner().count;
+        let (range, term) = self.node.next_gxid(count).await.map_err(|e| self.err(e))?;
+        Ok(Response::new(pb::NextGxidResponse {
+            first: range.start,
+            count: range.end - range.start,
+            term,
+        }))
+    }
+
+    async fn record_decision(
+        &self,
+        req: Request<pb::RecordDecisionRequest>,
+    ) -> Result<Response<pb::RecordDecisionResponse>, Status> {
+        let r = req.into_inner();
+        let d = decision_from_pb(r.decision).map_err(|e| self.err(e))?;
+        let term = self
+            .node
+            .record_decision(r.gxid, d)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(Response::new(pb::RecordDecisionResponse { term }))
+    }
+
+    async fn get_decision(
+        &self,
+        req: Request<pb::GetDecisionRequest>,
+    ) -> Result<Response<pb::GetDecisionResponse>, Status> {
+        let (d, term) = self
+            .node
+            .get_decision(req.into_inner().gxid)
+            .map_err(|e| self.err(e))?;
+        Ok(Response::new(pb::GetDecisionResponse {
+            decision: d.map(decision_to_pb).unwrap_or(pb::Decision::Unspecified) as i32,
+            term,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::GtmStatus>, Status> {
+        Ok(Response::new(self.node.status()))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::GtmStatus>, Status> {
+        let r = req.into_inner();
+        let s = self
+            .node
+            .promote(r.term, r.run_alone)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(Response::new(s))
+    }
+
+    async fn demote(
+        &self,
+        req: Request<pb::DemoteRequest>,
+    ) -> Result<Response<pb::GtmStatus>, Status> {
+        let s = self
+            .node
+            .demote(req.into_inner().term)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(Response::new(s))
+    }
+
+    async fn set_run_alone(
+        &self,
+        req: Request<pb::SetRunAloneRequest>,
+    ) -> Result<Response<pb::GtmStatus>, Status> {
+        let r = req.into_inner();
+        let s = self
+            .node
+            .set_run_alone(r.term, r.run_alone)
+            .map_err(|e| self.err(e))?;
+        Ok(Response::new(s))
+    }
+
+    async fn reserve_block(
+        &self,
+        req: Request<pb::ReserveBlockRequest>,
+    ) -> Result<Response<pb::SyncAck>, Status> {
+        let r = req.into_inner();
+        let ack = self
+            .node
+            .on_reserve_block(r.term, r.boundary)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(Response::new(ack))
+    }
+
+    async fn replicate_decisions(
+        &self,
+        req: Request<pb::ReplicateDecisionsRequest>,
+    ) -> Result<Response<pb::SyncAck>, Status> {
+        let r = req.into_inner();
+        let records = from_records(&r.decisions).map_err(|e| self.err(e))?;
+        let ack = self
+            .node
+            .on_replicate(r.term, &records)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(Response::new(ack))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::GtmSnapshot>, Status> {
+        let r = req.into_inner();
+        let snap = self
+            .node
+            .snapshot(r.term, &r.standby)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(Response::new(snap))
+    }
+}
+
+/// What `gtm serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config: PathBuf,
+    pub node: String,
+    pub base_dir: Option<PathBuf>,
+}
+
+/// Runs one GTM instance until SIGINT/SIGTERM.
+pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    let cfg = ClusterConfig::load(&opts.config)?.with_base_dir(opts.base_dir.clone());
+    let Some(me) = cfg.gtm.instances.iter().find(|i| i.name == opts.node) else {
+        return Err(ServeError::UnknownNode {
+            config: opts.config.clone(),
+            node: opts.node.clone(),
+            known: cfg
+                .gtm
+                .instances
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let peer = match cfg.gtm.instances.iter().find(|i| i.name != me.name) {
+        Some(p) => {
+            let ep = cfg.endpoint(p);
+            Some(PeerLink::new(&p.name, &ep).map_err(|e| ServeError::Peer(ep.clone(), e))?)
+        }
+        None => None,
+    };
+    let config_role = match me.role() {
+        Some(ha_common::Role::Primary) => Role::Primary,
+        _ => Role::Standby,
+    };
+    let settings = NodeSettings {
+        name: me.name.clone(),
+        block_size: cfg.gtm.block_size,
+        sync_timeout: cfg.gtm.sync_timeout(),
+    };
+    let data_dir = cfg.instance_dir(&me.name);
+    let (node, data) = Node::open(settings, &data_dir, config_role, peer.clone())?;
+    tracing::info!(
+        node = %me.name, dir = %data_dir.display(), term = data.term, boundary = data.boundary,
+        role = node.role().as_str(), "opened data dir"
+    );
+
+    // Bind before asking the peer, so that a peer starting at the same time can ask us.
+    let host = cfg.address_of(me).to_owned();
+    let addr_text = format!("{host}:{}", me.port());
+    let addr: SocketAddr = tokio::net::lookup_host(&addr_text)
+        .await
+        .map_err(|e| ServeError::Resolve(addr_text.clone(), e))?
+        .next()
+        .ok_or_else(|| {
+            ServeError::Resolve(addr_text.clone(), std::io::Error::other("no address"))
+        })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr_text.clone(),
+            source,
+        })?;
+
+    if node.role() == Role::Primary {
+        if let Some(peer) = &peer {
+            // Was the peer promoted while we were down? Then we must not be primary.
+            let probe = Duration::from_millis(cfg.gtm.sync_timeout_ms.min(1000));
+            match tokio::time::timeout(probe, peer.status()).await {
+                Ok(Ok(s)) => node.yield_to_newer_primary(&s).await,
+                Ok(Err(e)) => tracing::info!(
+                    "peer {} not answering ({}); starting as primary",
+                    peer.name,
+                    e.message()
+                ),
+                Err(_) => tracing::info!(
+                    "peer {} not answering (timeout); starting as primary",
+                    peer.name
+                ),
+            }
+        }
+    }
+    tracing::info!(addr = %addr_text, role = node.role().as_str(), term = node.term(), "GTM serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let bg = tokio::spawn(replication::run(node.clone(), stop_rx));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .add_service(GtmServer::new(GtmService::new(node)))
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = bg.await;
+    tracing::info!("GTM stopped");
+    result.map_err(ServeError::from)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
