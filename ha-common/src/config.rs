@@ -305,10 +305,16 @@ impl ClusterConfig {
                 return Err(self.invalid(format!("host[{i}].name"), "must not be empty"));
             }
             if h.address.trim().is_empty() {
-                return Err(self.invalid(format!("host[{i}] ({}).address", h.name), "must not be empty"));
+                return Err(self.invalid(
+                    format!("host[{i}] ({}).address", h.name),
+                    "must not be empty",
+                ));
             }
             if !host_names.insert(h.name.as_str()) {
-                return Err(self.invalid(format!("host[{i}].name"), format!("duplicate host name {:?}", h.name)));
+                return Err(self.invalid(
+                    format!("host[{i}].name"),
+                    format!("duplicate host name {:?}", h.name),
+                ));
             }
         }
 
@@ -325,11 +331,17 @@ impl ClusterConfig {
             {
                 return Err(self.invalid(
                     format!("{key}.name"),
-                    format!("{:?} must be non-empty ASCII letters, digits, '_' or '-'", inst.name),
+                    format!(
+                        "{:?} must be non-empty ASCII letters, digits, '_' or '-'",
+                        inst.name
+                    ),
                 ));
             }
             if !names.insert(inst.name.clone()) {
-                return Err(self.invalid(format!("{key}.name"), format!("duplicate instance name {:?}", inst.name)));
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    format!("duplicate instance name {:?}", inst.name),
+                ));
             }
             let Some(host) = self.host(&inst.host) else {
                 return Err(self.invalid(
@@ -365,29 +377,49 @@ impl ClusterConfig {
         }
         for (i, c) in self.cns.iter().enumerate() {
             if c.role.is_some() {
-                return Err(self.invalid(format!("cn[{i}] ({}).role", c.name), "CNs are all active peers and take no role"));
+                return Err(self.invalid(
+                    format!("cn[{i}] ({}).role", c.name),
+                    "CNs are all active peers and take no role",
+                ));
             }
         }
 
         // GTM: one primary, at most one standby, on different hosts.
         let g = &self.gtm.instances;
         if g.is_empty() || g.len() > 2 {
-            return Err(self.invalid("gtm.instance", "one primary and at most one standby are required"));
+            return Err(self.invalid(
+                "gtm.instance",
+                "one primary and at most one standby are required",
+            ));
         }
         for (i, inst) in g.iter().enumerate() {
             match inst.role {
                 Some(Role::Primary) | Some(Role::Standby) => {}
                 Some(Role::Secondary) => {
-                    return Err(self.invalid(format!("gtm.instance[{i}] ({}).role", inst.name), "must be primary or standby"))
+                    return Err(self.invalid(
+                        format!("gtm.instance[{i}] ({}).role", inst.name),
+                        "must be primary or standby",
+                    ))
                 }
-                None => return Err(self.invalid(format!("gtm.instance[{i}] ({}).role", inst.name), "missing (primary or standby)")),
+                None => {
+                    return Err(self.invalid(
+                        format!("gtm.instance[{i}] ({}).role", inst.name),
+                        "missing (primary or standby)",
+                    ))
+                }
             }
         }
         if g.iter().filter(|i| i.role == Some(Role::Primary)).count() != 1 {
-            return Err(self.invalid("gtm.instance", "exactly one GTM instance must have role = \"primary\""));
+            return Err(self.invalid(
+                "gtm.instance",
+                "exactly one GTM instance must have role = \"primary\"",
+            ));
         }
         if g.len() == 2 && g[0].host == g[1].host {
-            return Err(self.invalid("gtm.instance", "the GTM primary and standby must be on different hosts"));
+            return Err(self.invalid(
+                "gtm.instance",
+                "the GTM primary and standby must be on different hosts",
+            ));
         }
 
         // DN groups: one primary, one standby, at most one secondary, distinct hosts.
@@ -414,13 +446,22 @@ impl ClusterConfig {
             }
             let count = |r| group.members.iter().filter(|m| m.role == Some(r)).count();
             if count(Role::Primary) != 1 {
-                return Err(self.invalid(format!("{key}.member"), "exactly one member must have role = \"primary\""));
+                return Err(self.invalid(
+                    format!("{key}.member"),
+                    "exactly one member must have role = \"primary\"",
+                ));
             }
             if count(Role::Standby) != 1 {
-                return Err(self.invalid(format!("{key}.member"), "exactly one member must have role = \"standby\""));
+                return Err(self.invalid(
+                    format!("{key}.member"),
+                    "exactly one member must have role = \"standby\"",
+                ));
             }
             if count(Role::Secondary) > 1 {
-                return Err(self.invalid(format!("{key}.member"), "at most one member may have role = \"secondary\""));
+                return Err(self.invalid(
+                    format!("{key}.member"),
+                    "at most one member may have role = \"secondary\"",
+                ));
             }
         }
         Ok(())
@@ -451,7 +492,9 @@ impl ClusterConfig {
 
     /// The address of the host an instance runs on (validated to exist).
     pub fn address_of(&self, inst: &Instance) -> &str {
-        self.host(&inst.host).map(|h| h.address.as_str()).unwrap_or("127.0.0.1")
+        self.host(&inst.host)
+            .map(|h| h.address.as_str())
+            .unwrap_or("127.0.0.1")
     }
 
     /// `address:port` of an instance.
@@ -461,12 +504,17 @@ impl ClusterConfig {
 
     /// Finds any instance (CMServer, GTM, CN, DN member) by name.
     pub fn find(&self, name: &str) -> Option<InstanceRef<'_>> {
-        self.all_refs().into_iter().find(|r| r.instance.name == name)
+        self.all_refs()
+            .into_iter()
+            .find(|r| r.instance.name == name)
     }
 
     /// Every instance placed on `host`, CMServers included.
     pub fn instances_on_host(&self, host: &str) -> Vec<InstanceRef<'_>> {
-        self.all_refs().into_iter().filter(|r| r.instance.host == host).collect()
+        self.all_refs()
+            .into_iter()
+            .filter(|r| r.instance.host == host)
+            .collect()
     }
 
     /// Every instance of the cluster, in config order.
@@ -551,7 +599,10 @@ mod tests {
         let gtm1 = cfg.find("gtm1").unwrap();
         assert_eq!(gtm1.instance.host, "h1");
         assert_eq!(gtm1.instance.role(), Some(Role::Primary));
-        assert_eq!(cfg.find("gtm2").unwrap().instance.role(), Some(Role::Standby));
+        assert_eq!(
+            cfg.find("gtm2").unwrap().instance.role(),
+            Some(Role::Standby)
+        );
         let dn1 = cfg.dn_groups.iter().find(|g| g.name == "dn1").unwrap();
         assert_eq!(dn1.member_with_role(Role::Primary).unwrap().host, "h1");
         assert_eq!(dn1.member_with_role(Role::Standby).unwrap().host, "h2");
@@ -572,7 +623,10 @@ mod tests {
     #[test]
     fn bad_port_is_named() {
         let e = err(&LOCAL.replacen("port = 7101", "port = 70000", 1));
-        assert!(e.contains("gtm.instance[0] (gtm1).port") && e.contains("70000"), "{e}");
+        assert!(
+            e.contains("gtm.instance[0] (gtm1).port") && e.contains("70000"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -614,13 +668,17 @@ mod tests {
 
     #[test]
     fn missing_file_is_named() {
-        let e = ClusterConfig::load("/nonexistent/x.toml").unwrap_err().to_string();
+        let e = ClusterConfig::load("/nonexistent/x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/x.toml"), "{e}");
     }
 
     #[test]
     fn base_dir_override() {
-        let cfg = parse(LOCAL).unwrap().with_base_dir(Some("/tmp/other".into()));
+        let cfg = parse(LOCAL)
+            .unwrap()
+            .with_base_dir(Some("/tmp/other".into()));
         assert_eq!(cfg.instance_dir("gtm1"), Path::new("/tmp/other/gtm1"));
     }
 }

@@ -15,8 +15,14 @@ const TRAILER_LEN: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
     #[error("{path}: file is truncated ({len} bytes, expected at least {min})")]
-    Truncated { path: String, len: usize, min: usize },
-    #[error("{path}: wrong magic number {found:02x?} (expected {expected:02x?}): not a {what} file")]
+    Truncated {
+        path: String,
+        len: usize,
+        min: usize,
+    },
+    #[error(
+        "{path}: wrong magic number {found:02x?} (expected {expected:02x?}): not a {what} file"
+    )]
     BadMagic {
         path: String,
         found: [u8; 4],
@@ -24,9 +30,17 @@ pub enum EnvelopeError {
         what: &'static str,
     },
     #[error("{path}: unsupported format version {found} (this build reads version {supported})")]
-    BadVersion { path: String, found: u32, supported: u32 },
+    BadVersion {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
     #[error("{path}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is corrupt")]
-    BadChecksum { path: String, stored: u32, computed: u32 },
+    BadChecksum {
+        path: String,
+        stored: u32,
+        computed: u32,
+    },
     #[error("{path}: payload length {declared} does not match the file size")]
     BadLength { path: String, declared: u64 },
 }
@@ -92,7 +106,10 @@ impl Envelope {
         }
         let declared = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
         if declared != (body_end - HEADER_LEN) as u64 {
-            return Err(EnvelopeError::BadLength { path: p(), declared });
+            return Err(EnvelopeError::BadLength {
+                path: p(),
+                declared,
+            });
         }
         Ok(&bytes[HEADER_LEN..body_end])
     }
@@ -110,7 +127,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     tmp_name.push(".partial");
     let tmp = dir.join(tmp_name);
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -159,14 +180,23 @@ mod tests {
         let path = Path::new("state");
         let sealed = ENV.seal(b"some payload");
         for len in 0..sealed.len() {
-            assert!(ENV.open(path, &sealed[..len]).is_err(), "truncation to {len} not detected");
+            assert!(
+                ENV.open(path, &sealed[..len]).is_err(),
+                "truncation to {len} not detected"
+            );
         }
     }
 
     #[test]
     fn wrong_magic_is_named() {
-        let other = Envelope { magic: *b"ELSE", ..ENV };
-        let e = ENV.open(Path::new("f"), &other.seal(b"x")).unwrap_err().to_string();
+        let other = Envelope {
+            magic: *b"ELSE",
+            ..ENV
+        };
+        let e = ENV
+            .open(Path::new("f"), &other.seal(b"x"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a test file"), "{e}");
     }
 

@@ -87,7 +87,10 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
             // local.toml uses 6401..=7102; map them onto the test's range.
             out.push_str(&format!("port = {}\n", port_base + (port - 6400)));
         } else if trimmed.starts_with("base_dir = ") {
-            out.push_str(&format!("base_dir = {:?}\n", base_dir.display().to_string()));
+            out.push_str(&format!(
+                "base_dir = {:?}\n",
+                base_dir.display().to_string()
+            ));
         } else {
             out.push_str(line);
             out.push('\n');
@@ -202,8 +205,289 @@ mod tests {
         let cfg = ha_common::ClusterConfig::parse(&text, Path::new("t.toml")).unwrap();
         for r in cfg.all_refs() {
             let p = r.instance.port();
-            assert!((20000..21000).contains(&p), "{} kept port {p}", r.instance.name);
+            assert!(
+                (20000..21000).contains(&p),
+                "{} kept port {p}",
+                r.instance.name
+            );
         }
         assert_eq!(cfg.cluster.base_dir, dir);
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Whole local clusters run by `cm_ctl local up` (the cluster_* tests).
+
+/// Whether `pid` is a live process; a zombie (dead, not yet reaped) is not.
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    if raw <= 0 {
+        return false;
+    }
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+        Err(_) => return false,
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
+/// SIGKILLs `pid` (no-op if it is gone).
+pub fn kill9(pid: u32) {
+    if let Ok(raw) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Every live process whose working directory or command line is inside `dir`
+/// (postmasters chdir to their data dir; our daemons get the base dir as argument).
+pub fn processes_under(dir: &Path) -> Vec<(u32, String)> {
+    let dir = canonical(dir);
+    let dir_s = dir.display().to_string();
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me || !pid_alive(pid) {
+            continue;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let cwd_inside =
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c.starts_with(&dir));
+        if cwd_inside || cmd.contains(&dir_s) {
+            out.push((pid, cmd.trim().to_owned()));
+        }
+    }
+    out
+}
+
+/// The postmasters running from `data_dir`: processes whose working directory is the
+/// data dir and whose parent's is not (backends are children of the postmaster).
+pub fn postmasters_in(data_dir: &Path) -> Vec<u32> {
+    let data_dir = canonical(data_dir);
+    let in_dir =
+        |pid: u32| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == data_dir);
+    let ppid = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        rest.split_whitespace().nth(1)?.parse().ok()
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| pid_alive(*pid) && in_dir(*pid))
+        .filter(|pid| !ppid(*pid).is_some_and(in_dir))
+        .collect()
+}
+
+/// What a `cm_ctl` run printed and how it ended.
+#[derive(Debug)]
+pub struct CmdOutput {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs one of our binaries to completion.
+pub fn run_bin(name: &str, args: &[&str]) -> CmdOutput {
+    let out = Command::new(bin(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    CmdOutput {
+        success: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A whole local cluster in its own dir and port range, run by `cm_ctl local up`.
+/// Dropping it (also when the test panics) runs `cm_ctl local down`, then SIGKILLs
+/// every recorded pid and any process still running from its dir.
+pub struct LocalCluster {
+    pub dir: TestDir,
+    pub config: PathBuf,
+    pub cfg: ha_common::ClusterConfig,
+}
+
+impl LocalCluster {
+    /// Writes the local.toml layout with ports from `port_base`; starts nothing.
+    pub fn new(name: &str, port_base: u16) -> LocalCluster {
+        let dir = TestDir::new(name);
+        let base = dir.path().join("cluster");
+        let config = write_config(&dir, &local_config_text(port_base, &base));
+        let cfg = ha_common::ClusterConfig::load(&config).expect("test config is valid");
+        LocalCluster { dir, config, cfg }
+    }
+
+    pub fn base_dir(&self) -> &Path {
+        &self.cfg.cluster.base_dir
+    }
+
+    /// `cm_ctl <args> --config <this cluster's config>`.
+    pub fn cm_ctl(&self, args: &[&str]) -> CmdOutput {
+        let config = self.config.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--config", config.as_str()]);
+        run_bin("cm_ctl", &all)
+    }
+
+    /// `cm_ctl local up`; fails with its output and the daemons' log tails.
+    pub fn up(&self, timeout_s: u64) -> Result<CmdOutput> {
+        let t = timeout_s.to_string();
+        let out = self.cm_ctl(&["local", "up", "--timeout", &t]);
+        if !out.success {
+            bail!(
+                "cm_ctl local up failed:\n{}\n{}\n{}",
+                out.stdout,
+                out.stderr,
+                self.logs()
+            );
+        }
+        Ok(out)
+    }
+
+    /// `cm_ctl local down`.
+    pub fn down(&self) -> CmdOutput {
+        self.cm_ctl(&["local", "down", "--timeout", "30"])
+    }
+
+    /// `cm_ctl status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = self.cm_ctl(&["status", "--json"]);
+        if !out.success {
+            bail!("cm_ctl status failed: {}", out.stderr.trim());
+        }
+        serde_json::from_str(&out.stdout).context("status --json is not JSON")
+    }
+
+    /// The pids `local up` recorded (`<base>/local/pids`), by key (`cm_agent-h1`).
+    pub fn recorded_pids(&self) -> Vec<(String, u32)> {
+        let text =
+            std::fs::read_to_string(self.base_dir().join("local").join("pids")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (k, p) = l.split_once(' ')?;
+                Some((k.to_owned(), p.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub fn recorded_pid(&self, key: &str) -> Option<u32> {
+        self.recorded_pids()
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, p)| p)
+    }
+
+    /// A DN instance's data dir (`<base>/<name>/data`).
+    pub fn data_dir(&self, instance: &str) -> PathBuf {
+        self.cfg.instance_dir(instance).join("data")
+    }
+
+    /// The pid in a DN's `postmaster.pid`, if that process is alive.
+    pub fn postmaster_pid(&self, instance: &str) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data_dir(instance).join("postmaster.pid")).ok()?;
+        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        pid_alive(pid).then_some(pid)
+    }
+
+    /// The configured port of an instance.
+    pub fn port(&self, instance: &str) -> u16 {
+        self.cfg
+            .find(instance)
+            .unwrap_or_else(|| panic!("{instance} not in config"))
+            .instance
+            .port()
+    }
+
+    /// The tails of every daemon and instance log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(entries) = std::fs::read_dir(self.base_dir()) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let Ok(files) = std::fs::read_dir(e.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let p = f.path();
+                if p.extension().and_then(|x| x.to_str()) == Some("log") {
+                    out.push_str(&format!("----- {}\n{}\n", p.display(), tail(&p, 15)));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = self.down();
+        for (_, pid) in self.recorded_pids() {
+            if pid_alive(pid) {
+                kill9(pid);
+            }
+        }
+        for (pid, _) in processes_under(self.base_dir()) {
+            kill9(pid);
+        }
+    }
+}
+
+/// In a `status --json` value: the member (any kind) called `name`.
+pub fn status_member<'a>(
+    status: &'a serde_json::Value,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    let lists = ["cm_servers", "gtm", "cn"];
+    lists
+        .iter()
+        .filter_map(|k| status[k].as_array())
+        .flatten()
+        .chain(
+            status["dn_groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|g| g["members"].as_array())
+                .flatten(),
+        )
+        .find(|m| m["name"] == name)
+}
+
+/// The state string of member `name` ("" if absent).
+pub fn member_state(status: &serde_json::Value, name: &str) -> String {
+    status_member(status, name)
+        .and_then(|m| m["state"].as_str())
+        .unwrap_or("")
+        .to_owned()
 }

@@ -1,0 +1,313 @@
+//! One GTM instance on this host: our `gtm` binary started as a detached process
+//! (own session, so it outlives the agent), found again through its pid file, and
+//! probed and ordered over the GTM's gRPC protocol. Its output goes to
+//! `<base_dir>/<name>.gtm.log`, its pid to `<base_dir>/<name>.gtm.pid`.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ha_common::config::ClusterConfig;
+use ha_common::proto::gtm::gtm_client::GtmClient;
+use ha_common::proto::gtm::{DemoteRequest, GtmStatus, PromoteRequest, StatusRequest};
+use tonic::transport::Endpoint;
+
+use crate::error::{AgentError, Result};
+use crate::process;
+
+/// How long a freshly started gtm must stay up to count as started.
+const STARTUP_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Debug)]
+pub struct GtmInstance {
+    pub name: String,
+    pub instance_dir: PathBuf,
+    pub pid_file: PathBuf,
+    pub log_file: PathBuf,
+    /// `http://address:port`.
+    pub url: String,
+    pub binary: PathBuf,
+    pub config_path: PathBuf,
+    pub base_dir: PathBuf,
+    /// Set when this agent started it: reaped here so that it never lingers as a zombie.
+    child: Option<Child>,
+}
+
+impl GtmInstance {
+    /// The GTM instance `name` of `cfg`; `config_path` is handed to `gtm serve`.
+    pub fn from_config(cfg: &ClusterConfig, name: &str, config_path: &Path) -> Result<GtmInstance> {
+        let inst = cfg
+            .gtm
+            .instances
+            .iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| {
+                AgentError::Instance(format!("{name} is not a GTM instance of the config"))
+            })?;
+        let instance_dir = cfg.instance_dir(name);
+        let base_dir = cfg.cluster.base_dir.clone();
+        Ok(GtmInstance {
+            name: name.to_owned(),
+            // Beside the data dir, not in it: the gtm creates its data dir itself
+            // (atomically, with its control file) and refuses to start on an existing
+            // dir without one, so the agent must not create it first.
+            pid_file: base_dir.join(format!("{name}.gtm.pid")),
+            log_file: base_dir.join(format!("{name}.gtm.log")),
+            instance_dir,
+            url: format!("http://{}", cfg.endpoint(inst)),
+            binary: cfg.bin_dir().join("gtm"),
+            config_path: config_path.to_owned(),
+            base_dir,
+            child: None,
+        })
+    }
+
+    /// The pid of the running gtm of this instance, if any.
+    pub fn pid(&mut self) -> Option<u32> {
+        if let Some(child) = self.child.as_mut() {
+            match child.try_wait() {
+                Ok(None) => return Some(child.id()),
+                _ => self.child = None,
+            }
+        }
+        let pid = process::read_pid_file(&self.pid_file)?;
+        process::runs(pid, "gtm", Some(&self.name)).then_some(pid)
+    }
+
+    /// Starts `gtm serve` detached: its own session, stdout/stderr appended to
+    /// `<name>.gtm.log`, its pid in `<name>.gtm.pid`. Fails if the binary is missing or it exits at once.
+    pub async fn start(&mut self) -> Result<()> {
+        if let Some(pid) = self.pid() {
+            return Err(AgentError::Instance(format!(
+                "{}: gtm already runs (pid {pid})",
+                self.name
+            )));
+        }
+        if !self.binary.exists() {
+            return Err(AgentError::Instance(format!(
+                "gtm binary not found at {}",
+                self.binary.display()
+            )));
+        }
+        std::fs::create_dir_all(&self.base_dir)
+            .map_err(|e| AgentError::io("create directory", &self.base_dir, e))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .map_err(|e| AgentError::io("open", &self.log_file, e))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| AgentError::io("open", &self.log_file, e))?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--node")
+            .arg(&self.name)
+            .arg("--base-dir")
+            .arg(&self.base_dir)
+            .current_dir(&self.base_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
+            program: self.binary.display().to_string(),
+            source,
+        })?;
+        let pid = child.id();
+        std::fs::write(&self.pid_file, format!("{pid}\n"))
+            .map_err(|e| AgentError::io("write", &self.pid_file, e))?;
+        let deadline = Instant::now() + STARTUP_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                let _ = std::fs::remove_file(&self.pid_file);
+                return Err(AgentError::Instance(format!(
+                    "gtm exited at once ({status}): {}",
+                    self.log_tail(3)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops it (SIGTERM, then SIGKILL after `grace`).
+    pub async fn stop(&mut self, grace: Duration) -> Result<()> {
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let target = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while self.pid().is_some() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.pid().is_some() {
+            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.pid().is_some() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if self.pid().is_some() {
+            return Err(AgentError::Instance(format!(
+                "{}: gtm (pid {pid}) does not stop",
+                self.name
+            )));
+        }
+        let _ = std::fs::remove_file(&self.pid_file);
+        Ok(())
+    }
+
+    async fn client(&self, timeout: Duration) -> Result<GtmClient<tonic::transport::Channel>> {
+        let endpoint = Endpoint::from_shared(self.url.clone())
+            .map_err(|e| {
+                AgentError::Probe(format!("{}: bad endpoint {}: {e}", self.name, self.url))
+            })?
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| AgentError::Probe(format!("{}: connect {}: {e}", self.name, self.url)))?;
+        Ok(GtmClient::new(channel))
+    }
+
+    fn rpc_error(&self, what: &str, e: tonic::Status) -> AgentError {
+        AgentError::Probe(format!("{}: {what}: {}", self.name, e.message()))
+    }
+
+    /// The GTM's own view of itself (Status RPC).
+    pub async fn probe(&self, timeout: Duration) -> Result<GtmStatus> {
+        let mut c = self.client(timeout).await?;
+        let status = c
+            .status(StatusRequest {})
+            .await
+            .map_err(|e| self.rpc_error("status", e))?;
+        Ok(status.into_inner())
+    }
+
+    /// Promote RPC with the arbiter's term. The new primary runs alone: the arbiter
+    /// promotes a GTM standby when its primary (the only possible standby) is gone.
+    pub async fn promote(&self, term: u64, timeout: Duration) -> Result<GtmStatus> {
+        let mut c = self.client(timeout).await?;
+        let s = c
+            .promote(PromoteRequest {
+                term,
+                run_alone: true,
+            })
+            .await
+            .map_err(|e| self.rpc_error("promote", e))?;
+        Ok(s.into_inner())
+    }
+
+    /// Demote RPC with the arbiter's term.
+    pub async fn demote(&self, term: u64, timeout: Duration) -> Result<GtmStatus> {
+        let mut c = self.client(timeout).await?;
+        let s = c
+            .demote(DemoteRequest { term })
+            .await
+            .map_err(|e| self.rpc_error("demote", e))?;
+        Ok(s.into_inner())
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        all[all.len().saturating_sub(lines)..].join(" | ")
+    }
+}
+
+/// "term 3, boundary 8000, ready" for status.
+pub fn describe(status: &GtmStatus) -> String {
+    use ha_common::proto::gtm::Role;
+    let mut parts = vec![
+        format!("term {}", status.term),
+        format!("boundary {}", status.boundary),
+    ];
+    match Role::try_from(status.role) {
+        Ok(Role::Primary) => {
+            parts.push(format!("next gxid {}", status.next_gxid));
+            parts.push(
+                if status.standby_attached {
+                    "standby attached"
+                } else {
+                    "no standby"
+                }
+                .to_owned(),
+            );
+            if status.run_alone {
+                parts.push("running alone".to_owned());
+            }
+        }
+        _ => parts.push(if status.ready { "ready" } else { "not ready" }.to_owned()),
+    }
+    if !status.last_error.is_empty() {
+        parts.push(format!("error: {}", status.last_error));
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ha_common::proto::gtm::Role;
+
+    #[test]
+    fn describes_a_standby_and_a_primary() {
+        let s = GtmStatus {
+            role: Role::Standby as i32,
+            term: 3,
+            boundary: 8000,
+            ready: true,
+            ..GtmStatus::default()
+        };
+        assert_eq!(describe(&s), "term 3, boundary 8000, ready");
+        let p = GtmStatus {
+            role: Role::Primary as i32,
+            term: 4,
+            boundary: 10000,
+            next_gxid: 8001,
+            standby_attached: true,
+            ..GtmStatus::default()
+        };
+        assert_eq!(
+            describe(&p),
+            "term 4, boundary 10000, next gxid 8001, standby attached"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_binary_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../../configs/local.toml")
+            .replace(
+                "base_dir = \"/tmp/mpp-ha\"",
+                &format!("base_dir = {:?}", dir.path().display().to_string()),
+            )
+            .replace(
+                "# bin_dir = \"/usr/local/bin\"",
+                &format!(
+                    "bin_dir = {:?}",
+                    dir.path().join("nobin").display().to_string()
+                ),
+            );
+        let cfg = ClusterConfig::parse(&text, Path::new("t.toml")).unwrap();
+        let mut g = GtmInstance::from_config(&cfg, "gtm1", Path::new("t.toml")).unwrap();
+        let e = g.start().await.unwrap_err().to_string();
+        assert!(e.contains("gtm binary not found"), "{e}");
+        assert!(g.pid().is_none());
+    }
+}

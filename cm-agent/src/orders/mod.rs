@@ -1,0 +1,53 @@
+//! One-shot orders from the CMServer, one file per kind: adding an order touches one
+//! new file and one match arm. Term checks happen before an order gets here (see
+//! [`crate::report`]); each order's outcome goes back in the next report.
+
+mod demote;
+mod promote;
+mod rebuild;
+mod start;
+mod stop;
+
+use ha_common::proto::cm::{Order, OrderKind, OrderOutcome};
+
+use crate::error::{AgentError, Result};
+use crate::supervisor::{InstanceSupervisor, Managed};
+
+/// Carries out `order` on the instance `sup` supervises.
+pub async fn execute(sup: &mut InstanceSupervisor, order: &Order) -> OrderOutcome {
+    let kind = OrderKind::try_from(order.kind).unwrap_or(OrderKind::OrderUnspecified);
+    tracing::info!(instance = %sup.name, id = order.id, term = order.term, kind = kind.as_str_name(), "order");
+    let result = match kind {
+        OrderKind::Start => start::apply(sup, order).await,
+        OrderKind::Stop => stop::apply(sup, order).await,
+        OrderKind::Promote => promote::apply(sup, order).await,
+        OrderKind::Demote => demote::apply(sup, order).await,
+        OrderKind::Rebuild => rebuild::apply(sup, order).await,
+        OrderKind::OrderUnspecified => Err(AgentError::Instance(format!(
+            "unknown order kind {}",
+            order.kind
+        ))),
+    };
+    let (ok, message) = match result {
+        Ok(m) => (true, m),
+        Err(e) => (false, e.to_string()),
+    };
+    if ok {
+        tracing::info!(instance = %sup.name, id = order.id, "order done: {message}");
+    } else {
+        tracing::warn!(instance = %sup.name, id = order.id, "order failed: {message}");
+    }
+    OrderOutcome {
+        order_id: order.id,
+        ok,
+        message,
+    }
+}
+
+/// Orders cannot be carried out on instances the agent does not run yet.
+fn refuse_unsupported(sup: &InstanceSupervisor) -> Result<()> {
+    if let Managed::Unsupported { reason } = &sup.managed {
+        return Err(AgentError::Instance(format!("{}: {reason}", sup.name)));
+    }
+    Ok(())
+}

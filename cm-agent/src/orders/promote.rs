@@ -1,0 +1,48 @@
+//! PROMOTE: a DN standby becomes primary (`pg_ctl promote -w`, then its settings are
+//! rewritten for the primary role); a GTM standby gets the Promote RPC with the
+//! order's term.
+
+use ha_common::proto::cm::Order;
+
+use crate::error::{AgentError, Result};
+use crate::postgres::PgSettings;
+use crate::supervisor::{InstanceSupervisor, Managed};
+
+pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String> {
+    super::refuse_unsupported(sup)?;
+    if sup.pid().is_none() {
+        return Err(AgentError::Instance(format!(
+            "{} is not running: cannot promote it",
+            sup.name
+        )));
+    }
+    let timeout = sup.probe_timeout;
+    let name = sup.name.clone();
+    match &sup.managed {
+        Managed::Postgres { pg, group } => {
+            let probe = pg.probe(timeout).await?;
+            if probe.in_recovery {
+                pg.promote().await?;
+            }
+            // Now a primary: no primary_conninfo, its group's others as sync standbys.
+            let cfg = sup.config();
+            let settings = PgSettings::for_member(&cfg, group, &name, None)?;
+            if pg.configure(&settings)? {
+                pg.reload().await?;
+            }
+            Ok(if probe.in_recovery {
+                format!("{name} promoted")
+            } else {
+                format!("{name} already primary")
+            })
+        }
+        Managed::Gtm(g) => {
+            let s = g.promote(order.term, timeout).await?;
+            Ok(format!(
+                "{name} promoted: {}",
+                crate::gtm_instance::describe(&s)
+            ))
+        }
+        Managed::Unsupported { reason } => Err(AgentError::Instance(format!("{name}: {reason}"))),
+    }
+}

@@ -1,0 +1,779 @@
+//! One PostgreSQL DN instance on this host: creating its data (initdb or
+//! pg_basebackup), configuring it for its DN group, starting and stopping it with
+//! pg_ctl, watching its postmaster and probing it over TCP.
+//!
+//! Every PostgreSQL tool runs as the config's `os_user` ([`OsUser`]): never as root.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ha_common::config::{ClusterConfig, DnGroup, Role};
+use ha_common::lsn::parse_lsn;
+use ha_common::proto::cm::ReplicaState;
+
+use crate::error::{AgentError, Result};
+use crate::os_user::OsUser;
+use crate::process;
+
+/// Our settings live in this file inside the data dir, included from postgresql.conf.
+pub const SETTINGS_FILE: &str = "mpp_ha.conf";
+const INCLUDE_LINE: &str = "include_if_exists = 'mpp_ha.conf'";
+/// The database superuser created by initdb; replication connects as it too.
+pub const SUPERUSER: &str = "postgres";
+/// pg_ctl's own wait limit (seconds) for start, stop and promote.
+const PG_CTL_TIMEOUT_S: &str = "120";
+
+/// Where a standby streams from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+}
+
+/// What the agent writes into `mpp_ha.conf` for one instance in one role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgSettings {
+    pub instance: String,
+    pub listen_address: String,
+    pub port: u16,
+    /// Names of the other members of the group, in the order they should be preferred
+    /// as the synchronous standby (full copies first, then the secondary).
+    pub sync_standbys: Vec<String>,
+    /// Some for a standby: its primary.
+    pub upstream: Option<Upstream>,
+}
+
+impl PgSettings {
+    /// The settings of `instance` in `group`; `upstream` makes it a standby.
+    pub fn for_member(
+        cfg: &ClusterConfig,
+        group: &DnGroup,
+        instance: &str,
+        upstream: Option<Upstream>,
+    ) -> Result<PgSettings> {
+        let me = group
+            .members
+            .iter()
+            .find(|m| m.name == instance)
+            .ok_or_else(|| {
+                AgentError::Instance(format!(
+                    "{instance} is not a member of DN group {}",
+                    group.name
+                ))
+            })?;
+        Ok(PgSettings {
+            instance: instance.to_owned(),
+            listen_address: cfg.address_of(me).to_owned(),
+            port: me.port(),
+            sync_standbys: sync_standby_order(group, instance),
+            upstream,
+        })
+    }
+
+    pub fn is_standby(&self) -> bool {
+        self.upstream.is_some()
+    }
+}
+
+/// The other members of `group` as seen from `me`: the full copies (primary/standby
+/// members) first, the secondary (WAL-only) last, each in config order. When `me` is
+/// the primary that is "standby, then secondary"; after a failover the former
+/// primary comes first in the new primary's list.
+pub fn sync_standby_order(group: &DnGroup, me: &str) -> Vec<String> {
+    let others = || group.members.iter().filter(move |m| m.name != me);
+    others()
+        .filter(|m| m.role() != Some(Role::Secondary))
+        .chain(others().filter(|m| m.role() == Some(Role::Secondary)))
+        .map(|m| m.name.clone())
+        .collect()
+}
+
+/// Quotes a value for postgresql.conf.
+fn conf_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// `primary_conninfo` for a standby named `application_name` (the name its primary
+/// lists in `synchronous_standby_names`).
+pub fn primary_conninfo(upstream: &Upstream, application_name: &str) -> String {
+    format!(
+        "host={} port={} user={SUPERUSER} application_name={application_name}",
+        upstream.host, upstream.port
+    )
+}
+
+/// The text of `mpp_ha.conf`.
+pub fn render_settings(s: &PgSettings) -> String {
+    let names: Vec<String> = s.sync_standbys.iter().map(|n| format!("\"{n}\"")).collect();
+    let sync = if names.is_empty() {
+        String::new()
+    } else {
+        format!("FIRST 1 ({})", names.join(", "))
+    };
+    let role = if s.is_standby() { "standby" } else { "primary" };
+    let mut out = format!(
+        "# Written by cm_agent for {name} ({role}). Do not edit: the agent rewrites it.\n\
+         listen_addresses = {listen}\n\
+         port = {port}\n\
+         # TCP only: no socket-path length or permission problems.\n\
+         unix_socket_directories = ''\n\
+         cluster_name = {name_q}\n\
+         wal_level = replica\n\
+         hot_standby = on\n\
+         wal_log_hints = on\n\
+         synchronous_commit = on\n\
+         synchronous_standby_names = {sync}\n\
+         max_wal_senders = 10\n\
+         max_replication_slots = 10\n\
+         wal_keep_size = '256MB'\n\
+         hot_standby_feedback = on\n\
+         # Logs go to the file pg_ctl -l names (<instance_dir>/postgresql.log).\n\
+         logging_collector = off\n\
+         log_destination = 'stderr'\n\
+         log_line_prefix = '%m [%p] '\n",
+        name = s.instance,
+        listen = conf_quote(&s.listen_address),
+        port = s.port,
+        name_q = conf_quote(&s.instance),
+        sync = conf_quote(&sync),
+    );
+    if let Some(up) = &s.upstream {
+        out.push_str(&format!(
+            "primary_conninfo = {}\nrecovery_target_timeline = 'latest'\n",
+            conf_quote(&primary_conninfo(up, &s.instance))
+        ));
+    }
+    out
+}
+
+/// The text of pg_hba.conf: trust for the cluster's own addresses.
+pub fn render_hba(addresses: &[String]) -> String {
+    let mut out = String::from(
+        "# Written by cm_agent. This is a loopback development cluster: every connection\n\
+         # from the cluster's own hosts is trusted, replication included.\n\
+         # PRODUCTION NEEDS REAL AUTHENTICATION (scram-sha-256 passwords or certificates,\n\
+         # and a replication role) instead of trust.\n\
+         local   all          all                 trust\n\
+         local   replication  all                 trust\n\
+         host    all          all   127.0.0.1/32  trust\n\
+         host    replication  all   127.0.0.1/32  trust\n\
+         host    all          all   ::1/128       trust\n\
+         host    replication  all   ::1/128       trust\n",
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for a in addresses {
+        let cidr = match a.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_loopback() => continue,
+            Ok(std::net::IpAddr::V4(ip)) => format!("{ip}/32"),
+            Ok(std::net::IpAddr::V6(ip)) => format!("{ip}/128"),
+            Err(_) => a.clone(),
+        };
+        if seen.insert(cidr.clone()) {
+            out.push_str(&format!("host    all          all   {cidr}  trust\n"));
+            out.push_str(&format!("host    replication  all   {cidr}  trust\n"));
+        }
+    }
+    out
+}
+
+/// What a probe of a running instance found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PgProbe {
+    pub in_recovery: bool,
+    pub timeline: u32,
+    /// Primary: pg_current_wal_lsn().
+    pub current_lsn: u64,
+    /// Primary: pg_current_wal_flush_lsn(); standby: the receive LSN.
+    pub flush_lsn: u64,
+    /// Standby: pg_last_wal_receive_lsn().
+    pub receive_lsn: u64,
+    /// Standby: pg_last_wal_replay_lsn().
+    pub replay_lsn: u64,
+    /// Primary: pg_stat_replication.
+    pub replicas: Vec<ReplicaState>,
+}
+
+/// One PostgreSQL instance of a DN group, placed on this host.
+#[derive(Debug, Clone)]
+pub struct PgInstance {
+    pub name: String,
+    pub instance_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub log_file: PathBuf,
+    pub address: String,
+    pub port: u16,
+    pub pg_bin_dir: PathBuf,
+    pub os_user: OsUser,
+    /// Addresses trusted in pg_hba.conf (every host of the cluster).
+    pub trusted_addresses: Vec<String>,
+}
+
+impl PgInstance {
+    /// The instance named `name` in `cfg` (a DN group member).
+    pub fn from_config(cfg: &ClusterConfig, name: &str, os_user: OsUser) -> Result<PgInstance> {
+        let r = cfg
+            .find(name)
+            .filter(|r| r.group.is_some())
+            .ok_or_else(|| {
+                AgentError::Instance(format!("{name} is not a DN group member of the config"))
+            })?;
+        let instance_dir = cfg.instance_dir(name);
+        Ok(PgInstance {
+            name: name.to_owned(),
+            data_dir: instance_dir.join("data"),
+            log_file: instance_dir.join("postgresql.log"),
+            instance_dir,
+            address: cfg.address_of(r.instance).to_owned(),
+            port: r.instance.port(),
+            pg_bin_dir: cfg.cluster.pg_bin_dir.clone(),
+            os_user,
+            trusted_addresses: cfg.hosts.iter().map(|h| h.address.clone()).collect(),
+        })
+    }
+
+    fn tool(&self, name: &str) -> PathBuf {
+        self.pg_bin_dir.join(name)
+    }
+
+    /// Whether the data dir holds a cluster. pg_basebackup copies global/pg_control
+    /// last, so a half-copied dir does not count.
+    pub fn has_data(&self) -> bool {
+        self.data_dir.join("PG_VERSION").exists()
+            && self.data_dir.join("global/pg_control").exists()
+    }
+
+    /// Whether the data dir is set up to start as a standby.
+    pub fn configured_as_standby(&self) -> bool {
+        self.data_dir.join("standby.signal").exists()
+    }
+
+    /// Creates the instance dir owned by the OS user (the data dir goes below it).
+    pub fn prepare_dirs(&self) -> Result<()> {
+        if let Some(base) = self.instance_dir.parent() {
+            if !base.exists() {
+                std::fs::create_dir_all(base)
+                    .map_err(|e| AgentError::io("create directory", base, e))?;
+            }
+        }
+        self.os_user.create_owned_dir(&self.instance_dir, 0o750)
+    }
+
+    /// Removes a data dir left half-made (no pg_control) by an interrupted initdb or
+    /// pg_basebackup, which would otherwise refuse the non-empty directory.
+    fn clear_partial_data(&self) -> Result<()> {
+        if self.data_dir.exists() && !self.has_data() {
+            tracing::warn!(instance = %self.name, "removing the half-made data dir {}", self.data_dir.display());
+            std::fs::remove_dir_all(&self.data_dir)
+                .map_err(|e| AgentError::io("remove", &self.data_dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs a PostgreSQL tool as the OS user; its output is returned, or in the error.
+    async fn run(&self, tool: &str, args: &[&str]) -> Result<String> {
+        let program = self.tool(tool);
+        let mut cmd = self.os_user.command(&program, &self.instance_dir);
+        cmd.args(args).env("LC_ALL", "C").env_remove("PGDATA");
+        // pg_ctl starts the postmaster: keep it out of the agent's process group so
+        // that signals aimed at the agent never reach it.
+        cmd.process_group(0);
+        tracing::debug!(instance = %self.name, "{} {}", program.display(), args.join(" "));
+        let out = cmd.output().await.map_err(|source| AgentError::Spawn {
+            program: program.display().to_string(),
+            source,
+        })?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(AgentError::Command {
+                program: format!("{tool} ({})", self.name),
+                status: out.status.to_string(),
+                output: last_lines(&text, 6),
+            })
+        }
+    }
+
+    fn data_arg(&self) -> String {
+        self.data_dir.display().to_string()
+    }
+
+    /// A new primary: initdb with checksums, superuser `postgres`, trust auth.
+    pub async fn initdb(&self) -> Result<()> {
+        self.prepare_dirs()?;
+        self.clear_partial_data()?;
+        let data = self.data_arg();
+        self.run(
+            "initdb",
+            &[
+                "--data-checksums",
+                "-D",
+                &data,
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                // Every DN of the cluster must sort text the same way.
+                "--locale=C",
+                "--encoding=UTF8",
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A new standby: a copy of `upstream` (WAL streamed during the copy).
+    pub async fn basebackup(&self, upstream: &Upstream) -> Result<()> {
+        self.prepare_dirs()?;
+        self.clear_partial_data()?;
+        let data = self.data_arg();
+        let port = upstream.port.to_string();
+        let result = self
+            .run(
+                "pg_basebackup",
+                &[
+                    "-D",
+                    &data,
+                    "-h",
+                    &upstream.host,
+                    "-p",
+                    &port,
+                    "-U",
+                    SUPERUSER,
+                    "-X",
+                    "stream",
+                    "-R",
+                    "--checkpoint=fast",
+                    "--no-password",
+                ],
+            )
+            .await;
+        if result.is_err() {
+            // Never leave a partial copy behind: the next attempt starts over.
+            let _ = self.clear_partial_data();
+        }
+        result.map(|_| ())
+    }
+
+    /// Writes our settings (`mpp_ha.conf`, pg_hba.conf, standby.signal) for `settings`.
+    /// Returns whether `mpp_ha.conf` or pg_hba.conf changed (a running server then
+    /// needs a reload).
+    pub fn configure(&self, settings: &PgSettings) -> Result<bool> {
+        let conf = self.data_dir.join("postgresql.conf");
+        let text = std::fs::read_to_string(&conf).map_err(|e| AgentError::io("read", &conf, e))?;
+        if !text.lines().any(|l| l.trim() == INCLUDE_LINE) {
+            let mut new = text;
+            if !new.ends_with('\n') {
+                new.push('\n');
+            }
+            new.push_str("\n# mpp-ha: the agent's settings for this instance.\n");
+            new.push_str(INCLUDE_LINE);
+            new.push('\n');
+            self.write_owned(&conf, &new)?;
+        }
+        // pg_basebackup -R wrote a primary_conninfo without our application_name:
+        // ours (in mpp_ha.conf) must be the only one.
+        let auto = self.data_dir.join("postgresql.auto.conf");
+        if let Ok(text) = std::fs::read_to_string(&auto) {
+            if text
+                .lines()
+                .any(|l| l.trim_start().starts_with("primary_conninfo"))
+            {
+                let kept: String = text
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("primary_conninfo"))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                self.write_owned(&auto, &kept)?;
+            }
+        }
+        let hba = self.data_dir.join("pg_hba.conf");
+        let hba_text = render_hba(&self.trusted_addresses);
+        let mut changed = false;
+        if std::fs::read_to_string(&hba).ok().as_deref() != Some(hba_text.as_str()) {
+            self.write_owned(&hba, &hba_text)?;
+            changed = true;
+        }
+        let signal = self.data_dir.join("standby.signal");
+        if settings.is_standby() {
+            if !signal.exists() {
+                self.write_owned(&signal, "")?;
+            }
+        } else if signal.exists() {
+            std::fs::remove_file(&signal).map_err(|e| AgentError::io("remove", &signal, e))?;
+        }
+        let path = self.data_dir.join(SETTINGS_FILE);
+        let new = render_settings(settings);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(new.as_str()) {
+            self.write_owned(&path, &new)?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Writes a file atomically (temp file + rename), owned by the OS user, mode 0600.
+    fn write_owned(&self, path: &Path, text: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = path.with_extension("mpp_ha_tmp");
+        std::fs::write(&tmp, text).map_err(|e| AgentError::io("write", &tmp, e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| AgentError::io("chmod", &tmp, e))?;
+        self.os_user.chown(&tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| AgentError::io("rename", path, e))
+    }
+
+    /// The postmaster's pid if one is running on this data dir (postmaster.pid names
+    /// a live process that is a postgres).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let pid = process::read_pid_file(&self.data_dir.join("postmaster.pid"))?;
+        process::runs(pid, "postgres", None).then_some(pid)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.postmaster_pid().is_some()
+    }
+
+    /// Starts it (pg_ctl -w): returns once it accepts connections. Refuses if a
+    /// postmaster already runs on the data dir.
+    pub async fn start(&self) -> Result<()> {
+        if let Some(pid) = self.postmaster_pid() {
+            return Err(AgentError::Instance(format!(
+                "{}: a postmaster (pid {pid}) already runs on {}",
+                self.name,
+                self.data_dir.display()
+            )));
+        }
+        // A postmaster.pid naming a dead process or a pid reused by another program
+        // would make postgres refuse to start: it is stale, since no postgres runs.
+        let pid_file = self.data_dir.join("postmaster.pid");
+        if pid_file.exists() {
+            let _ = std::fs::remove_file(&pid_file);
+        }
+        let data = self.data_arg();
+        let log = self.log_file.display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "start",
+                "-D",
+                &data,
+                "-w",
+                "-t",
+                PG_CTL_TIMEOUT_S,
+                "-l",
+                &log,
+            ],
+        )
+        .await
+        .map_err(|e| AgentError::Instance(format!("{e}; log: {}", self.log_tail(5))))?;
+        Ok(())
+    }
+
+    /// Stops it with a fast shutdown (no-op if not running).
+    pub async fn stop(&self) -> Result<()> {
+        if !self.is_running() {
+            return Ok(());
+        }
+        let data = self.data_arg();
+        match self
+            .run(
+                "pg_ctl",
+                &[
+                    "stop",
+                    "-D",
+                    &data,
+                    "-w",
+                    "-t",
+                    PG_CTL_TIMEOUT_S,
+                    "-m",
+                    "fast",
+                ],
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(_) if !self.is_running() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Rereads the config files of a running server.
+    pub async fn reload(&self) -> Result<()> {
+        let data = self.data_arg();
+        self.run("pg_ctl", &["reload", "-D", &data])
+            .await
+            .map(|_| ())
+    }
+
+    /// Promotes a standby and waits until it accepts writes.
+    pub async fn promote(&self) -> Result<()> {
+        let data = self.data_arg();
+        self.run(
+            "pg_ctl",
+            &["promote", "-D", &data, "-w", "-t", PG_CTL_TIMEOUT_S],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Rewinds a stopped former primary onto `upstream`'s history (a no-op when it
+    /// did not diverge). pg_rewind copies the source's config files: configure again after.
+    pub async fn rewind(&self, upstream: &Upstream) -> Result<String> {
+        let data = self.data_arg();
+        let source = format!(
+            "host={} port={} user={SUPERUSER} dbname=postgres",
+            upstream.host, upstream.port
+        );
+        let target = format!("--target-pgdata={data}");
+        let source = format!("--source-server={source}");
+        self.run("pg_rewind", &[&target, &source]).await
+    }
+
+    /// Moves the data dir aside (`data.old`, replacing an older one) before a rebuild.
+    pub fn move_data_aside(&self) -> Result<Option<PathBuf>> {
+        if !self.data_dir.exists() {
+            return Ok(None);
+        }
+        let old = self.instance_dir.join("data.old");
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| AgentError::io("remove", &old, e))?;
+        }
+        std::fs::rename(&self.data_dir, &old)
+            .map_err(|e| AgentError::io("rename", &self.data_dir, e))?;
+        Ok(Some(old))
+    }
+
+    /// The last lines of its server log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+        last_lines(&text, lines)
+    }
+
+    /// Connects over TCP as the superuser (within `timeout`).
+    pub async fn connect(&self, timeout: Duration) -> Result<tokio_postgres::Client> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.address)
+            .port(self.port)
+            .user(SUPERUSER)
+            .dbname("postgres")
+            .application_name("cm_agent")
+            .connect_timeout(timeout);
+        let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
+            .await
+            .map_err(|_| {
+                AgentError::Probe(format!(
+                    "{}: connect timed out after {timeout:?}",
+                    self.name
+                ))
+            })?
+            .map_err(|e| AgentError::Probe(format!("{}: connect: {e}", self.name)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// Asks the server for its role, timeline, LSNs and replicas (within `timeout`).
+    pub async fn probe(&self, timeout: Duration) -> Result<PgProbe> {
+        tokio::time::timeout(timeout, self.probe_inner(timeout))
+            .await
+            .map_err(|_| {
+                AgentError::Probe(format!("{}: probe timed out after {timeout:?}", self.name))
+            })?
+    }
+
+    async fn probe_inner(&self, timeout: Duration) -> Result<PgProbe> {
+        let client = self.connect(timeout).await?;
+        let q = |e: tokio_postgres::Error| AgentError::Probe(format!("{}: query: {e}", self.name));
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), (SELECT timeline_id FROM pg_control_checkpoint())",
+                &[],
+            )
+            .await
+            .map_err(q)?;
+        let mut probe = PgProbe {
+            in_recovery: row.try_get(0).map_err(q)?,
+            timeline: row
+                .try_get::<_, Option<i32>>(1)
+                .map_err(q)?
+                .unwrap_or(0)
+                .max(0) as u32,
+            ..PgProbe::default()
+        };
+        let lsn = |s: Option<String>| s.as_deref().and_then(parse_lsn).unwrap_or(0);
+        if probe.in_recovery {
+            let row = client
+                .query_one(
+                    "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text",
+                    &[],
+                )
+                .await
+                .map_err(q)?;
+            probe.receive_lsn = lsn(row.try_get(0).map_err(q)?);
+            probe.replay_lsn = lsn(row.try_get(1).map_err(q)?);
+            probe.flush_lsn = probe.receive_lsn;
+        } else {
+            let row = client
+                .query_one(
+                    "SELECT pg_current_wal_lsn()::text, pg_current_wal_flush_lsn()::text",
+                    &[],
+                )
+                .await
+                .map_err(q)?;
+            probe.current_lsn = lsn(row.try_get(0).map_err(q)?);
+            probe.flush_lsn = lsn(row.try_get(1).map_err(q)?);
+            let rows = client
+                .query(
+                    "SELECT application_name, state, sync_state, write_lsn::text, \
+                     flush_lsn::text, replay_lsn::text FROM pg_stat_replication \
+                     ORDER BY application_name",
+                    &[],
+                )
+                .await
+                .map_err(q)?;
+            for r in rows {
+                let text = |i: usize| -> Result<String> {
+                    Ok(r.try_get::<_, Option<String>>(i)
+                        .map_err(q)?
+                        .unwrap_or_default())
+                };
+                probe.replicas.push(ReplicaState {
+                    application_name: text(0)?,
+                    state: text(1)?,
+                    sync_state: text(2)?,
+                    write_lsn: lsn(Some(text(3)?)),
+                    flush_lsn: lsn(Some(text(4)?)),
+                    replay_lsn: lsn(Some(text(5)?)),
+                });
+            }
+        }
+        Ok(probe)
+    }
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClusterConfig {
+        ClusterConfig::parse(
+            include_str!("../../configs/local.toml"),
+            Path::new("local.toml"),
+        )
+        .unwrap()
+    }
+
+    fn group<'a>(cfg: &'a ClusterConfig, name: &str) -> &'a DnGroup {
+        cfg.dn_groups.iter().find(|g| g.name == name).unwrap()
+    }
+
+    #[test]
+    fn primary_prefers_its_standby_then_the_secondary() {
+        let cfg = cfg();
+        let s = PgSettings::for_member(&cfg, group(&cfg, "dn1"), "dn1_h1", None).unwrap();
+        let text = render_settings(&s);
+        assert!(
+            text.contains(r#"synchronous_standby_names = 'FIRST 1 ("dn1_h2", "dn1_h3")'"#),
+            "{text}"
+        );
+        assert!(text.contains("port = 6501"), "{text}");
+        assert!(text.contains("listen_addresses = '127.0.0.1'"), "{text}");
+        assert!(text.contains("unix_socket_directories = ''"), "{text}");
+        assert!(!text.contains("primary_conninfo"), "{text}");
+    }
+
+    #[test]
+    fn secondary_listed_first_in_config_still_comes_last() {
+        let cfg = cfg();
+        let mut g = group(&cfg, "dn2").clone();
+        g.members.rotate_right(1); // dn2_h1 (secondary) first
+        assert_eq!(g.members[0].name, "dn2_h1");
+        assert_eq!(sync_standby_order(&g, "dn2_h2"), ["dn2_h3", "dn2_h1"]);
+    }
+
+    #[test]
+    fn promoted_standby_prefers_the_former_primary() {
+        let cfg = cfg();
+        assert_eq!(
+            sync_standby_order(group(&cfg, "dn1"), "dn1_h2"),
+            ["dn1_h1", "dn1_h3"]
+        );
+    }
+
+    #[test]
+    fn standby_gets_primary_conninfo_with_its_application_name() {
+        let cfg = cfg();
+        let up = Upstream {
+            host: "127.0.0.1".into(),
+            port: 6501,
+        };
+        let s = PgSettings::for_member(&cfg, group(&cfg, "dn1"), "dn1_h2", Some(up)).unwrap();
+        let text = render_settings(&s);
+        assert!(
+            text.contains(
+                "primary_conninfo = 'host=127.0.0.1 port=6501 user=postgres application_name=dn1_h2'"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("port = 6502"), "{text}");
+    }
+
+    #[test]
+    fn non_member_is_refused() {
+        let cfg = cfg();
+        assert!(PgSettings::for_member(&cfg, group(&cfg, "dn1"), "dn2_h2", None).is_err());
+    }
+
+    #[test]
+    fn a_half_made_data_dir_is_not_data_and_is_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../../configs/local.toml").replace(
+            "base_dir = \"/tmp/mpp-ha\"",
+            &format!("base_dir = {:?}", dir.path().display().to_string()),
+        );
+        let cfg = ClusterConfig::parse(&text, Path::new("t.toml")).unwrap();
+        let pg = PgInstance::from_config(&cfg, "dn1_h2", OsUser::current()).unwrap();
+        std::fs::create_dir_all(pg.data_dir.join("global")).unwrap();
+        std::fs::write(pg.data_dir.join("PG_VERSION"), "15\n").unwrap();
+        assert!(!pg.has_data(), "no pg_control yet");
+        pg.clear_partial_data().unwrap();
+        assert!(!pg.data_dir.exists());
+        std::fs::create_dir_all(pg.data_dir.join("global")).unwrap();
+        std::fs::write(pg.data_dir.join("PG_VERSION"), "15\n").unwrap();
+        std::fs::write(pg.data_dir.join("global/pg_control"), "x").unwrap();
+        assert!(pg.has_data());
+        pg.clear_partial_data().unwrap();
+        assert!(pg.data_dir.exists(), "a complete data dir is never removed");
+    }
+
+    #[test]
+    fn conf_values_are_quoted() {
+        assert_eq!(conf_quote("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn hba_trusts_loopback_and_cluster_hosts_once() {
+        let text = render_hba(&[
+            "127.0.0.1".into(),
+            "10.0.0.5".into(),
+            "10.0.0.5".into(),
+            "db3".into(),
+        ]);
+        assert_eq!(text.matches("10.0.0.5/32").count(), 2, "{text}");
+        assert!(
+            text.contains("host    replication  all   db3  trust"),
+            "{text}"
+        );
+        assert!(text.contains("PRODUCTION NEEDS REAL AUTHENTICATION"));
+    }
+}

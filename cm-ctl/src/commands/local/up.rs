@@ -1,0 +1,161 @@
+//! `cm_ctl local up`: starts whatever of the local cluster is not running (CMServers,
+//! one agent per host), records their pids, asks for every instance to run and waits
+//! until every instance the project can run is normal.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ha_common::ClusterConfig;
+
+use super::{absolute, absolute_base_dir, daemons, log_path};
+use crate::cli::Cli;
+use crate::client::Primary;
+use crate::error::CtlError;
+use crate::processes::{spawn_detached, Daemon, PidFile};
+use crate::progress::{wait_for, Goal};
+
+pub async fn run(cfg: &ClusterConfig, cli: &Cli, timeout_s: u64) -> Result<(), CtlError> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(timeout_s);
+    let base = absolute_base_dir(cfg)?;
+    std::fs::create_dir_all(&base).map_err(|e| CtlError::io("create", &base, e))?;
+    // The PostgreSQL OS user must be able to reach its data dirs below it.
+    let _ = std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755));
+    let config =
+        std::fs::canonicalize(&cli.config).map_err(|e| CtlError::io("resolve", &cli.config, e))?;
+    let bin_dir = absolute(&cfg.bin_dir())?;
+
+    let pids = PidFile::in_base_dir(&base);
+    let mut recorded = Vec::new();
+    let mut first_cms: Option<(Daemon, u32)> = None;
+    for d in daemons(cfg) {
+        let bin = bin_dir.join(d.program);
+        if !bin.exists() {
+            return Err(CtlError::MissingBinary(bin));
+        }
+        let running = pids
+            .lookup(&d.key())
+            .filter(|pid| d.is(*pid, &base))
+            .or_else(|| d.find_running(&base).first().copied());
+        let pid = match running {
+            Some(pid) => {
+                eprintln!("{} {} already running (pid {pid})", d.program, d.node);
+                pid
+            }
+            None => {
+                let log = log_path(&base, &d);
+                let args = [
+                    "--config".to_owned(),
+                    config.display().to_string(),
+                    "--node".to_owned(),
+                    d.node.clone(),
+                    "--base-dir".to_owned(),
+                    base.display().to_string(),
+                ];
+                let pid = spawn_detached(&bin, &args, &log)?;
+                eprintln!(
+                    "started {} {} (pid {pid}, log {})",
+                    d.program,
+                    d.node,
+                    log.display()
+                );
+                pid
+            }
+        };
+        if d.program == "cm_server" && first_cms.is_none() {
+            first_cms = Some((d.clone(), pid));
+        }
+        recorded.push((d.key(), pid));
+        pids.write(&recorded)?;
+    }
+
+    let mut primary = wait_for_primary(cfg, &base, first_cms, deadline).await?;
+    primary.set_desired(None, true).await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let status = wait_for(
+        cfg,
+        None,
+        Goal::Running,
+        left,
+        "every instance to run normally",
+    )
+    .await
+    .map_err(|e| match e {
+        CtlError::Timeout { what, pending, .. } => CtlError::Timeout {
+            what,
+            secs: timeout_s,
+            pending: format!(
+                "{pending} (logs under {}; `cm_ctl local down` stops everything)",
+                base.display()
+            ),
+        },
+        other => other,
+    })?;
+
+    println!(
+        "local cluster {:?} is up ({:.1} s)",
+        cfg.cluster.name,
+        started.elapsed().as_secs_f64()
+    );
+    for g in &status.dn_groups {
+        for m in g.members.iter().filter(|m| m.role == "primary") {
+            let address = cfg
+                .find(&m.name)
+                .map(|r| cfg.address_of(r.instance).to_owned())
+                .unwrap_or_else(|| "127.0.0.1".into());
+            println!(
+                "  {} primary {}: psql \"host={address} port={} user=postgres dbname=postgres\"",
+                g.name, m.name, m.port
+            );
+        }
+    }
+    let mut status_cmd = format!("cm_ctl status --config {}", config.display());
+    if cli.base_dir.is_some() {
+        status_cmd.push_str(&format!(" --base-dir {}", base.display()));
+    }
+    println!("  status: {status_cmd}");
+    println!(
+        "  stop:   {}",
+        status_cmd.replacen(" status ", " local down ", 1)
+    );
+    Ok(())
+}
+
+/// Waits until the primary CMServer answers; fails early, with its log, if the
+/// CMServer we started exited.
+async fn wait_for_primary(
+    cfg: &ClusterConfig,
+    base: &Path,
+    first: Option<(Daemon, u32)>,
+    deadline: Instant,
+) -> Result<Primary, CtlError> {
+    loop {
+        let err = match Primary::find(cfg).await {
+            Ok(p) => return Ok(p),
+            Err(e) => e,
+        };
+        if let Some((d, pid)) = &first {
+            if !d.is(*pid, base) {
+                let log = log_path(base, d);
+                let last = std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned();
+                return Err(CtlError::Other(format!(
+                    "cm_server {} exited: {last} (log {})",
+                    d.node,
+                    log.display()
+                )));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

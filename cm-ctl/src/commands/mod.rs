@@ -1,0 +1,39 @@
+//! One file per subcommand; `run` dispatches.
+
+pub mod local;
+pub mod start;
+pub mod status;
+pub mod stop;
+
+use ha_common::config::InstanceKind;
+use ha_common::ClusterConfig;
+
+use crate::cli::{Cli, Command, LocalAction};
+use crate::error::CtlError;
+
+pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    let cfg = cli.load_config()?;
+    match &cli.command {
+        Command::Status { json } => status::run(&cfg, *json).await,
+        Command::Start(t) => start::run(&cfg, t).await,
+        Command::Stop(t) => stop::run(&cfg, t).await,
+        Command::Local { action } => match action {
+            LocalAction::Up { timeout } => local::up::run(&cfg, &cli, *timeout).await,
+            LocalAction::Down { timeout } => local::down::run(&cfg, *timeout).await,
+        },
+    }
+}
+
+/// Checks `--instance` against the config before asking the CMServer.
+pub(crate) fn check_instance(cfg: &ClusterConfig, name: &str) -> Result<(), CtlError> {
+    match cfg.find(name) {
+        None => Err(CtlError::UnknownInstance {
+            name: name.to_owned(),
+            config: cfg.source.clone(),
+        }),
+        Some(r) if r.kind == InstanceKind::CmServer => Err(CtlError::NotManaged {
+            name: name.to_owned(),
+        }),
+        Some(_) => Ok(()),
+    }
+}

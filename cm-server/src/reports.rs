@@ -1,0 +1,142 @@
+//! The latest report about every instance, with when it arrived: what the agents
+//! last told us, kept in memory only (a restarted CMServer knows again within one
+//! heartbeat).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ha_common::proto::cm::{AgentReport, InstanceReport};
+use ha_common::ClusterConfig;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReportError {
+    #[error("report from unknown host {0:?}")]
+    UnknownHost(String),
+}
+
+/// One instance's latest report.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub host: String,
+    pub at: Instant,
+    pub report: InstanceReport,
+}
+
+/// Latest report per instance and latest heartbeat per host.
+#[derive(Debug, Default, Clone)]
+pub struct Reports {
+    instances: HashMap<String, Observed>,
+    hosts: HashMap<String, Instant>,
+}
+
+impl Reports {
+    pub fn new() -> Reports {
+        Reports::default()
+    }
+
+    /// Records an agent's heartbeat received at `now`. Instances that are not
+    /// configured on the reporting host are ignored and returned (for a warning).
+    pub fn record(
+        &mut self,
+        cfg: &ClusterConfig,
+        report: AgentReport,
+        now: Instant,
+    ) -> Result<Vec<String>, ReportError> {
+        if cfg.host(&report.host).is_none() {
+            return Err(ReportError::UnknownHost(report.host));
+        }
+        let mut ignored = Vec::new();
+        for inst in report.instances {
+            let belongs = cfg
+                .find(&inst.name)
+                .is_some_and(|r| r.instance.host == report.host);
+            if !belongs {
+                ignored.push(inst.name);
+                continue;
+            }
+            self.instances.insert(
+                inst.name.clone(),
+                Observed {
+                    host: report.host.clone(),
+                    at: now,
+                    report: inst,
+                },
+            );
+        }
+        self.hosts.insert(report.host, now);
+        Ok(ignored)
+    }
+
+    /// The latest report about `name`, however old.
+    pub fn latest(&self, name: &str) -> Option<&Observed> {
+        self.instances.get(name)
+    }
+
+    /// The latest report about `name` if it is younger than `timeout` at `now`.
+    pub fn fresh(&self, name: &str, now: Instant, timeout: Duration) -> Option<&InstanceReport> {
+        self.instances
+            .get(name)
+            .filter(|o| now.saturating_duration_since(o.at) <= timeout)
+            .map(|o| &o.report)
+    }
+
+    /// When the agent of `host` last reported.
+    pub fn host_seen(&self, host: &str) -> Option<Instant> {
+        self.hosts.get(host).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::local_config;
+
+    fn inst(name: &str) -> InstanceReport {
+        InstanceReport {
+            name: name.into(),
+            process_alive: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn keeps_the_latest_report_and_ignores_foreign_instances() {
+        let cfg = local_config();
+        let mut r = Reports::new();
+        let t0 = Instant::now();
+        let ignored = r
+            .record(
+                &cfg,
+                AgentReport {
+                    host: "h1".into(),
+                    instances: vec![inst("dn1_h1"), inst("dn1_h2")],
+                    ..Default::default()
+                },
+                t0,
+            )
+            .unwrap();
+        assert_eq!(ignored, vec!["dn1_h2"], "dn1_h2 lives on h2");
+        assert!(r.latest("dn1_h2").is_none());
+        assert!(r.fresh("dn1_h1", t0, Duration::from_secs(3)).is_some());
+        let later = t0 + Duration::from_secs(4);
+        assert!(r.fresh("dn1_h1", later, Duration::from_secs(3)).is_none());
+        assert!(r.latest("dn1_h1").is_some());
+        assert_eq!(r.host_seen("h1"), Some(t0));
+    }
+
+    #[test]
+    fn unknown_host_is_rejected() {
+        let cfg = local_config();
+        let e = Reports::new()
+            .record(
+                &cfg,
+                AgentReport {
+                    host: "h9".into(),
+                    ..Default::default()
+                },
+                Instant::now(),
+            )
+            .unwrap_err();
+        assert_eq!(e, ReportError::UnknownHost("h9".into()));
+    }
+}

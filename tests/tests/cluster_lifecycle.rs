@@ -1,0 +1,168 @@
+//! A whole local cluster through `cm_ctl local up` and `local down`: every DN group
+//! comes up with a normal primary and standby, a row written on a primary is read on
+//! its standby, `up` is idempotent, and `down` leaves no process behind.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mpp_ha_tests::{
+    member_state, pid_alive, processes_under, status_member, wait_for, LocalCluster,
+};
+use serde_json::Value;
+
+const PORT_BASE: u16 = 22000;
+
+async fn connect(port: u16) -> Result<tokio_postgres::Client> {
+    let conninfo =
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=5");
+    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connect to 127.0.0.1:{port}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+fn group<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["dn_groups"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|g| g["name"] == name))
+        .unwrap_or_else(|| panic!("no dn group {name} in {status}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_local_up_replicates_and_local_down_leaves_nothing() -> Result<()> {
+    let c = LocalCluster::new("cluster-lifecycle", PORT_BASE);
+    let t0 = Instant::now();
+    let out = c.up(120)?;
+    eprintln!(
+        "local up took {:.1} s\n{}",
+        t0.elapsed().as_secs_f64(),
+        out.stdout
+    );
+    let dn1_port = c.port("dn1_h1");
+    assert!(
+        out.stdout.contains(&format!(
+            "psql \"host=127.0.0.1 port={dn1_port} user=postgres dbname=postgres\""
+        )),
+        "up prints how to connect: {}",
+        out.stdout
+    );
+
+    let status = c.status()?;
+    for (g, primary, standby) in [("dn1", "dn1_h1", "dn1_h2"), ("dn2", "dn2_h2", "dn2_h3")] {
+        let members = group(&status, g)["members"].as_array().expect("members");
+        for m in members {
+            for key in ["name", "host", "port", "role", "state", "lsn"] {
+                assert!(!m[key].is_null(), "{key} missing in {m}");
+            }
+        }
+        let p = status_member(&status, primary).unwrap();
+        assert_eq!(
+            (p["role"].as_str(), p["state"].as_str()),
+            (Some("primary"), Some("normal")),
+            "{p}"
+        );
+        assert!(p["lsn"].as_str().is_some_and(|l| l.contains('/')), "{p}");
+        let s = status_member(&status, standby).unwrap();
+        assert_eq!(
+            (s["role"].as_str(), s["state"].as_str()),
+            (Some("standby"), Some("normal")),
+            "{s}"
+        );
+    }
+    for name in ["gtm1", "gtm2"] {
+        assert_eq!(member_state(&status, name), "normal", "{status}");
+    }
+    assert_eq!(member_state(&status, "cms1"), "normal");
+    assert_eq!(status_member(&status, "cms2").unwrap()["role"], "standby");
+    for name in ["cn1", "dn1_h3"] {
+        assert_eq!(member_state(&status, name), "not_implemented");
+    }
+
+    let table = c.cm_ctl(&["status"]);
+    assert!(table.success, "{}", table.stderr);
+    for needle in [
+        "cms1",
+        "gtm2",
+        "dn2_h3",
+        "dn group dn1: normal",
+        "dn group dn2: normal",
+    ] {
+        assert!(
+            table.stdout.contains(needle),
+            "{needle} not in\n{}",
+            table.stdout
+        );
+    }
+
+    // A row committed on dn1's primary is readable on its standby.
+    let primary = connect(c.port("dn1_h1")).await?;
+    primary
+        .batch_execute(
+            "CREATE TABLE cluster_t (id int PRIMARY KEY, v text);
+             INSERT INTO cluster_t VALUES (1, 'replicated');",
+        )
+        .await?;
+    let standby = connect(c.port("dn1_h2")).await?;
+    let v: String = wait_for(
+        "the row on dn1's standby",
+        Duration::from_secs(20),
+        || async {
+            let rows = match standby
+                .query("SELECT v FROM cluster_t WHERE id = 1", &[])
+                .await
+            {
+                Ok(r) => r,
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            Ok(rows.first().map(|r| r.get(0)))
+        },
+    )
+    .await?;
+    assert_eq!(v, "replicated");
+    let in_recovery: bool = standby
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    assert!(in_recovery, "dn1_h2 must be a standby");
+    drop((primary, standby));
+
+    // `up` again changes nothing.
+    let before = c.recorded_pids();
+    let again = c.up(60)?;
+    assert_eq!(
+        c.recorded_pids(),
+        before,
+        "up on a running cluster restarts nothing"
+    );
+    assert!(again.stderr.contains("already running"), "{}", again.stderr);
+
+    // `down` stops everything: recorded daemons, postmasters, everything else.
+    let postmasters: Vec<u32> = ["dn1_h1", "dn1_h2", "dn2_h2", "dn2_h3"]
+        .iter()
+        .map(|n| {
+            c.postmaster_pid(n)
+                .with_context(|| format!("{n} has no live postmaster"))
+        })
+        .collect::<Result<_>>()?;
+    let t1 = Instant::now();
+    let down = c.down();
+    if !down.success {
+        bail!("local down failed: {}\n{}", down.stderr, c.logs());
+    }
+    eprintln!("local down took {:.1} s", t1.elapsed().as_secs_f64());
+    for (key, pid) in &before {
+        assert!(!pid_alive(*pid), "{key} (pid {pid}) survived local down");
+    }
+    for pid in &postmasters {
+        assert!(!pid_alive(*pid), "postmaster {pid} survived local down");
+    }
+    let left = processes_under(c.base_dir());
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let again = c.down();
+    assert!(again.success, "down is idempotent: {}", again.stderr);
+    Ok(())
+}
