@@ -163,6 +163,8 @@ impl Reporter {
                 .map(|h| h.report.borrow().clone())
                 .collect(),
             outcomes: self.state.pending.clone(),
+            // Filled in by the CMServer-pair lease (next change).
+            lease: None,
         };
         let calls = self.servers.iter().map(|(ep, client)| {
             let mut client = client.clone();
@@ -258,6 +260,7 @@ mod tests {
                 },
             ],
             orders,
+            ..ReportReply::default()
         }
     }
 

@@ -12,8 +12,9 @@ use ha_common::config::InstanceKind;
 use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::cm_server_server::{CmServer, CmServerServer};
 use ha_common::proto::cm::{
-    AgentReport, ClusterStatus, ClusterStatusRequest, ReportReply, SetDesiredStateReply,
-    SetDesiredStateRequest,
+    AgentReport, BuildRequest, ClusterStatus, ClusterStatusRequest, FailoverRequest,
+    OperationReply, ReportReply, SetDesiredStateReply, SetDesiredStateRequest, SwitchoverRequest,
+    SyncStateReply, SyncStateRequest,
 };
 use ha_common::ClusterConfig;
 use tonic::transport::Endpoint;
@@ -141,6 +142,8 @@ impl CmServer for CmService {
             term: state.term.0,
             assignments: assignments::for_host(&sh.cfg, &state, &host),
             orders: Vec::new(),
+            lease_request_term: 0,
+            from: sh.node.clone(),
         }))
     }
 
@@ -207,6 +210,36 @@ impl CmServer for CmService {
             instances: names,
             term: guard.term.0,
         }))
+    }
+
+    async fn sync_state(
+        &self,
+        _request: Request<SyncStateRequest>,
+    ) -> Result<Response<SyncStateReply>, Status> {
+        Err(Status::unimplemented(
+            "state streaming arrives with the CMServer pair",
+        ))
+    }
+
+    async fn switchover(
+        &self,
+        _request: Request<SwitchoverRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        Err(Status::unimplemented("switchover is not implemented yet"))
+    }
+
+    async fn failover(
+        &self,
+        _request: Request<FailoverRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        Err(Status::unimplemented("failover is not implemented yet"))
+    }
+
+    async fn build(
+        &self,
+        _request: Request<BuildRequest>,
+    ) -> Result<Response<OperationReply>, Status> {
+        Err(Status::unimplemented("build is not implemented yet"))
     }
 }
 
@@ -378,6 +411,7 @@ mod tests {
                     ..Default::default()
                 }],
                 outcomes: vec![],
+                lease: None,
             }))
             .await
             .unwrap()

@@ -99,6 +99,19 @@ pub struct TimingSection {
     /// instance counts as not responding.
     #[serde(default = "default_probe_timeout_ms")]
     pub probe_timeout_ms: u64,
+    /// A DN primary that is down (and not restartable), hung, or whose agent is silent
+    /// for this long is replaced by its synchronous standby.
+    #[serde(default = "default_failover_timeout_ms")]
+    pub dn_failover_timeout_ms: u64,
+    /// The same for the GTM primary (and, for the GTM standby, ordering the primary to
+    /// run alone).
+    #[serde(default = "default_failover_timeout_ms")]
+    pub gtm_failover_timeout_ms: u64,
+    /// How long an agent's lease to a CMServer lasts. A CMServer is primary only while a
+    /// majority of agents hold an unexpired lease for it; a restarted agent grants
+    /// nothing for this long, so two CMServers can never both hold a majority.
+    #[serde(default = "default_cm_lease_ms")]
+    pub cm_lease_ms: u64,
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -110,6 +123,12 @@ fn default_agent_timeout_ms() -> u64 {
 fn default_probe_timeout_ms() -> u64 {
     2000
 }
+fn default_failover_timeout_ms() -> u64 {
+    3000
+}
+fn default_cm_lease_ms() -> u64 {
+    3000
+}
 
 impl Default for TimingSection {
     fn default() -> Self {
@@ -117,6 +136,9 @@ impl Default for TimingSection {
             heartbeat_interval_ms: default_heartbeat_ms(),
             agent_timeout_ms: default_agent_timeout_ms(),
             probe_timeout_ms: default_probe_timeout_ms(),
+            dn_failover_timeout_ms: default_failover_timeout_ms(),
+            gtm_failover_timeout_ms: default_failover_timeout_ms(),
+            cm_lease_ms: default_cm_lease_ms(),
         }
     }
 }
@@ -130,6 +152,15 @@ impl TimingSection {
     }
     pub fn probe_timeout(&self) -> Duration {
         Duration::from_millis(self.probe_timeout_ms)
+    }
+    pub fn dn_failover_timeout(&self) -> Duration {
+        Duration::from_millis(self.dn_failover_timeout_ms)
+    }
+    pub fn gtm_failover_timeout(&self) -> Duration {
+        Duration::from_millis(self.gtm_failover_timeout_ms)
+    }
+    pub fn cm_lease(&self) -> Duration {
+        Duration::from_millis(self.cm_lease_ms)
     }
 }
 
@@ -292,6 +323,27 @@ impl ClusterConfig {
                 "timing.agent_timeout_ms",
                 "must be at least twice timing.heartbeat_interval_ms, so one lost heartbeat is not a failure",
             ));
+        }
+        for (key, v) in [
+            (
+                "timing.dn_failover_timeout_ms",
+                self.timing.dn_failover_timeout_ms,
+            ),
+            (
+                "timing.gtm_failover_timeout_ms",
+                self.timing.gtm_failover_timeout_ms,
+            ),
+            ("timing.cm_lease_ms", self.timing.cm_lease_ms),
+        ] {
+            if v < 2 * self.timing.heartbeat_interval_ms {
+                return Err(self.invalid(
+                    key,
+                    format!(
+                        "{v} ms is less than two heartbeats ({} ms): one lost heartbeat would cause a failover",
+                        2 * self.timing.heartbeat_interval_ms
+                    ),
+                ));
+            }
         }
         if self.gtm.block_size == 0 {
             return Err(self.invalid("gtm.block_size", "must be > 0"));
