@@ -340,9 +340,19 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Writes the local.toml layout with ports from `port_base`; starts nothing.
     pub fn new(name: &str, port_base: u16) -> LocalCluster {
+        Self::with_config_edit(name, port_base, |text| text)
+    }
+
+    /// Like [`LocalCluster::new`], with the config text passed through `edit` first
+    /// (e.g. to change `[timing]`).
+    pub fn with_config_edit(
+        name: &str,
+        port_base: u16,
+        edit: impl FnOnce(String) -> String,
+    ) -> LocalCluster {
         let dir = TestDir::new(name);
         let base = dir.path().join("cluster");
-        let config = write_config(&dir, &local_config_text(port_base, &base));
+        let config = write_config(&dir, &edit(local_config_text(port_base, &base)));
         let cfg = ha_common::ClusterConfig::load(&config).expect("test config is valid");
         LocalCluster { dir, config, cfg }
     }

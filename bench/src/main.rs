@@ -1,0 +1,349 @@
+//! `failover_bench`: failover and switchover times of a real local cluster.
+//!
+//! For each timing profile (the defaults of `configs/local.toml`, and the fastest safe
+//! settings) it starts a whole cluster with `cm_ctl local up` in its own dir and ports,
+//! then repeats: lose the host of dn1's primary (kill -9 its agent, its postmasters and
+//! its GTM), and time
+//!   * kill → the promoted standby commits (with `synchronous_commit = local`: the new
+//!     primary is writable; a two-copy commit needs a synchronous partner, which until
+//!     the dn_replicator secondary exists is the old primary rejoining), and
+//!   * kill → the first two-copy (synchronous) commit, when the lost host comes back at
+//!     once (`cm_ctl local up` restarts its agent; the old primary is rewound and rejoins).
+//!
+//! Then it measures the client-visible write outage of `cm_ctl switchover` there and
+//! back. Prints medians and ranges. Never a timed test: run it by hand:
+//! `cargo build --release --workspace --bins && target/release/failover_bench --runs 10`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use mpp_ha_tests::{kill9, pid_alive, LocalCluster};
+use tokio_postgres::NoTls;
+
+#[derive(Parser)]
+#[command(about = "Failover and switchover times of a real local cluster (prints figures)")]
+struct Args {
+    /// Failovers per timing profile.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Only the given profile: "default" or "tuned".
+    #[arg(long)]
+    profile: Option<String>,
+    /// First port of the benchmark clusters (each profile uses 1000 ports from here).
+    #[arg(long, default_value_t = 29000)]
+    port_base: u16,
+}
+
+/// A named `[timing]` section.
+struct Profile {
+    name: &'static str,
+    timing: Option<&'static str>,
+}
+
+const PROFILES: [Profile; 2] = [
+    Profile {
+        name: "default",
+        timing: None,
+    },
+    Profile {
+        name: "tuned",
+        // The fastest settings the config accepts as safe: every timeout is at least
+        // two heartbeats, so one lost heartbeat never fails anything over.
+        timing: Some(
+            "heartbeat_interval_ms = 200\nagent_timeout_ms = 500\nprobe_timeout_ms = 400\n\
+             dn_failover_timeout_ms = 500\ngtm_failover_timeout_ms = 500\ncm_lease_ms = 600\n",
+        ),
+    },
+];
+
+fn with_timing(text: String, timing: &str) -> String {
+    let mut out = String::new();
+    let mut in_timing = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_timing = line.trim() == "[timing]";
+            out.push_str(line);
+            out.push('\n');
+            if in_timing {
+                out.push_str(timing);
+            }
+            continue;
+        }
+        if in_timing && !line.trim_start().starts_with('#') && line.contains('=') {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+async fn connect(port: u16) -> Result<tokio_postgres::Client> {
+    let conn =
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=1");
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio_postgres::connect(&conn, NoTls),
+    )
+    .await
+    .map_err(|_| anyhow!("connect to {port} timed out"))??;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// dn1's current primary and standby, from `cm_ctl status --json`.
+fn dn1_layout(cluster: &LocalCluster) -> Result<(String, String)> {
+    let status = cluster.status()?;
+    let group = status["dn_groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["name"] == "dn1"))
+        .ok_or_else(|| anyhow!("no dn1 in status"))?;
+    let find = |role: &str| {
+        group["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["role"] == role))
+            .and_then(|m| m["name"].as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("dn1 has no {role}"))
+    };
+    Ok((find("primary")?, find("standby")?))
+}
+
+/// Kills every process of `host`: its agent, its postmasters, its GTM. Returns the
+/// moment of the kill.
+fn lose_host(cluster: &LocalCluster, host: &str) -> Result<Instant> {
+    let agent = cluster
+        .recorded_pid(&format!("cm_agent-{host}"))
+        .ok_or_else(|| anyhow!("no recorded agent pid for {host}"))?;
+    let mut pids = vec![agent];
+    for r in cluster.cfg.instances_on_host(host) {
+        let name = &r.instance.name;
+        if let Some(pid) = cluster.postmaster_pid(name) {
+            pids.push(pid);
+        }
+        let gtm_pid: PathBuf = cluster.base_dir().join(format!("{name}.gtm.pid"));
+        if let Some(pid) = std::fs::read_to_string(gtm_pid)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        {
+            if pid_alive(pid) {
+                pids.push(pid);
+            }
+        }
+    }
+    let t0 = Instant::now();
+    for pid in pids {
+        kill9(pid);
+    }
+    Ok(t0)
+}
+
+/// Retries `INSERT` on `port` until it commits; returns when it did.
+async fn first_commit(port: u16, local: bool, deadline: Instant) -> Result<Instant> {
+    let sql = if local {
+        "SET synchronous_commit = local; INSERT INTO bench_t DEFAULT VALUES"
+    } else {
+        "INSERT INTO bench_t DEFAULT VALUES"
+    };
+    loop {
+        if Instant::now() > deadline {
+            bail!("no commit on port {port} before the deadline");
+        }
+        if let Ok(client) = connect(port).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(Ok(())) = tokio::time::timeout(left, client.batch_execute(sql)).await {
+                return Ok(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Run {
+    writable: Duration,
+    durable: Duration,
+}
+
+async fn one_failover(cluster: &LocalCluster) -> Result<Run> {
+    let (primary, standby) = dn1_layout(cluster)?;
+    let pport = cluster.port(&primary);
+    let sport = cluster.port(&standby);
+    connect(pport)
+        .await?
+        .batch_execute("CREATE TABLE IF NOT EXISTS bench_t (id bigserial PRIMARY KEY)")
+        .await?;
+    let host = cluster
+        .cfg
+        .find(&primary)
+        .map(|r| r.instance.host.clone())
+        .ok_or_else(|| anyhow!("{primary} not in config"))?;
+    let t0 = lose_host(cluster, &host)?;
+    let deadline = t0 + Duration::from_secs(90);
+    let durable = tokio::spawn(first_commit(sport, false, deadline));
+    let writable = first_commit(sport, true, deadline).await?;
+    // The lost host comes back at once: its agent restarts, the old primary rejoins.
+    let up = cluster.cm_ctl(&["local", "up", "--timeout", "120"]);
+    if !up.success {
+        bail!("local up after the failover failed: {}", up.stderr.trim());
+    }
+    let durable = durable.await.context("durable probe")??;
+    Ok(Run {
+        writable: writable - t0,
+        durable: durable - t0,
+    })
+}
+
+/// Writes in a loop (reconnecting to whichever member takes writes) while `cm_ctl
+/// switchover` runs; returns the longest gap between two acknowledged commits.
+async fn switchover_outage(cluster: &LocalCluster, target: &str) -> Result<Duration> {
+    let ports = [cluster.port("dn1_h1"), cluster.port("dn1_h2")];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut last = Instant::now();
+            let mut worst = Duration::ZERO;
+            let mut i = 0usize;
+            let mut client: Option<tokio_postgres::Client> = None;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if client.is_none() {
+                    client = connect(ports[i % 2]).await.ok();
+                    i += 1;
+                }
+                if let Some(c) = &client {
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        c.batch_execute("INSERT INTO bench_t DEFAULT VALUES"),
+                    )
+                    .await;
+                    match r {
+                        Ok(Ok(())) => {
+                            let now = Instant::now();
+                            worst = worst.max(now - last);
+                            last = now;
+                        }
+                        _ => client = None,
+                    }
+                }
+            }
+            worst
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = cluster.cm_ctl(&["switchover", "--instance", target]);
+    // Let the writer find the new primary and commit once more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let worst = writer.await?;
+    if !out.success {
+        bail!("switchover to {target} failed: {}", out.stderr.trim());
+    }
+    Ok(worst)
+}
+
+fn summary(label: &str, mut v: Vec<Duration>) -> String {
+    if v.is_empty() {
+        return format!("{label:<44} (no successful run)");
+    }
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "{label:<44} median {:>7.0} ms   min {:>7.0} ms   max {:>7.0} ms   (n={})",
+        ms(v[v.len() / 2]),
+        ms(v[0]),
+        ms(v[v.len() - 1]),
+        v.len()
+    )
+}
+
+async fn profile(p: &Profile, runs: usize, port_base: u16) -> Result<()> {
+    let cluster = LocalCluster::with_config_edit(&format!("bench-{}", p.name), port_base, |t| {
+        match p.timing {
+            Some(timing) => with_timing(t, timing),
+            None => t,
+        }
+    });
+    cluster.up(180)?;
+    let (mut writable, mut durable) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        match one_failover(&cluster).await {
+            Ok(r) => {
+                println!(
+                    "  [{}] run {}: kill -> writable {:.0} ms, kill -> two-copy commit {:.0} ms",
+                    p.name,
+                    i + 1,
+                    r.writable.as_secs_f64() * 1000.0,
+                    r.durable.as_secs_f64() * 1000.0
+                );
+                writable.push(r.writable);
+                durable.push(r.durable);
+            }
+            Err(e) => println!("  [{}] run {} failed: {e:#}", p.name, i + 1),
+        }
+    }
+    let mut outages = Vec::new();
+    for _ in 0..2 {
+        let (_, standby) = dn1_layout(&cluster)?;
+        match switchover_outage(&cluster, &standby).await {
+            Ok(d) => outages.push(d),
+            Err(e) => println!("  [{}] switchover failed: {e:#}", p.name),
+        }
+    }
+    println!("profile {}:", p.name);
+    println!(
+        "{}",
+        summary("  host loss: kill -> new primary commits", writable)
+    );
+    println!(
+        "{}",
+        summary("  host loss: kill -> two-copy commit (host back)", durable)
+    );
+    println!("{}", summary("  switchover: write outage", outages));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut base = args.port_base;
+    for p in PROFILES.iter() {
+        if args.profile.as_deref().is_some_and(|n| n != p.name) {
+            continue;
+        }
+        if let Err(e) = profile(p, args.runs, base).await {
+            println!("profile {} failed: {e:#}", p.name);
+        }
+        base = base.saturating_add(1000);
+    }
+    println!(
+        "for scale (issue 4): Patroni with synchronous replication 25 s default, 10 s \
+         most aggressive, no failover for a SIGSTOPped primary; pg_auto_failover 50 s"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_profile_is_a_valid_config_with_its_timings() {
+        let text = mpp_ha_tests::local_config_text(29000, std::path::Path::new("/tmp/b"));
+        for p in PROFILES.iter() {
+            let edited = match p.timing {
+                Some(t) => with_timing(text.clone(), t),
+                None => text.clone(),
+            };
+            let cfg = ha_common::ClusterConfig::parse(&edited, std::path::Path::new("b.toml"))
+                .unwrap_or_else(|e| panic!("profile {}: {e}", p.name));
+            if p.timing.is_some() {
+                assert_eq!(cfg.timing.heartbeat_interval_ms, 200, "profile {}", p.name);
+                assert_eq!(cfg.timing.dn_failover_timeout_ms, 500, "profile {}", p.name);
+            }
+        }
+    }
+}
