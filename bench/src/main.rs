@@ -10,6 +10,11 @@
 //!   * kill → the first two-copy (synchronous) commit, when the lost host comes back at
 //!     once (`cm_ctl local up` restarts its agent; the old primary is rewound and rejoins).
 //!
+//! It also freezes dn1's primary (SIGSTOP of the postmaster and its children: a hung
+//! primary, which Patroni does not fail over at all) and times kill → the standby
+//! commits; then it resumes the frozen processes and waits for the cluster to demote
+//! and rejoin the old primary.
+//!
 //! Then it measures the client-visible write outage of `cm_ctl switchover` there and
 //! back. Prints medians and ranges. Never a timed test: run it by hand:
 //! `cargo build --release --workspace --bins && target/release/failover_bench --runs 10`.
@@ -163,6 +168,71 @@ async fn first_commit(port: u16, local: bool, deadline: Instant) -> Result<Insta
     }
 }
 
+/// The postmaster of `instance` and every process whose parent it is.
+fn postmaster_family(cluster: &LocalCluster, instance: &str) -> Result<Vec<u32>> {
+    let pm = cluster
+        .postmaster_pid(instance)
+        .ok_or_else(|| anyhow!("{instance} has no running postmaster"))?;
+    let mut pids = vec![pm];
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state, ppid, ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pm) {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+fn signal_all(pids: &[u32], sig: nix::sys::signal::Signal) {
+    for &pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    }
+}
+
+/// Freezes dn1's primary; returns kill → the standby commits (local commit).
+async fn one_freeze(cluster: &LocalCluster) -> Result<Duration> {
+    let (primary, standby) = dn1_layout(cluster)?;
+    let sport = cluster.port(&standby);
+    let family = postmaster_family(cluster, &primary)?;
+    let t0 = Instant::now();
+    signal_all(&family, nix::sys::signal::Signal::SIGSTOP);
+    let writable = first_commit(sport, true, t0 + Duration::from_secs(90)).await;
+    signal_all(&family, nix::sys::signal::Signal::SIGCONT);
+    let writable = writable?;
+    // The cluster repairs itself: the resumed old primary is demoted and rejoins.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let normal = cluster.status().ok().is_some_and(|s| {
+            s["dn_groups"]
+                .as_array()
+                .and_then(|g| g.iter().find(|g| g["name"] == "dn1"))
+                .is_some_and(|g| g["state"] == "normal")
+        });
+        if normal {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("dn1 did not return to normal after the freeze");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(writable - t0)
+}
+
 struct Run {
     writable: Duration,
     durable: Duration,
@@ -285,6 +355,21 @@ async fn profile(p: &Profile, runs: usize, port_base: u16) -> Result<()> {
             Err(e) => println!("  [{}] run {} failed: {e:#}", p.name, i + 1),
         }
     }
+    let mut frozen = Vec::new();
+    for i in 0..runs {
+        match one_freeze(&cluster).await {
+            Ok(d) => {
+                println!(
+                    "  [{}] freeze {}: SIGSTOP -> writable {:.0} ms",
+                    p.name,
+                    i + 1,
+                    d.as_secs_f64() * 1000.0
+                );
+                frozen.push(d);
+            }
+            Err(e) => println!("  [{}] freeze {} failed: {e:#}", p.name, i + 1),
+        }
+    }
     let mut outages = Vec::new();
     for _ in 0..2 {
         let (_, standby) = dn1_layout(&cluster)?;
@@ -301,6 +386,10 @@ async fn profile(p: &Profile, runs: usize, port_base: u16) -> Result<()> {
     println!(
         "{}",
         summary("  host loss: kill -> two-copy commit (host back)", durable)
+    );
+    println!(
+        "{}",
+        summary("  hung primary: SIGSTOP -> new primary commits", frozen)
     );
     println!("{}", summary("  switchover: write outage", outages));
     Ok(())
