@@ -112,8 +112,28 @@ pub async fn run_until(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            // A finished order is reported at once: the next step of a failover or
+            // switchover waits for it.
+            Some(outcome) = outcome_rx.recv() => {
+                reporter.state.finished(outcome);
+                reporter.cycle(&handles, &mut outcome_rx).await;
+                if let Some(soon) = reporter.next_report.take() {
+                    ticker.reset_after(soon);
+                }
+            }
             _ = ticker.tick() => {
                 let taken = reporter.cycle(&handles, &mut outcome_rx).await;
+                // A lease just granted: tell its new holder at once (bounded: a new
+                // grant needs the old lease expired, so this happens once in a row).
+                for _ in 0..2 {
+                    if !reporter.take_prompt() {
+                        break;
+                    }
+                    reporter.cycle(&handles, &mut outcome_rx).await;
+                }
+                if let Some(soon) = reporter.next_report.take() {
+                    ticker.reset_after(soon);
+                }
                 if !notified {
                     notified = true;
                     // A no-op when not run by systemd (NOTIFY_SOCKET unset).

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use ha_common::config::ClusterConfig;
 use ha_common::proto::gtm::gtm_client::GtmClient;
-use ha_common::proto::gtm::{DemoteRequest, GtmStatus, PromoteRequest, StatusRequest};
+use ha_common::proto::gtm::{
+    DemoteRequest, GtmStatus, PromoteRequest, SetRunAloneRequest, StatusRequest,
+};
 use tonic::transport::Endpoint;
 
 use crate::error::{AgentError, Result};
@@ -199,13 +201,16 @@ impl GtmInstance {
         Ok(status.into_inner())
     }
 
-    /// Promote RPC with the arbiter's term. The new primary runs alone: the arbiter
-    /// promotes a GTM standby when its primary (the only possible standby) is gone.
-    pub async fn promote(&self, term: u64, timeout: Duration) -> Result<GtmStatus> {
+    /// Promote RPC. The GTM pair's term is its own counter (not the CMServer's, whose
+    /// fencing the agent applies before the order gets here): term 0 asks the GTM for
+    /// its own term + 1, which is above its old primary's. The new primary runs alone:
+    /// the arbiter promotes a GTM standby when its primary (the only possible standby)
+    /// is gone. A standby that is not `ready` refuses.
+    pub async fn promote(&self, timeout: Duration) -> Result<GtmStatus> {
         let mut c = self.client(timeout).await?;
         let s = c
             .promote(PromoteRequest {
-                term,
+                term: 0,
                 run_alone: true,
             })
             .await
@@ -213,13 +218,25 @@ impl GtmInstance {
         Ok(s.into_inner())
     }
 
-    /// Demote RPC with the arbiter's term.
-    pub async fn demote(&self, term: u64, timeout: Duration) -> Result<GtmStatus> {
+    /// Demote RPC in the GTM's own current term (see [`GtmInstance::promote`]).
+    pub async fn demote(&self, timeout: Duration) -> Result<GtmStatus> {
+        let term = self.probe(timeout).await?.term;
         let mut c = self.client(timeout).await?;
         let s = c
             .demote(DemoteRequest { term })
             .await
             .map_err(|e| self.rpc_error("demote", e))?;
+        Ok(s.into_inner())
+    }
+
+    /// SetRunAlone RPC in the GTM's own current term.
+    pub async fn set_run_alone(&self, run_alone: bool, timeout: Duration) -> Result<GtmStatus> {
+        let term = self.probe(timeout).await?.term;
+        let mut c = self.client(timeout).await?;
+        let s = c
+            .set_run_alone(SetRunAloneRequest { term, run_alone })
+            .await
+            .map_err(|e| self.rpc_error("set run-alone", e))?;
         Ok(s.into_inner())
     }
 

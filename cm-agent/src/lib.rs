@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod error;
 pub mod gtm_instance;
+pub mod lease;
 pub mod lifecycle;
 pub mod orders;
 pub mod os_user;

@@ -522,6 +522,11 @@ impl PgInstance {
     /// Rewinds a stopped former primary onto `upstream`'s history (a no-op when it
     /// did not diverge). pg_rewind copies the source's config files: configure again after.
     pub async fn rewind(&self, upstream: &Upstream) -> Result<String> {
+        // pg_rewind reads the source's timeline from its control file, which a freshly
+        // promoted server updates only at its first checkpoint: without one it sees
+        // "the same timeline; no rewind required" and a diverged former primary could
+        // never follow. Ask for that checkpoint first.
+        self.checkpoint_upstream(upstream).await?;
         let data = self.data_arg();
         let source = format!(
             "host={} port={} user={SUPERUSER} dbname=postgres",
@@ -530,6 +535,55 @@ impl PgInstance {
         let target = format!("--target-pgdata={data}");
         let source = format!("--source-server={source}");
         self.run("pg_rewind", &[&target, &source]).await
+    }
+
+    /// The LSN of the last checkpoint in pg_control (pg_controldata). After a clean
+    /// stop it is the shutdown checkpoint: the end of everything this server wrote.
+    pub async fn checkpoint_lsn(&self) -> Result<u64> {
+        let data = self.data_arg();
+        let out = self.run("pg_controldata", &["-D", &data]).await?;
+        parse_checkpoint_lsn(&out).ok_or_else(|| {
+            AgentError::Instance(format!(
+                "{}: no \"Latest checkpoint location\" in pg_controldata output",
+                self.name
+            ))
+        })
+    }
+
+    /// Runs CHECKPOINT on `upstream` (a restartpoint on a standby), so that its
+    /// control file names its current timeline.
+    pub async fn checkpoint_upstream(&self, upstream: &Upstream) -> Result<()> {
+        let timeout = Duration::from_secs(60);
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&upstream.host)
+            .port(upstream.port)
+            .user(SUPERUSER)
+            .dbname("postgres")
+            .application_name("cm_agent")
+            .connect_timeout(Duration::from_secs(5));
+        let what = |e: String| {
+            AgentError::Instance(format!(
+                "{}: CHECKPOINT on {}:{} before pg_rewind: {e}",
+                self.name, upstream.host, upstream.port
+            ))
+        };
+        let work = async {
+            let (client, conn) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| what(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+                .batch_execute("CHECKPOINT")
+                .await
+                .map_err(|e| what(e.to_string()))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| what("timed out".into()))?
     }
 
     /// Moves the data dir aside (`data.old`, replacing an older one) before a rebuild.
@@ -656,6 +710,14 @@ impl PgInstance {
     }
 }
 
+/// "Latest checkpoint location:           0/3000148" from pg_controldata's output.
+pub fn parse_checkpoint_lsn(controldata: &str) -> Option<u64> {
+    controldata.lines().find_map(|l| {
+        let rest = l.strip_prefix("Latest checkpoint location:")?;
+        parse_lsn(rest.trim())
+    })
+}
+
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
@@ -754,6 +816,15 @@ mod tests {
         assert!(pg.has_data());
         pg.clear_partial_data().unwrap();
         assert!(pg.data_dir.exists(), "a complete data dir is never removed");
+    }
+
+    #[test]
+    fn checkpoint_lsn_is_read_from_pg_controldata() {
+        let out = "pg_control version number:            1300\n\
+                   Latest checkpoint location:           0/3000148\n\
+                   Latest checkpoint's REDO location:    0/3000110\n";
+        assert_eq!(parse_checkpoint_lsn(out), Some(0x3000148));
+        assert_eq!(parse_checkpoint_lsn("nothing"), None);
     }
 
     #[test]

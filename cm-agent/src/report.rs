@@ -1,11 +1,13 @@
 //! The heartbeat to the CMServers: every interval the agent sends one report (every
-//! instance's latest observation plus the outcomes of finished orders) to every
-//! configured CMServer. Only the primary answers with assignments and orders; the
-//! others answer an error, which is ignored. Replies and orders from a term lower
-//! than the highest seen are ignored or rejected.
+//! instance's latest observation, the outcomes of finished orders and the lease it
+//! grants, see `lease.rs`) to every configured CMServer. Every CMServer answers; only
+//! the one acting as primary (`ReportReply.primary`) sends assignments and orders, and
+//! only those are applied. Any reply may ask for this agent's lease. Replies and
+//! orders from a term lower than the highest seen (including the term of a lease this
+//! agent granted) are ignored or rejected, so a deposed primary is not obeyed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ha_common::config::ClusterConfig;
 use ha_common::proto::cm::cm_server_client::CmServerClient;
@@ -15,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{AgentError, Result};
+use crate::lease::{Decision, LeaseState};
 use crate::supervisor::Desired;
 
 /// How many finished orders are remembered (so that a resent order is not run twice).
@@ -88,6 +91,7 @@ impl ReportState {
                 order_id: o.id,
                 ok: false,
                 message,
+                lsn: 0,
             };
             if !self.term.accepts(Term(o.term)) {
                 plan.refused.push(refuse(format!(
@@ -126,10 +130,17 @@ pub struct Reporter {
     host: String,
     servers: Vec<(String, CmServerClient<Channel>)>,
     pub state: ReportState,
+    pub lease: LeaseState,
+    /// Set when this agent granted a new lease: report again at once, so that an
+    /// election takes about one round trip instead of a heartbeat.
+    prompt: bool,
+    /// The primary asked for the next report sooner than a heartbeat (orders in flight).
+    pub next_report: Option<Duration>,
 }
 
 impl Reporter {
     pub fn new(cfg: &ClusterConfig, host: &str, timeout: Duration) -> Result<Reporter> {
+        let lease = LeaseState::new(Instant::now(), cfg.timing.cm_lease());
         let mut servers = Vec::new();
         for ep in cfg.cm_server_endpoints() {
             let channel = Endpoint::from_shared(format!("http://{ep}"))
@@ -143,7 +154,15 @@ impl Reporter {
             host: host.to_owned(),
             servers,
             state: ReportState::default(),
+            lease,
+            prompt: false,
+            next_report: None,
         })
+    }
+
+    /// Whether the next report should go out now rather than at the next tick.
+    pub fn take_prompt(&mut self) -> bool {
+        std::mem::take(&mut self.prompt)
     }
 
     /// One heartbeat. Returns whether some CMServer accepted the report.
@@ -155,16 +174,16 @@ impl Reporter {
         while let Ok(o) = outcomes.try_recv() {
             self.state.finished(o);
         }
+        let now = Instant::now();
         let report = AgentReport {
             host: self.host.clone(),
-            term: self.state.term.0,
+            term: self.state.term.0.max(self.lease.highest()),
             instances: instances
                 .iter()
                 .map(|h| h.report.borrow().clone())
                 .collect(),
             outcomes: self.state.pending.clone(),
-            // Filled in by the CMServer-pair lease (next change).
-            lease: None,
+            lease: Some(self.lease.to_proto(now)),
         };
         let calls = self.servers.iter().map(|(ep, client)| {
             let mut client = client.clone();
@@ -172,23 +191,24 @@ impl Reporter {
             async move { (ep.clone(), client.report(req).await) }
         });
         let results = futures::future::join_all(calls).await;
-        let mut best: Option<ReportReply> = None;
+        let mut replies = Vec::new();
         for (ep, r) in results {
             match r {
-                Ok(reply) => {
-                    let reply = reply.into_inner();
-                    if best.as_ref().is_none_or(|b| reply.term > b.term) {
-                        best = Some(reply);
-                    }
-                }
+                Ok(reply) => replies.push(reply.into_inner()),
                 Err(status) => {
                     tracing::debug!(server = %ep, "report not taken: {}", status.message())
                 }
             }
         }
+        let taken = !replies.is_empty();
+        let (best, granted) =
+            absorb_replies(&mut self.state, &mut self.lease, replies, Instant::now());
+        self.prompt |= granted;
         let Some(reply) = best else {
-            return false;
+            return taken;
         };
+        self.next_report = (reply.next_report_ms > 0)
+            .then(|| Duration::from_millis(u64::from(reply.next_report_ms)));
         // Delivered: drop the outcomes that were in this report.
         let sent: Vec<u64> = report.outcomes.iter().map(|o| o.order_id).collect();
         self.state.pending.retain(|o| !sent.contains(&o.order_id));
@@ -196,7 +216,9 @@ impl Reporter {
         let by_name: HashMap<&str, &InstanceHandle> =
             instances.iter().map(|h| (h.name.as_str(), h)).collect();
         let local = |n: &str| by_name.contains_key(n);
-        let Some(plan) = self.state.plan(&reply, &local) else {
+        let plan = self.state.plan(&reply, &local);
+        self.lease.observe(self.state.term.0);
+        let Some(plan) = plan else {
             return true;
         };
         for d in plan.assignments {
@@ -218,6 +240,7 @@ impl Reporter {
                         order_id: o.id,
                         ok: false,
                         message: format!("{}: too many orders queued ({e})", o.instance),
+                        lsn: 0,
                     });
                 }
             }
@@ -228,6 +251,41 @@ impl Reporter {
         }
         true
     }
+}
+
+/// Takes every CMServer's reply to one report: first every lease request (a lease
+/// granted in a term raises the agent's term, so a deposed primary's replies are too
+/// old from then on), then picks the reply to apply: the highest-term one from a
+/// CMServer acting as primary (`ReportState::plan` still checks its term). Returns it
+/// and whether a new lease was granted.
+pub fn absorb_replies(
+    state: &mut ReportState,
+    lease: &mut LeaseState,
+    replies: Vec<ReportReply>,
+    now: Instant,
+) -> (Option<ReportReply>, bool) {
+    let mut granted = false;
+    let mut best: Option<ReportReply> = None;
+    for reply in replies {
+        if reply.lease_request_term > 0 {
+            let (from, term) = (&reply.from, reply.lease_request_term);
+            match lease.request(from, term, reply.lease_request_id, now) {
+                Decision::Granted => {
+                    tracing::info!(holder = %from, term, "CMServer lease granted");
+                    granted = true;
+                }
+                Decision::Renewed => {}
+                Decision::Refused(why) => {
+                    tracing::debug!(%from, term, "lease refused: {why}")
+                }
+            }
+        }
+        if reply.primary && best.as_ref().is_none_or(|b| reply.term > b.term) {
+            best = Some(reply);
+        }
+    }
+    state.term = state.term.max(Term(lease.highest()));
+    (best, granted)
 }
 
 #[cfg(test)]
@@ -241,6 +299,7 @@ mod tests {
             term,
             instance: instance.into(),
             kind: OrderKind::Start as i32,
+            ..Order::default()
         }
     }
 
@@ -266,6 +325,65 @@ mod tests {
 
     fn local(n: &str) -> bool {
         n == "dn1_h1"
+    }
+
+    #[test]
+    fn only_the_primarys_reply_is_applied_and_a_deposed_primary_is_ignored() {
+        let t0 = Instant::now();
+        let lease_time = Duration::from_secs(3);
+        let mut state = ReportState::default();
+        let mut lease = LeaseState::new(t0, lease_time);
+        let t = t0 + lease_time; // past the startup grace
+        let from = |name: &str, term: u64, primary: bool, ask: u64| ReportReply {
+            from: name.into(),
+            primary,
+            lease_request_term: ask,
+            lease_request_id: 1,
+            ..reply(term, vec![order(term, term, "dn1_h1")])
+        };
+        // cms1 primary in term 2; cms2 answers too, without assignments.
+        let standby = ReportReply {
+            from: "cms2".into(),
+            term: 2,
+            ..ReportReply::default()
+        };
+        let (best, granted) = absorb_replies(
+            &mut state,
+            &mut lease,
+            vec![standby.clone(), from("cms1", 2, true, 2)],
+            t,
+        );
+        assert!(granted);
+        assert_eq!(best.unwrap().from, "cms1");
+        assert_eq!(lease.current(t).unwrap().holder, "cms1");
+        // cms2 campaigns in term 3 while cms1's lease runs: refused.
+        let t1 = t + Duration::from_secs(1);
+        let (best, granted) =
+            absorb_replies(&mut state, &mut lease, vec![from("cms2", 2, false, 3)], t1);
+        assert!(
+            best.is_none() && !granted,
+            "a non-primary's reply is not applied"
+        );
+        // cms1 falls silent; its lease lapses; cms2 wins term 3.
+        let t2 = t + lease_time;
+        let (_, granted) =
+            absorb_replies(&mut state, &mut lease, vec![from("cms2", 2, false, 3)], t2);
+        assert!(granted);
+        assert_eq!(state.term, Term(3));
+        // A late reply of the deposed cms1 (term 2, still claiming primary) is too old.
+        let (best, _) = absorb_replies(&mut state, &mut lease, vec![from("cms1", 2, true, 2)], t2);
+        assert!(
+            state.plan(&best.unwrap(), &local).is_none(),
+            "ignored as a whole"
+        );
+        assert_eq!(
+            lease.current(t2).unwrap().holder,
+            "cms2",
+            "and no lease for it"
+        );
+        let (best, _) = absorb_replies(&mut state, &mut lease, vec![from("cms2", 3, true, 3)], t2);
+        let plan = state.plan(&best.unwrap(), &local).unwrap();
+        assert_eq!(plan.orders.len(), 1, "the new primary's orders run");
     }
 
     #[test]
@@ -321,6 +439,7 @@ mod tests {
             order_id: 9,
             ok: true,
             message: "done".into(),
+            lsn: 0,
         });
         s.pending.clear(); // delivered once
         let p = s

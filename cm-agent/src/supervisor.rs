@@ -358,7 +358,8 @@ impl InstanceSupervisor {
                 if let Some(up) = &follow {
                     if !fresh && !pg.configured_as_standby() {
                         tracing::info!(instance = %self.name, "former primary: pg_rewind from {}:{}", up.host, up.port);
-                        pg.rewind(up).await?;
+                        let out = pg.rewind(up).await?;
+                        tracing::info!(instance = %self.name, "pg_rewind: {}", out.lines().last().unwrap_or("").trim());
                     }
                 }
                 let settings = PgSettings::for_member(&cfg, &group, &self.name, follow)?;
@@ -501,6 +502,12 @@ impl InstanceSupervisor {
                         r.role = member_role(role) as i32;
                     }
                     r.responding = true;
+                    r.gtm = Some(ha_common::proto::cm::GtmFacts {
+                        term: s.term,
+                        ready: s.ready,
+                        standby_attached: s.standby_attached,
+                        run_alone: s.run_alone,
+                    });
                     facts = gtm_instance::describe(&s);
                 }
                 Err(e) => facts = e.to_string(),

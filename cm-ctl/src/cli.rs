@@ -33,6 +33,21 @@ pub enum Command {
     Start(Target),
     /// Stops the whole cluster or one instance (it stays stopped until `start`).
     Stop(Target),
+    /// Planned, zero-loss role swap: the named standby becomes primary once in sync,
+    /// the old primary its standby (no rewind).
+    Switchover(Operation),
+    /// Promotes the named standby now; refused when it could lose acknowledged
+    /// commits unless --force.
+    Failover {
+        /// The standby to promote.
+        #[arg(long)]
+        instance: String,
+        /// Promote even if acknowledged commits could be lost.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rebuilds the named standby from its primary (fresh copy).
+    Build(Operation),
     /// A whole cluster as background processes on this machine.
     Local {
         #[command(subcommand)]
@@ -47,6 +62,16 @@ pub struct Target {
     pub instance: Option<String>,
     /// Seconds to wait for the result.
     #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct Operation {
+    /// The standby to act on.
+    #[arg(long)]
+    pub instance: String,
+    /// Seconds to wait for the result.
+    #[arg(long, default_value_t = 120)]
     pub timeout: u64,
 }
 

@@ -67,6 +67,29 @@ impl Primary {
             .map_err(|s| self.rpc_error(if run { "start" } else { "stop" }, s))
     }
 
+    /// A connection to the same primary for an operation that may take `timeout`
+    /// (switchover, failover, build answer when done).
+    pub async fn long_client(
+        &self,
+        timeout: Duration,
+    ) -> Result<CmServerClient<Channel>, CtlError> {
+        let ep = Endpoint::from_shared(format!("http://{}", self.endpoint))
+            .map_err(|e| CtlError::Other(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(timeout);
+        let channel = ep.connect().await.map_err(|e| CtlError::Rpc {
+            what: "connect",
+            endpoint: format!("{} ({})", self.endpoint, self.name),
+            message: describe(&e),
+        })?;
+        Ok(CmServerClient::new(channel))
+    }
+
+    /// An operation's refusal or failure, on one line.
+    pub fn operation_error(&self, what: &'static str, s: tonic::Status) -> CtlError {
+        self.rpc_error(what, s)
+    }
+
     fn rpc_error(&self, what: &'static str, s: tonic::Status) -> CtlError {
         CtlError::Rpc {
             what,

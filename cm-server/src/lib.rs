@@ -1,7 +1,13 @@
 //! CMServer: keeps the cluster state, tells every agent what to run, and answers
 //! cm_ctl.
 
+pub mod arbiter;
+pub mod arbitration;
 pub mod assignments;
+pub mod election;
+pub mod operations;
+pub mod order_book;
+pub mod pair;
 pub mod reports;
 pub mod service;
 pub mod state;

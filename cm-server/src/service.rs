@@ -1,6 +1,12 @@
 //! The CMServer's gRPC service: agents' heartbeats in, assignments out; cm_ctl's
 //! status and start/stop. Also the server's life cycle: load state, bind, tell
 //! systemd we are ready, watch the peer CMServer, shut down on SIGTERM.
+//!
+//! Which CMServer of the pair is primary comes from the lease election (`pair.rs`,
+//! `election.rs`). A non-primary answers reports with an OK reply without assignments
+//! or orders (with its lease request when campaigning), takes the primary's state
+//! through `SyncState`, and answers everything else with FAILED_PRECONDITION
+//! "not primary: <known primary>", so that cm_ctl finds the primary.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +27,7 @@ use tonic::transport::Endpoint;
 use tonic::{Code, Request, Response, Status};
 
 use crate::assignments;
+use crate::pair::Pair;
 use crate::reports::Reports;
 use crate::state::{ClusterState, StateError, StateFile};
 use crate::status::{cluster_status, StatusInput};
@@ -56,28 +63,27 @@ pub enum ServerError {
 struct Shared {
     cfg: ClusterConfig,
     node: String,
-    /// Until the lease election lands: statically the first `[[cm_server]]`.
-    primary: String,
+    /// The lease election and state streaming of the CMServer pair.
+    pair: Pair,
     file: StateFile,
     /// Held across persisting, so that changes reach the disk in order.
     state: tokio::sync::Mutex<ClusterState>,
     reports: Mutex<Reports>,
     peers_seen: Mutex<HashMap<String, Instant>>,
+    /// Arbitration: orders in flight, timers, operations (`arbitration.rs`).
+    engine: crate::arbitration::Engine,
 }
 
 impl Shared {
     fn is_primary(&self) -> bool {
-        self.node == self.primary
+        self.pair.is_primary()
     }
 
     fn require_primary(&self) -> Result<(), Status> {
         if self.is_primary() {
             Ok(())
         } else {
-            Err(Status::failed_precondition(format!(
-                "not primary: {}",
-                self.primary
-            )))
+            Err(self.pair.not_primary())
         }
     }
 }
@@ -91,26 +97,53 @@ pub struct CmService {
 impl CmService {
     /// A service for CMServer `node` with an already loaded state.
     pub fn new(cfg: ClusterConfig, node: &str, file: StateFile, state: ClusterState) -> CmService {
-        let primary = cfg
-            .cm_servers
-            .first()
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
+        let pair = Pair::new(&cfg, node, state.term);
         CmService {
             shared: Arc::new(Shared {
                 cfg,
                 node: node.to_owned(),
-                primary,
+                pair,
                 file,
                 state: tokio::sync::Mutex::new(state),
                 reports: Mutex::new(Reports::new()),
                 peers_seen: Mutex::new(HashMap::new()),
+                engine: crate::arbitration::Engine::new(),
             }),
         }
     }
 
     pub fn is_primary(&self) -> bool {
         self.shared.is_primary()
+    }
+
+    /// Streams the current state to the standby CMServer and waits for its answer
+    /// (bounded). Call after every persisted state change, before acting on it, with
+    /// the state lock released.
+    pub async fn replicate_now(&self) {
+        let sh = &self.shared;
+        sh.pair.push(&sh.state, &sh.peers_seen).await;
+    }
+
+    /// Streams `next` to the standby CMServer (bounded), for a caller that holds the
+    /// state lock and has persisted `next` but not yet installed it: no agent can see
+    /// a change before the standby has it.
+    pub async fn replicate_state(&self, next: &ClusterState) {
+        let sh = &self.shared;
+        sh.pair.push_state(next, &sh.peers_seen).await;
+    }
+
+    /// What arbitration and operations work on; state changes are streamed to the
+    /// standby CMServer before any order is sent.
+    fn arbitration(&self) -> crate::arbitration::Ctx<'_> {
+        let sh = &self.shared;
+        crate::arbitration::Ctx {
+            cfg: &sh.cfg,
+            file: &sh.file,
+            state: &sh.state,
+            reports: &sh.reports,
+            engine: &sh.engine,
+            replicate: Box::new(move || Box::pin(self.replicate_now())),
+        }
     }
 
     /// Notes that peer CMServer `name` answered at `at`.
@@ -128,23 +161,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl CmServer for CmService {
     async fn report(&self, request: Request<AgentReport>) -> Result<Response<ReportReply>, Status> {
         let sh = &self.shared;
-        sh.require_primary()?;
         let report = request.into_inner();
         let host = report.host.clone();
+        let (lease, agent_term) = (report.lease.clone(), report.term);
+        sh.engine.on_outcomes(&report.outcomes);
+        // Standby too: a new primary knows the cluster the moment it is elected.
         let ignored = lock(&sh.reports)
             .record(&sh.cfg, report, Instant::now())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !ignored.is_empty() {
             tracing::warn!(%host, ?ignored, "report names instances that are not configured on this host");
         }
+        let verdict = sh
+            .pair
+            .on_report(&host, lease.as_ref(), agent_term, &sh.state, &sh.file)
+            .await;
         let state = sh.state.lock().await;
-        Ok(Response::new(ReportReply {
+        let mut reply = ReportReply {
             term: state.term.0,
-            assignments: assignments::for_host(&sh.cfg, &state, &host),
-            orders: Vec::new(),
-            lease_request_term: 0,
+            lease_request_term: verdict.lease_request_term,
+            lease_request_id: verdict.lease_request_id,
             from: sh.node.clone(),
-        }))
+            ..Default::default()
+        };
+        if verdict.primary {
+            reply.primary = true;
+            reply.assignments = assignments::for_host(&sh.cfg, &state, &host);
+            reply.orders = sh.engine.orders_for(&host);
+            reply.next_report_ms = sh.engine.next_report_ms();
+        }
+        Ok(Response::new(reply))
     }
 
     async fn get_cluster_status(
@@ -156,14 +202,16 @@ impl CmServer for CmService {
         let state = sh.state.lock().await.clone();
         let reports = lock(&sh.reports).clone();
         let peers = lock(&sh.peers_seen).clone();
-        Ok(Response::new(cluster_status(&StatusInput {
+        let mut status = cluster_status(&StatusInput {
             cfg: &sh.cfg,
             state: &state,
             reports: &reports,
             now: Instant::now(),
             this_node: &sh.node,
             peers_seen: &peers,
-        })))
+        });
+        sh.engine.annotate(&mut status);
+        Ok(Response::new(status))
     }
 
     async fn set_desired_state(
@@ -196,50 +244,86 @@ impl CmServer for CmService {
         let names = next
             .set_run(target, req.run)
             .map_err(|e| Status::not_found(e.to_string()))?;
-        if next != *guard {
+        let changed = next != *guard;
+        if changed {
             let file = sh.file.clone();
             let to_write = next.clone();
             tokio::task::spawn_blocking(move || file.persist(&to_write))
                 .await
                 .map_err(|e| Status::internal(format!("persist task failed: {e}")))?
                 .map_err(|e| Status::unavailable(e.to_string()))?;
+            self.replicate_state(&next).await;
             *guard = next;
         }
+        let term = guard.term.0;
+        drop(guard);
         tracing::info!(instance = %req.instance, run = req.run, ?names, "desired state set");
         Ok(Response::new(SetDesiredStateReply {
             instances: names,
-            term: guard.term.0,
+            term,
         }))
     }
 
     async fn sync_state(
         &self,
-        _request: Request<SyncStateRequest>,
+        request: Request<SyncStateRequest>,
     ) -> Result<Response<SyncStateReply>, Status> {
-        Err(Status::unimplemented(
-            "state streaming arrives with the CMServer pair",
-        ))
+        let sh = &self.shared;
+        let req = request.into_inner();
+        let from = req.from.clone();
+        let reply = sh.pair.on_sync(req, &sh.state, &sh.file).await?;
+        if sh.cfg.cm_servers.iter().any(|s| s.name == from) {
+            self.peer_seen(&from, Instant::now());
+        }
+        Ok(Response::new(reply))
     }
 
     async fn switchover(
         &self,
-        _request: Request<SwitchoverRequest>,
+        request: Request<SwitchoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
-        Err(Status::unimplemented("switchover is not implemented yet"))
+        self.shared.require_primary()?;
+        // Run to the end even if cm_ctl goes away: a half-done role change must not
+        // be abandoned midway.
+        let svc = self.clone();
+        let req = request.into_inner();
+        let task = async move { crate::operations::switchover(&svc.arbitration(), req).await };
+        tokio::spawn(task)
+            .await
+            .map_err(|e| Status::internal(format!("switchover task failed: {e}")))?
+            .map(Response::new)
     }
 
     async fn failover(
         &self,
-        _request: Request<FailoverRequest>,
+        request: Request<FailoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
-        Err(Status::unimplemented("failover is not implemented yet"))
+        self.shared.require_primary()?;
+        // Run to the end even if cm_ctl goes away: a half-done role change must not
+        // be abandoned midway.
+        let svc = self.clone();
+        let req = request.into_inner();
+        let task = async move { crate::operations::failover(&svc.arbitration(), req).await };
+        tokio::spawn(task)
+            .await
+            .map_err(|e| Status::internal(format!("failover task failed: {e}")))?
+            .map(Response::new)
     }
 
     async fn build(
         &self,
-        _request: Request<BuildRequest>,
+        request: Request<BuildRequest>,
     ) -> Result<Response<OperationReply>, Status> {
-        Err(Status::unimplemented("build is not implemented yet"))
+        self.shared.require_primary()?;
+        // Run to the end even if cm_ctl goes away: a half-done role change must not
+        // be abandoned midway.
+        let svc = self.clone();
+        let req = request.into_inner();
+        let task = async move { crate::operations::build(&svc.arbitration(), req).await };
+        tokio::spawn(task)
+            .await
+            .map_err(|e| Status::internal(format!("build task failed: {e}")))?
+            .map(Response::new)
     }
 }
 
@@ -279,9 +363,14 @@ pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
         primary = service.is_primary(),
         "CMServer listening"
     );
-    if service.is_primary() {
-        tokio::spawn(watch_peers(service.clone()));
-    }
+    // Every CMServer may become primary: each watches its peer and runs the election.
+    tokio::spawn(watch_peers(service.clone()));
+    tokio::spawn(arbitrate(service.clone()));
+    let pair_service = service.clone();
+    tokio::spawn(async move {
+        let sh = &pair_service.shared;
+        sh.pair.run(&sh.state, &sh.file, &sh.peers_seen).await;
+    });
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     tonic::transport::Server::builder()
@@ -351,6 +440,17 @@ async fn watch_peers(service: CmService) {
     }
 }
 
+/// The arbiter's loop: four rounds per heartbeat, on the primary only.
+async fn arbitrate(service: CmService) {
+    let every = (service.shared.cfg.timing.heartbeat_interval() / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        if service.is_primary() {
+            crate::arbitration::tick(&service.arbitration()).await;
+        }
+    }
+}
+
 async fn ping(endpoint: &str, timeout: Duration) -> bool {
     let Ok(ep) = Endpoint::from_shared(format!("http://{endpoint}")) else {
         return false;
@@ -380,6 +480,42 @@ mod tests {
         CmService::new(cfg, node, file, state)
     }
 
+    /// Plays the agents of h1..h3 granting every lease asked for, until `svc` answers
+    /// as primary; returns its term.
+    async fn elect(svc: &CmService) -> u64 {
+        use ha_common::proto::cm::LeaseGrant;
+        let me = svc.shared.node.clone();
+        let mut granted: HashMap<&str, (u64, u64)> = HashMap::new();
+        for _round in 0..4 {
+            for host in ["h1", "h2", "h3"] {
+                let lease = granted.get(host).map(|(term, id)| LeaseGrant {
+                    holder: me.clone(),
+                    term: *term,
+                    remaining_ms: 3000,
+                    request_id: *id,
+                });
+                let reply = svc
+                    .report(Request::new(AgentReport {
+                        host: host.into(),
+                        lease,
+                        ..Default::default()
+                    }))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if reply.primary {
+                    assert!(svc.is_primary());
+                    assert_eq!(reply.from, me);
+                    return reply.term;
+                }
+                if reply.lease_request_term > 0 {
+                    granted.insert(host, (reply.lease_request_term, reply.lease_request_id));
+                }
+            }
+        }
+        panic!("{me} was not elected");
+    }
+
     fn set(run: bool, instance: &str) -> Request<SetDesiredStateRequest> {
         Request::new(SetDesiredStateRequest {
             instance: instance.into(),
@@ -391,6 +527,11 @@ mod tests {
     async fn desired_state_is_durable_and_reaches_the_agents() {
         let dir = tempfile::tempdir().unwrap();
         let svc = service(dir.path(), "cms1");
+        assert_eq!(
+            elect(&svc).await,
+            2,
+            "the elected term is one above the state's"
+        );
         let reply = svc
             .set_desired_state(set(true, ""))
             .await
@@ -399,8 +540,20 @@ mod tests {
         assert_eq!(reply.instances.len(), 10);
         svc.set_desired_state(set(false, "dn1_h2")).await.unwrap();
 
-        // A restarted CMServer reads the same wishes back.
+        // A restarted CMServer reads the same wishes back, and the term it was elected
+        // in was persisted: the next election is above it.
         let svc = service(dir.path(), "cms1");
+        assert_eq!(elect(&svc).await, 3);
+        // The primary asks every agent to renew; h2 renews on this request.
+        let renewal = svc
+            .report(Request::new(AgentReport {
+                host: "h1".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(renewal.lease_request_term, 3);
         let reply = svc
             .report(Request::new(AgentReport {
                 host: "h2".into(),
@@ -411,12 +564,19 @@ mod tests {
                     ..Default::default()
                 }],
                 outcomes: vec![],
-                lease: None,
+                // Still granting: a report with no lease would cost cms1 its majority.
+                lease: Some(ha_common::proto::cm::LeaseGrant {
+                    holder: "cms1".into(),
+                    term: 3,
+                    remaining_ms: 2000,
+                    request_id: renewal.lease_request_id,
+                }),
             }))
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(reply.term, 1);
+        assert_eq!(reply.term, 3);
+        assert!(reply.primary);
         let by_name = |n: &str| reply.assignments.iter().find(|a| a.instance == n).unwrap();
         assert!(!by_name("dn1_h2").run, "held stopped across a restart");
         assert!(by_name("dn2_h2").run);
@@ -437,6 +597,7 @@ mod tests {
     async fn bad_requests_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let svc = service(dir.path(), "cms1");
+        elect(&svc).await;
         let before = std::fs::read(dir.path().join("cluster_state")).unwrap();
         let e = svc.set_desired_state(set(false, "nope")).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
@@ -467,20 +628,123 @@ mod tests {
         let svc = service(dir.path(), "cms2");
         assert!(!svc.is_primary());
         let e = svc
-            .report(Request::new(AgentReport {
-                host: "h1".into(),
-                ..Default::default()
-            }))
+            .get_cluster_status(Request::new(ClusterStatusRequest {}))
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition);
-        assert_eq!(e.message(), "not primary: cms1");
+        assert_eq!(e.message(), "not primary: none elected");
+        for host in ["h1", "h2"] {
+            let reply = svc
+                .report(Request::new(AgentReport {
+                    host: host.into(),
+                    term: 2,
+                    lease: Some(ha_common::proto::cm::LeaseGrant {
+                        holder: "cms1".into(),
+                        term: 2,
+                        remaining_ms: 2000,
+                        request_id: 0,
+                    }),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!reply.primary);
+            assert!(reply.assignments.is_empty() && reply.orders.is_empty());
+            assert_eq!(reply.lease_request_term, 0, "cms1 holds the leases");
+            assert_eq!(reply.from, "cms2");
+        }
         let e = svc
             .get_cluster_status(Request::new(ClusterStatusRequest {}))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition);
+        assert_eq!(e.message(), "not primary: cms1");
         let e = svc.set_desired_state(set(true, "")).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+    }
+
+    fn sync(term: u64, state: &ClusterState) -> Request<SyncStateRequest> {
+        Request::new(SyncStateRequest {
+            term,
+            from: "cms1".into(),
+            state: state.to_bytes(),
+            probe: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn the_standby_takes_newer_states_only_and_persists_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path(), "cms2");
+        let mut newer = ClusterState::initial(&local_config());
+        newer.term = ha_common::Term(4);
+        newer.set_run(Some("gtm1"), true).unwrap();
+        let reply = svc.sync_state(sync(4, &newer)).await.unwrap().into_inner();
+        assert!(reply.accepted, "{}", reply.reason);
+        assert_eq!(reply.term, 4);
+        assert_eq!(
+            StateFile::in_dir(dir.path()).load().unwrap(),
+            Some(newer.clone())
+        );
+        let older = ClusterState::initial(&local_config());
+        let reply = svc.sync_state(sync(1, &older)).await.unwrap().into_inner();
+        assert!(!reply.accepted);
+        assert_eq!(reply.term, 4);
+        assert!(reply.reason.contains("older"), "{}", reply.reason);
+        assert_eq!(StateFile::in_dir(dir.path()).load().unwrap(), Some(newer));
+        // A term that does not match its state is malformed.
+        let e = svc.sync_state(sync(9, &older)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        // A probe (from a newly elected peer) gets the state and changes nothing.
+        let reply = svc
+            .sync_state(Request::new(SyncStateRequest {
+                term: 5,
+                from: "cms1".into(),
+                probe: true,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!reply.accepted);
+        assert_eq!(reply.term, 4);
+        let path = std::path::Path::new("probe");
+        assert_eq!(
+            ClusterState::from_bytes(path, &reply.state).unwrap().term.0,
+            4
+        );
+    }
+
+    #[tokio::test]
+    async fn a_primary_refuses_its_own_term_and_yields_to_a_higher_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path(), "cms2");
+        // cms2 is not the first CMServer: on a "cold start" it waits before campaigning,
+        // so elect a first one instead.
+        drop(svc);
+        let svc = service(dir.path(), "cms1");
+        let term = elect(&svc).await;
+        let mut same = svc.shared.state.lock().await.clone();
+        same.set_run(None, true).unwrap();
+        let reply = svc
+            .sync_state(sync(term, &same))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!reply.accepted);
+        assert!(svc.is_primary());
+        same.term = ha_common::Term(term + 1);
+        let reply = svc
+            .sync_state(sync(term + 1, &same))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.accepted, "{}", reply.reason);
+        assert!(!svc.is_primary(), "a higher term deposes it");
+        let e = svc
+            .get_cluster_status(Request::new(ClusterStatusRequest {}))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition);
     }
 }

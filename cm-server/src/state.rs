@@ -1,9 +1,9 @@
 //! The durable cluster state: the term, each instance's assigned role and the
 //! operator's desired run state, sealed in one crash-safe file.
 //!
-//! `ClusterState` is the one thing a standby CMServer will need to take over (the next
-//! issue streams it there), so every change goes through an explicit mutation method
-//! and is persisted before anybody is told about it.
+//! `ClusterState` is the one thing a standby CMServer needs to take over (`pair.rs`
+//! streams it there), so every change goes through an explicit mutation method and is
+//! persisted before anybody is told about it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -101,6 +101,12 @@ pub struct ClusterState {
     /// Every instance an agent runs (GTMs, CNs, DN members), by name. CMServers are
     /// not in it: they are run by systemd (or `cm_ctl local up`), not by agents.
     pub instances: BTreeMap<String, InstanceState>,
+    /// Per DN group: the standby its primary's LAST healthy report showed as the
+    /// synchronous standby (sync, streaming); absent when it showed none. The arbiter
+    /// fails over only to it (see [`crate::arbiter`]): a hung primary reports no
+    /// replicas, and a new CMServer primary must know it too, so it is durable.
+    #[serde(default)]
+    pub last_sync_standby: BTreeMap<String, String>,
 }
 
 impl ClusterState {
@@ -109,6 +115,7 @@ impl ClusterState {
         let mut s = ClusterState {
             term: Term(1),
             instances: BTreeMap::new(),
+            last_sync_standby: BTreeMap::new(),
         };
         s.reconcile(cfg);
         s

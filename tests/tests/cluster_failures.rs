@@ -2,7 +2,9 @@
 //! to keep the suite's time reasonable):
 //! - `kill -9` of a DN postmaster: its agent restarts it and status is normal again;
 //! - `kill -9` of an agent: its instances keep running, `local up` restarts the agent,
-//!   which adopts them (same postmaster, only one per data dir);
+//!   which adopts them (same postmaster, only one per data dir). The agent of h3 (only
+//!   standbys): a primary whose agent is silent for the failover timeout is failed
+//!   over by design (cluster_failover.rs);
 //! - `cm_ctl stop --instance <standby>` keeps it stopped across heartbeats until
 //!   `cm_ctl start --instance`, also across a CMServer restart; an unknown instance
 //!   is one clear error;
@@ -74,33 +76,34 @@ async fn cluster_failures_are_repaired_and_stopped_instances_stay_stopped() -> R
         t1.elapsed().as_secs_f64()
     );
 
-    // 2. kill -9 of the agent of h2 (dn1's standby, dn2's primary, gtm2).
-    let on_h2 = ["dn1_h2", "dn2_h2"];
-    let before: Vec<u32> = on_h2
+    // 2. kill -9 of the agent of h3 (dn2's standby; no primary: a primary whose agent
+    //    stays silent for the failover timeout would be replaced).
+    let on_h3 = ["dn2_h3"];
+    let before: Vec<u32> = on_h3
         .iter()
         .map(|n| c.postmaster_pid(n).expect("running"))
         .collect();
-    let agent = c.recorded_pid("cm_agent-h2").expect("agent h2 recorded");
+    let agent = c.recorded_pid("cm_agent-h3").expect("agent h3 recorded");
     kill9(agent);
-    wait_for("agent h2 to die", Duration::from_secs(10), || async {
+    wait_for("agent h3 to die", Duration::from_secs(10), || async {
         Ok((!pid_alive(agent)).then_some(()))
     })
     .await?;
     // Its instances keep running, and status stops vouching for them.
-    wait_states(&c, &on_h2, "unknown", Duration::from_secs(15)).await?;
-    for (n, pid) in on_h2.iter().zip(&before) {
+    wait_states(&c, &on_h3, "unknown", Duration::from_secs(15)).await?;
+    for (n, pid) in on_h3.iter().zip(&before) {
         assert!(pid_alive(*pid), "{n}'s postmaster died with its agent");
     }
     let t2 = Instant::now();
     c.up(90)?;
-    let new_agent = c.recorded_pid("cm_agent-h2").expect("agent h2 recorded");
+    let new_agent = c.recorded_pid("cm_agent-h3").expect("agent h3 recorded");
     assert_ne!(new_agent, agent, "local up starts a new agent");
     wait_states(&c, &dns, "normal", Duration::from_secs(60)).await?;
     eprintln!(
-        "agent h2 restarted and adopted its instances in {:.1} s",
+        "agent h3 restarted and adopted its instances in {:.1} s",
         t2.elapsed().as_secs_f64()
     );
-    for (n, pid) in on_h2.iter().zip(&before) {
+    for (n, pid) in on_h3.iter().zip(&before) {
         assert_eq!(
             c.postmaster_pid(n),
             Some(*pid),

@@ -9,7 +9,7 @@ use crate::lifecycle::LifecycleEvent;
 use crate::postgres::PgSettings;
 use crate::supervisor::{InstanceSupervisor, Managed};
 
-pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String> {
+pub async fn apply(sup: &mut InstanceSupervisor, _order: &Order) -> Result<String> {
     super::refuse_unsupported(sup)?;
     let name = sup.name.clone();
     let timeout = sup.probe_timeout;
@@ -17,7 +17,7 @@ pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String
     let cfg = sup.config();
     match &sup.managed {
         Managed::Gtm(g) => {
-            let s = g.demote(order.term, timeout).await?;
+            let s = g.demote(timeout).await?;
             Ok(format!(
                 "{name} demoted: {}",
                 crate::gtm_instance::describe(&s)

@@ -5,6 +5,7 @@
 mod demote;
 mod promote;
 mod rebuild;
+mod run_alone;
 mod start;
 mod stop;
 
@@ -23,6 +24,7 @@ pub async fn execute(sup: &mut InstanceSupervisor, order: &Order) -> OrderOutcom
         OrderKind::Promote => promote::apply(sup, order).await,
         OrderKind::Demote => demote::apply(sup, order).await,
         OrderKind::Rebuild => rebuild::apply(sup, order).await,
+        OrderKind::RunAlone => run_alone::apply(sup, order).await,
         OrderKind::OrderUnspecified => Err(AgentError::Instance(format!(
             "unknown order kind {}",
             order.kind
@@ -31,6 +33,13 @@ pub async fn execute(sup: &mut InstanceSupervisor, order: &Order) -> OrderOutcom
     let (ok, message) = match result {
         Ok(m) => (true, m),
         Err(e) => (false, e.to_string()),
+    };
+    // A stopped DN tells where its WAL ends (switchover checks its standby has it all).
+    let lsn = match (&sup.managed, kind, ok) {
+        (Managed::Postgres { pg, .. }, OrderKind::Stop, true) if pg.has_data() => {
+            pg.checkpoint_lsn().await.unwrap_or(0)
+        }
+        _ => 0,
     };
     if ok {
         tracing::info!(instance = %sup.name, id = order.id, "order done: {message}");
@@ -41,6 +50,7 @@ pub async fn execute(sup: &mut InstanceSupervisor, order: &Order) -> OrderOutcom
         order_id: order.id,
         ok,
         message,
+        lsn,
     }
 }
 

@@ -1,6 +1,7 @@
 //! PROMOTE: a DN standby becomes primary (`pg_ctl promote -w`, then its settings are
-//! rewritten for the primary role); a GTM standby gets the Promote RPC with the
-//! order's term.
+//! rewritten for the primary role), refused when it has not received WAL beyond the
+//! order's `min_lsn` (switchover: the old primary's shutdown checkpoint); a GTM
+//! standby gets the Promote RPC (in the GTM's own term counter, running alone).
 
 use ha_common::proto::cm::Order;
 
@@ -21,6 +22,13 @@ pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String
     match &sup.managed {
         Managed::Postgres { pg, group } => {
             let probe = pg.probe(timeout).await?;
+            if probe.in_recovery && order.min_lsn != 0 && probe.receive_lsn <= order.min_lsn {
+                return Err(AgentError::Instance(format!(
+                    "{name} has received WAL up to {} only, not beyond {}: not promoted",
+                    ha_common::lsn::format_lsn(probe.receive_lsn),
+                    ha_common::lsn::format_lsn(order.min_lsn)
+                )));
+            }
             if probe.in_recovery {
                 pg.promote().await?;
             }
@@ -37,7 +45,7 @@ pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String
             })
         }
         Managed::Gtm(g) => {
-            let s = g.promote(order.term, timeout).await?;
+            let s = g.promote(timeout).await?;
             Ok(format!(
                 "{name} promoted: {}",
                 crate::gtm_instance::describe(&s)

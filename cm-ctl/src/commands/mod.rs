@@ -1,9 +1,12 @@
 //! One file per subcommand; `run` dispatches.
 
+pub mod build;
+pub mod failover;
 pub mod local;
 pub mod start;
 pub mod status;
 pub mod stop;
+pub mod switchover;
 
 use ha_common::config::InstanceKind;
 use ha_common::ClusterConfig;
@@ -17,6 +20,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Status { json } => status::run(&cfg, *json).await,
         Command::Start(t) => start::run(&cfg, t).await,
         Command::Stop(t) => stop::run(&cfg, t).await,
+        Command::Switchover(op) => switchover::run(&cfg, op).await,
+        Command::Failover { instance, force } => failover::run(&cfg, instance, *force).await,
+        Command::Build(op) => build::run(&cfg, op).await,
         Command::Local { action } => match action {
             LocalAction::Up { timeout } => local::up::run(&cfg, &cli, *timeout).await,
             LocalAction::Down { timeout } => local::down::run(&cfg, *timeout).await,

@@ -1,0 +1,264 @@
+//! The lease this agent grants a CMServer: the agent's vote in the CMServer pair's
+//! election (a CMServer acts as primary only while a majority of agents grant it).
+//!
+//! A pure state machine, driven by the lease requests that CMServers put in their
+//! report replies (`ReportReply.lease_request_term`) and by the clock:
+//! - at most ONE holder at a time: a request from another CMServer is refused while
+//!   the current lease is unexpired;
+//! - a request is refused if its term is lower than the highest term this agent has
+//!   seen (replies, orders, grants);
+//! - a term is granted to one holder only: once (S, T) was granted, another CMServer
+//!   needs a term above T (vote once per term, so two successive leaders never share
+//!   a term);
+//! - the holder renews (same holder, term >= the lease's term) on every heartbeat;
+//!   each grant or renewal runs `cm_lease` from the moment the reply is processed;
+//! - a freshly started agent grants NOTHING for `cm_lease`: before it restarted it
+//!   may have granted a lease it has forgotten, which may still be running.
+//!
+//! The grant is reported to every CMServer in every heartbeat (`AgentReport.lease`),
+//! with the time it has left, so each CMServer can count its majority.
+
+use std::time::{Duration, Instant};
+
+use ha_common::proto::cm::LeaseGrant;
+
+/// The lease currently granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub holder: String,
+    pub term: u64,
+    pub expires_at: Instant,
+    /// The holder's id of the request that granted or last renewed it.
+    pub request_id: u64,
+}
+
+/// What a lease request led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A new holder (or a new lease for the old holder after expiry).
+    Granted,
+    /// The current holder's lease was extended (possibly in a higher term).
+    Renewed,
+    Refused(String),
+}
+
+/// The agent's lease state.
+#[derive(Debug, Clone)]
+pub struct LeaseState {
+    lease: Duration,
+    grace_until: Instant,
+    grant: Option<Grant>,
+    /// Highest term seen anywhere (replies, grants).
+    highest: u64,
+    /// Highest term granted to anybody (a term is granted to one holder only).
+    granted_term: u64,
+}
+
+impl LeaseState {
+    /// An agent started at `now`: grants nothing until `now + lease`.
+    pub fn new(now: Instant, lease: Duration) -> LeaseState {
+        LeaseState {
+            lease,
+            grace_until: now + lease,
+            grant: None,
+            highest: 0,
+            granted_term: 0,
+        }
+    }
+
+    /// The highest term seen.
+    pub fn highest(&self) -> u64 {
+        self.highest
+    }
+
+    /// Notes a term seen elsewhere (e.g. in a primary's reply).
+    pub fn observe(&mut self, term: u64) {
+        self.highest = self.highest.max(term);
+    }
+
+    /// The unexpired grant at `now`, if any.
+    pub fn current(&self, now: Instant) -> Option<&Grant> {
+        self.grant.as_ref().filter(|g| g.expires_at > now)
+    }
+
+    /// The grant as reported (empty holder when none).
+    pub fn to_proto(&self, now: Instant) -> LeaseGrant {
+        match self.current(now) {
+            Some(g) => LeaseGrant {
+                holder: g.holder.clone(),
+                term: g.term,
+                remaining_ms: u64::try_from(g.expires_at.duration_since(now).as_millis())
+                    .unwrap_or(u64::MAX),
+                request_id: g.request_id,
+            },
+            None => LeaseGrant::default(),
+        }
+    }
+
+    /// CMServer `from` asks for the lease in `term` at `now` (its request `id`).
+    pub fn request(&mut self, from: &str, term: u64, id: u64, now: Instant) -> Decision {
+        if from.is_empty() || term == 0 {
+            return Decision::Refused("empty request".into());
+        }
+        if now < self.grace_until {
+            return Decision::Refused(format!(
+                "agent started less than {:?} ago: it grants no lease yet",
+                self.lease
+            ));
+        }
+        if term < self.highest {
+            return Decision::Refused(format!(
+                "term {term} is older than term {} already seen",
+                self.highest
+            ));
+        }
+        let renewal = match self.current(now) {
+            Some(g) if g.holder == from => {
+                if term < g.term {
+                    return Decision::Refused(format!(
+                        "term {term} is older than {from}'s lease term {}",
+                        g.term
+                    ));
+                }
+                true
+            }
+            Some(g) => {
+                return Decision::Refused(format!(
+                    "lease held by {} (term {}) for {:?} more",
+                    g.holder,
+                    g.term,
+                    g.expires_at.duration_since(now)
+                ))
+            }
+            None => {
+                let same_holder_again = self
+                    .grant
+                    .as_ref()
+                    .is_some_and(|g| g.holder == from && term >= g.term);
+                if term <= self.granted_term && !same_holder_again {
+                    return Decision::Refused(format!(
+                        "term {term} was already granted (granted up to term {})",
+                        self.granted_term
+                    ));
+                }
+                false
+            }
+        };
+        self.grant = Some(Grant {
+            holder: from.to_owned(),
+            term,
+            expires_at: now + self.lease,
+            request_id: id,
+        });
+        self.highest = self.highest.max(term);
+        self.granted_term = self.granted_term.max(term);
+        if renewal {
+            Decision::Renewed
+        } else {
+            Decision::Granted
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(3);
+
+    /// An agent past its startup grace.
+    fn ready() -> (LeaseState, Instant) {
+        let t0 = Instant::now();
+        (LeaseState::new(t0, LEASE), t0 + LEASE)
+    }
+
+    #[test]
+    fn a_fresh_agent_grants_nothing_during_its_startup_grace() {
+        let t0 = Instant::now();
+        let mut l = LeaseState::new(t0, LEASE);
+        assert!(matches!(l.request("cms1", 1, 7, t0), Decision::Refused(_)));
+        let almost = t0 + LEASE - Duration::from_millis(1);
+        assert!(matches!(
+            l.request("cms1", 1, 7, almost),
+            Decision::Refused(_)
+        ));
+        assert_eq!(l.to_proto(almost), LeaseGrant::default());
+        assert_eq!(l.request("cms1", 1, 7, t0 + LEASE), Decision::Granted);
+    }
+
+    #[test]
+    fn grant_then_renew_extends_the_lease() {
+        let (mut l, t) = ready();
+        assert_eq!(l.request("cms1", 2, 7, t), Decision::Granted);
+        let g = l.to_proto(t + Duration::from_secs(1));
+        assert_eq!(
+            (g.holder.as_str(), g.term, g.remaining_ms, g.request_id),
+            ("cms1", 2, 2000, 7)
+        );
+        let t2 = t + Duration::from_secs(2);
+        assert_eq!(l.request("cms1", 2, 7, t2), Decision::Renewed);
+        assert_eq!(
+            l.current(t2 + LEASE - Duration::from_millis(1))
+                .unwrap()
+                .term,
+            2
+        );
+        // The holder renews into a higher term (e.g. after a failover it decided).
+        assert_eq!(l.request("cms1", 3, 7, t2), Decision::Renewed);
+        assert_eq!(l.highest(), 3);
+        assert!(matches!(l.request("cms1", 2, 7, t2), Decision::Refused(_)));
+    }
+
+    #[test]
+    fn a_second_holder_is_refused_while_the_lease_runs() {
+        let (mut l, t) = ready();
+        assert_eq!(l.request("cms1", 2, 7, t), Decision::Granted);
+        let d = l.request("cms2", 9, 7, t + LEASE - Duration::from_millis(1));
+        assert!(
+            matches!(&d, Decision::Refused(m) if m.contains("held by cms1")),
+            "{d:?}"
+        );
+        assert_eq!(l.current(t).unwrap().holder, "cms1");
+        assert_eq!(l.highest(), 2, "a refused request does not raise the term");
+    }
+
+    #[test]
+    fn a_lower_term_is_refused() {
+        let (mut l, t) = ready();
+        l.observe(5);
+        let d = l.request("cms2", 4, 7, t);
+        assert!(
+            matches!(&d, Decision::Refused(m) if m.contains("older")),
+            "{d:?}"
+        );
+        assert_eq!(l.request("cms2", 5, 7, t), Decision::Granted);
+    }
+
+    #[test]
+    fn after_expiry_another_holder_needs_a_higher_term() {
+        let (mut l, t) = ready();
+        assert_eq!(l.request("cms1", 2, 7, t), Decision::Granted);
+        let later = t + LEASE;
+        assert!(l.current(later).is_none(), "expired");
+        assert_eq!(l.to_proto(later), LeaseGrant::default());
+        let d = l.request("cms2", 2, 7, later);
+        assert!(
+            matches!(&d, Decision::Refused(m) if m.contains("already granted")),
+            "{d:?}"
+        );
+        assert_eq!(l.request("cms2", 3, 7, later), Decision::Granted);
+        assert_eq!(l.current(later).unwrap().holder, "cms2");
+        // And the old holder is refused while cms2's lease runs.
+        assert!(matches!(
+            l.request("cms1", 4, 7, later),
+            Decision::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn the_old_holder_may_take_its_expired_lease_again() {
+        let (mut l, t) = ready();
+        assert_eq!(l.request("cms1", 2, 7, t), Decision::Granted);
+        assert_eq!(l.request("cms1", 2, 7, t + LEASE), Decision::Granted);
+    }
+}

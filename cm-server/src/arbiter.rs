@@ -1,0 +1,990 @@
+//! Arbitration: which failover, demotion or run-alone order the cluster needs now. A
+//! pure function of (config, durable cluster state, latest reports with their ages,
+//! now, the arbiter's in-memory timers, orders in flight) to a plan: a new durable
+//! state (persisted first), the orders to send (in that state's term), status notes.
+//!
+//! # DN groups
+//! - The primary is *healthy* while its agent reports it alive, responding to the
+//!   probe (within the probe timeout) and running as primary. Each healthy report
+//!   records, durably, which standby it showed as synchronous (`sync`, `streaming`)
+//!   in `ClusterState::last_sync_standby`; a report without one clears it.
+//! - Primary not healthy for `dn_failover_timeout` (postmaster down and not restarted,
+//!   hung, or agent silent; a postmaster its agent is still restarting gets twice
+//!   that) → the group's standby is promoted ONLY IF it was that
+//!   synchronous standby (so it holds every acknowledged commit: PostgreSQL
+//!   acknowledges a commit only after the sync standby flushed it) and it is itself
+//!   alive and responding. Otherwise no failover; the group's status says why.
+//!   A primary held stopped by the operator is not failed over.
+//! - Order and fencing: the new roles and a new term are persisted first; then
+//!   PROMOTE goes to the standby's agent. The old primary cannot commit any more
+//!   once the standby is promoted: `synchronous_standby_names` lists only its group
+//!   members, and the only one that was streaming (the standby) ends its walreceiver
+//!   when promoted, so the old primary's commits wait for an acknowledgement that
+//!   never comes. A frozen (SIGSTOPped) primary that resumes may still read flush
+//!   acknowledgements the standby sent before its promotion: they cover only WAL the
+//!   standby had flushed, which promotion replays, so nothing it acknowledges is lost;
+//!   anything newer waits forever. Once the new primary runs as primary, the old one
+//!   gets DEMOTE (fast stop: waiting backends are terminated, their clients get an
+//!   error, never a success; then pg_rewind discards what it wrote alone, restart as
+//!   standby of the new primary). A former primary found stopped is started by its
+//!   agent in its assigned role (standby, rewound first) without any order.
+//! - Level-triggered repair: a member assigned primary that still runs as a standby
+//!   gets PROMOTE again (the CMServer may have died between persisting and ordering).
+//!
+//! # GTM pair
+//! - Primary not healthy for `gtm_failover_timeout` → PROMOTE the standby if it is
+//!   responding and `ready` (has the primary's latest boundary; the GTM refuses
+//!   otherwise). The agent promotes it running alone, in the GTM's own term counter.
+//! - Standby not healthy for `gtm_failover_timeout` while the primary is healthy →
+//!   RUN_ALONE on (the pair is "degraded"); once the standby answers `ready` and the
+//!   primary has re-attached it, RUN_ALONE off.
+//! - A member assigned standby that runs as primary while the assigned primary is
+//!   healthy → DEMOTE.
+//!
+//! Single lost heartbeats and slow fsyncs never trigger anything: every timeout is at
+//! least two heartbeats (validated in the config), probes do not fsync, and the timers
+//! run from the last healthy report, not from one missed one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use ha_common::config::{ClusterConfig, DnGroup, Instance, Role};
+use ha_common::proto::cm::{InstanceReport, MemberRole, OrderKind};
+
+use crate::reports::Reports;
+use crate::state::{AssignedRole, ClusterState};
+
+/// The status note key of the GTM pair (DN groups use their name).
+pub const GTM_PAIR: &str = "gtm";
+
+/// What the arbiter remembers between ticks (memory only: a new CMServer primary
+/// starts with fresh timers, i.e. a full timeout of grace).
+#[derive(Debug, Clone, Default)]
+pub struct Memory {
+    /// When each watched instance was last healthy (or first watched).
+    pub healthy_at: HashMap<String, Instant>,
+    /// Instances last seen responding as primary.
+    pub seen_as_primary: HashSet<String>,
+}
+
+/// One order to send (the term is the plan's state's term).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedOrder {
+    pub instance: String,
+    pub kind: OrderKind,
+    pub run_alone: bool,
+}
+
+impl PlannedOrder {
+    fn new(instance: &str, kind: OrderKind) -> PlannedOrder {
+        PlannedOrder {
+            instance: instance.to_owned(),
+            kind,
+            run_alone: false,
+        }
+    }
+}
+
+/// Everything a decision is made from.
+pub struct Input<'a> {
+    pub cfg: &'a ClusterConfig,
+    pub state: &'a ClusterState,
+    pub reports: &'a Reports,
+    pub now: Instant,
+    pub memory: &'a Memory,
+    /// DN groups (by name) and `GTM_PAIR` with an operator operation running: untouched.
+    pub busy: &'a BTreeSet<String>,
+    /// Orders sent recently (in flight or just finished): not sent again.
+    pub recent: &'a [(String, OrderKind)],
+}
+
+/// What to do.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// The new durable state, when it changed: persisted before any order is sent.
+    pub state: Option<ClusterState>,
+    pub orders: Vec<PlannedOrder>,
+    /// Status notes by DN group name or `GTM_PAIR`.
+    pub notes: BTreeMap<String, String>,
+    pub memory: Memory,
+}
+
+struct Ctx<'a> {
+    input: &'a Input<'a>,
+    next: ClusterState,
+    plan: Plan,
+    promoted: bool,
+}
+
+impl Ctx<'_> {
+    fn fresh(&self, name: &str) -> Option<&InstanceReport> {
+        self.input
+            .reports
+            .fresh(name, self.input.now, self.input.cfg.timing.agent_timeout())
+    }
+
+    /// Fresh, alive, responding and running in `role`.
+    fn healthy_as(&self, name: &str, role: MemberRole) -> Option<&InstanceReport> {
+        self.fresh(name)
+            .filter(|r| r.process_alive && r.responding && r.role == role as i32)
+    }
+
+    /// How long `name` has not been healthy: since the arrival of its last healthy
+    /// report (0 while the latest one is healthy). Starts its timer now if it was
+    /// never watched (a new CMServer primary gives a full timeout of grace).
+    fn unhealthy_for(&mut self, name: &str, healthy: bool) -> Duration {
+        let now = self.input.now;
+        if healthy {
+            let at = self
+                .input
+                .reports
+                .latest(name)
+                .map_or(now, |o| o.at.min(now));
+            let e = self
+                .plan
+                .memory
+                .healthy_at
+                .entry(name.to_owned())
+                .or_insert(at);
+            *e = (*e).max(at);
+            return Duration::ZERO;
+        }
+        let since = *self
+            .plan
+            .memory
+            .healthy_at
+            .entry(name.to_owned())
+            .or_insert(now);
+        now.saturating_duration_since(since)
+    }
+
+    fn recently_ordered(&self, name: &str, kind: OrderKind) -> bool {
+        self.input
+            .recent
+            .iter()
+            .any(|(n, k)| n == name && *k == kind)
+            || self
+                .plan
+                .orders
+                .iter()
+                .any(|o| o.instance == name && o.kind == kind)
+    }
+
+    fn order(&mut self, name: &str, kind: OrderKind) {
+        if !self.recently_ordered(name, kind) {
+            self.plan.orders.push(PlannedOrder::new(name, kind));
+        }
+    }
+
+    fn note(&mut self, key: &str, text: String) {
+        self.plan.notes.insert(key.to_owned(), text);
+    }
+
+    /// Swaps the roles of `old` (becomes standby) and `new` (becomes primary) in a new
+    /// term, once per plan.
+    fn swap_roles(&mut self, old: &str, new: &str) {
+        let _ = self.next.set_role(old, AssignedRole::Standby);
+        let _ = self.next.set_role(new, AssignedRole::Primary);
+        if !self.promoted {
+            self.next.bump_term();
+            self.promoted = true;
+        }
+    }
+
+    /// Why `name` is not a healthy primary (for notes).
+    fn why_unhealthy(&self, name: &str, host: &str) -> String {
+        match self.fresh(name) {
+            None => format!("the agent of {host} is silent"),
+            Some(r) if !r.process_alive => "not running".to_owned(),
+            Some(r) if !r.responding => "not responding".to_owned(),
+            Some(_) => "not running as primary".to_owned(),
+        }
+    }
+}
+
+/// The plan for this moment.
+pub fn decide(input: &Input<'_>) -> Plan {
+    let mut cx = Ctx {
+        input,
+        next: input.state.clone(),
+        plan: Plan {
+            memory: input.memory.clone(),
+            ..Plan::default()
+        },
+        promoted: false,
+    };
+    for name in input.state.instances.keys() {
+        if let Some(r) = cx.fresh(name) {
+            if r.process_alive && r.responding {
+                if r.role == MemberRole::Primary as i32 {
+                    cx.plan.memory.seen_as_primary.insert(name.clone());
+                } else {
+                    cx.plan.memory.seen_as_primary.remove(name);
+                }
+            } else if !r.process_alive {
+                cx.plan.memory.seen_as_primary.remove(name);
+            }
+        }
+    }
+    for g in &input.cfg.dn_groups {
+        if !input.busy.contains(&g.name) {
+            dn_group(&mut cx, g);
+        }
+    }
+    if !input.busy.contains(GTM_PAIR) {
+        gtm_pair(&mut cx);
+    }
+    if cx.next != *input.state {
+        cx.plan.state = Some(cx.next.clone());
+    }
+    cx.plan
+}
+
+fn assigned<'a>(
+    state: &ClusterState,
+    members: &'a [Instance],
+    role: AssignedRole,
+) -> Option<&'a Instance> {
+    members
+        .iter()
+        .find(|m| state.role_of(&m.name) == Some(role))
+}
+
+/// The full-copy standby of a group (not the WAL-only secondary).
+fn dn_standby<'a>(state: &ClusterState, g: &'a DnGroup) -> Option<&'a Instance> {
+    g.members.iter().find(|m| {
+        state.role_of(&m.name) == Some(AssignedRole::Standby) && m.role() != Some(Role::Secondary)
+    })
+}
+
+fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
+    let state = cx.input.state;
+    let Some(p) = assigned(state, &g.members, AssignedRole::Primary) else {
+        return;
+    };
+    let standby = dn_standby(state, g);
+    let timeout = cx.input.cfg.timing.dn_failover_timeout();
+
+    // A member assigned primary that still runs as a standby: (re)order PROMOTE.
+    if cx.healthy_as(&p.name, MemberRole::Standby).is_some() && state.should_run(&p.name) {
+        cx.order(&p.name, OrderKind::Promote);
+        cx.note(
+            &g.name,
+            format!("promoting {} (assigned primary, runs as standby)", p.name),
+        );
+        return;
+    }
+
+    let healthy = cx.healthy_as(&p.name, MemberRole::Primary).cloned();
+    let lost = cx.unhealthy_for(&p.name, healthy.is_some());
+    if let Some(rep) = &healthy {
+        let sync = rep
+            .replicas
+            .iter()
+            .find(|r| r.sync_state == "sync" && r.state == "streaming")
+            .map(|r| r.application_name.clone());
+        match sync {
+            Some(s) => {
+                cx.next.last_sync_standby.insert(g.name.clone(), s);
+            }
+            None => {
+                cx.next.last_sync_standby.remove(&g.name);
+            }
+        }
+        // Former primaries (assigned standby, still or again primary): DEMOTE.
+        for m in &g.members {
+            if m.name == p.name || state.role_of(&m.name) != Some(AssignedRole::Standby) {
+                continue;
+            }
+            let Some(r) = cx.fresh(&m.name) else { continue };
+            let runs_as_primary = r.process_alive
+                && (if r.responding {
+                    r.role == MemberRole::Primary as i32
+                } else {
+                    cx.plan.memory.seen_as_primary.contains(&m.name)
+                });
+            if runs_as_primary {
+                cx.order(&m.name, OrderKind::Demote);
+                cx.note(&g.name, format!("demoting the former primary {}", m.name));
+            }
+        }
+        return;
+    }
+    if !state.should_run(&p.name) {
+        cx.note(
+            &g.name,
+            format!(
+                "primary {} is held stopped by the operator: no failover",
+                p.name
+            ),
+        );
+        return;
+    }
+    if lost < timeout {
+        return;
+    }
+    // A crashed postmaster its agent is restarting (crash recovery included) is
+    // restartable: it gets a second timeout before it counts as lost.
+    if lost < timeout * 2 && cx.fresh(&p.name).is_some_and(restarting) {
+        cx.note(
+            &g.name,
+            format!(
+                "primary {} down {} s; its agent is restarting it",
+                p.name,
+                lost.as_secs()
+            ),
+        );
+        return;
+    }
+    let why = cx.why_unhealthy(&p.name, &p.host);
+    let lost_s = lost.as_secs();
+    let Some(s) = standby else {
+        cx.note(
+            &g.name,
+            format!(
+                "primary {} lost {lost_s} s ({why}); no failover: no standby",
+                p.name
+            ),
+        );
+        return;
+    };
+    if let Some(reason) = unsafe_candidate(cx, g, s) {
+        cx.note(
+            &g.name,
+            format!(
+                "primary {} lost {lost_s} s ({why}); no failover: {reason}",
+                p.name
+            ),
+        );
+        return;
+    }
+    cx.swap_roles(&p.name, &s.name);
+    cx.next.last_sync_standby.remove(&g.name);
+    cx.order(&s.name, OrderKind::Promote);
+    cx.note(
+        &g.name,
+        format!(
+            "failover: primary {} lost {lost_s} s ({why}); {} promoted in term {}",
+            p.name, s.name, cx.next.term
+        ),
+    );
+}
+
+/// Whether a report says the agent is (re)starting a process that is not up yet.
+fn restarting(r: &InstanceReport) -> bool {
+    let step = r.detail.split([';', ':']).next().unwrap_or("").trim();
+    !r.process_alive && matches!(step, "crashed" | "restarting" | "starting")
+}
+
+/// Why promoting standby `s` of group `g` could lose acknowledged commits or cannot
+/// work; None when it is safe.
+fn unsafe_candidate(cx: &Ctx<'_>, g: &DnGroup, s: &Instance) -> Option<String> {
+    candidate_problem(cx.input.state, cx.fresh(&s.name), &g.name, &s.name)
+}
+
+/// The safety rule for promoting DN standby `standby` of `group`, given its fresh
+/// report (None: its agent is silent). None when safe.
+pub fn candidate_problem(
+    state: &ClusterState,
+    report: Option<&InstanceReport>,
+    group: &str,
+    standby: &str,
+) -> Option<String> {
+    sync_problem(state, group, standby).or_else(|| liveness_problem(state, report, standby))
+}
+
+/// Why `standby` may lack acknowledged commits of `group` (None: it has them all).
+pub fn sync_problem(state: &ClusterState, group: &str, standby: &str) -> Option<String> {
+    match state.last_sync_standby.get(group) {
+        Some(s) if s == standby => None,
+        Some(other) => Some(format!(
+            "{standby} was not the synchronous standby ({other} was)"
+        )),
+        None => Some(format!(
+            "{standby} was not the synchronous standby in the primary's last healthy report"
+        )),
+    }
+}
+
+/// Why `standby` cannot be promoted now (None: it runs and responds as a standby).
+pub fn liveness_problem(
+    state: &ClusterState,
+    report: Option<&InstanceReport>,
+    standby: &str,
+) -> Option<String> {
+    if !state.should_run(standby) {
+        return Some(format!("{standby} is held stopped by the operator"));
+    }
+    match report {
+        None => Some(format!("the agent of {standby} is silent")),
+        Some(r) if !r.process_alive => Some(format!("{standby} is not running")),
+        Some(r) if !r.responding => Some(format!("{standby} is not responding")),
+        Some(r) if r.role != MemberRole::Standby as i32 => {
+            Some(format!("{standby} does not run as a standby"))
+        }
+        Some(_) => None,
+    }
+}
+
+fn gtm_pair(cx: &mut Ctx<'_>) {
+    let state = cx.input.state;
+    let members = &cx.input.cfg.gtm.instances;
+    let Some(p) = assigned(state, members, AssignedRole::Primary) else {
+        return;
+    };
+    let s = assigned(state, members, AssignedRole::Standby);
+    let timeout = cx.input.cfg.timing.gtm_failover_timeout();
+
+    let p_healthy = cx.healthy_as(&p.name, MemberRole::Primary).cloned();
+    let lost = cx.unhealthy_for(&p.name, p_healthy.is_some());
+    if let Some(prep) = p_healthy {
+        let Some(s) = s else { return };
+        let s_rep = cx.fresh(&s.name).cloned();
+        let s_healthy = s_rep
+            .as_ref()
+            .is_some_and(|r| r.process_alive && r.responding);
+        let s_lost = cx.unhealthy_for(&s.name, s_healthy);
+        let facts = prep.gtm.unwrap_or_default();
+        if s_rep.as_ref().is_some_and(|r| {
+            r.process_alive && r.responding && r.role == MemberRole::Primary as i32
+        }) {
+            cx.order(&s.name, OrderKind::Demote);
+            cx.note(GTM_PAIR, format!("demoting the former primary {}", s.name));
+            return;
+        }
+        let s_ready = s_rep.as_ref().and_then(|r| r.gtm).is_some_and(|f| f.ready) && s_healthy;
+        if facts.run_alone {
+            if s_ready && facts.standby_attached {
+                run_alone(cx, &p.name, false);
+            }
+            cx.note(
+                GTM_PAIR,
+                format!("degraded: {} runs alone (standby {} lost)", p.name, s.name),
+            );
+        } else if s_lost >= timeout {
+            run_alone(cx, &p.name, true);
+            cx.note(
+                GTM_PAIR,
+                format!(
+                    "degraded: standby {} lost {} s; {} ordered to run alone",
+                    s.name,
+                    s_lost.as_secs(),
+                    p.name
+                ),
+            );
+        }
+        return;
+    }
+    if !state.should_run(&p.name) || lost < timeout {
+        return;
+    }
+    let why = cx.why_unhealthy(&p.name, &p.host);
+    let lost_s = lost.as_secs();
+    let Some(s) = s else { return };
+    let problem = match cx.fresh(&s.name) {
+        None => Some(format!("the agent of {} is silent", s.name)),
+        Some(r) if !(r.process_alive && r.responding) => {
+            Some(format!("{} is not responding", s.name))
+        }
+        Some(r) if r.role == MemberRole::Primary as i32 => {
+            // Already primary (promoted by an earlier order): just record it.
+            None
+        }
+        Some(r) if !r.gtm.is_some_and(|f| f.ready) => Some(format!(
+            "{} is not ready (has not copied the primary's state)",
+            s.name
+        )),
+        Some(_) => None,
+    };
+    if let Some(problem) = problem {
+        cx.note(
+            GTM_PAIR,
+            format!(
+                "primary {} lost {lost_s} s ({why}); no failover: {problem}",
+                p.name
+            ),
+        );
+        return;
+    }
+    cx.swap_roles(&p.name, &s.name);
+    cx.order(&s.name, OrderKind::Promote);
+    cx.note(
+        GTM_PAIR,
+        format!(
+            "failover: primary {} lost {lost_s} s ({why}); {} promoted",
+            p.name, s.name
+        ),
+    );
+}
+
+fn run_alone(cx: &mut Ctx<'_>, name: &str, on: bool) {
+    if cx.recently_ordered(name, OrderKind::RunAlone) {
+        return;
+    }
+    cx.plan.orders.push(PlannedOrder {
+        instance: name.to_owned(),
+        kind: OrderKind::RunAlone,
+        run_alone: on,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::local_config;
+    use ha_common::proto::cm::{AgentReport, GtmFacts, InstanceKind as Kind, ReplicaState};
+    use ha_common::Term;
+
+    struct World {
+        cfg: ClusterConfig,
+        state: ClusterState,
+        reports: Reports,
+        memory: Memory,
+        busy: BTreeSet<String>,
+        recent: Vec<(String, OrderKind)>,
+        t0: Instant,
+    }
+
+    fn dn(name: &str, role: MemberRole) -> InstanceReport {
+        InstanceReport {
+            name: name.into(),
+            kind: Kind::DataNode as i32,
+            process_alive: true,
+            responding: true,
+            role: role as i32,
+            ..Default::default()
+        }
+    }
+
+    fn sync_row(app: &str) -> ReplicaState {
+        ReplicaState {
+            application_name: app.into(),
+            state: "streaming".into(),
+            sync_state: "sync".into(),
+            ..Default::default()
+        }
+    }
+
+    fn gtm(name: &str, role: MemberRole, facts: GtmFacts) -> InstanceReport {
+        InstanceReport {
+            name: name.into(),
+            kind: Kind::Gtm as i32,
+            process_alive: true,
+            responding: true,
+            role: role as i32,
+            gtm: Some(facts),
+            ..Default::default()
+        }
+    }
+
+    fn ready() -> GtmFacts {
+        GtmFacts {
+            ready: true,
+            ..Default::default()
+        }
+    }
+
+    fn dn1_primary() -> InstanceReport {
+        let mut p = dn("dn1_h1", MemberRole::Primary);
+        p.replicas = vec![sync_row("dn1_h2")];
+        p
+    }
+
+    impl World {
+        fn new() -> World {
+            let cfg = local_config();
+            let mut state = ClusterState::initial(&cfg);
+            state.set_run(None, true).unwrap();
+            World {
+                cfg,
+                state,
+                reports: Reports::new(),
+                memory: Memory::default(),
+                busy: BTreeSet::new(),
+                recent: Vec::new(),
+                t0: Instant::now(),
+            }
+        }
+
+        /// A healthy cluster reported at `at`.
+        fn healthy_at(&mut self, at: Instant) {
+            self.report(
+                "h1",
+                vec![
+                    gtm(
+                        "gtm1",
+                        MemberRole::Primary,
+                        GtmFacts {
+                            standby_attached: true,
+                            ..Default::default()
+                        },
+                    ),
+                    dn1_primary(),
+                ],
+                at,
+            );
+            self.report(
+                "h2",
+                vec![
+                    gtm("gtm2", MemberRole::Standby, ready()),
+                    dn("dn1_h2", MemberRole::Standby),
+                    {
+                        let mut p = dn("dn2_h2", MemberRole::Primary);
+                        p.replicas = vec![sync_row("dn2_h3")];
+                        p
+                    },
+                ],
+                at,
+            );
+            self.report("h3", vec![dn("dn2_h3", MemberRole::Standby)], at);
+        }
+
+        fn report(&mut self, host: &str, instances: Vec<InstanceReport>, at: Instant) {
+            self.reports
+                .record(
+                    &self.cfg,
+                    AgentReport {
+                        host: host.into(),
+                        instances,
+                        ..Default::default()
+                    },
+                    at,
+                )
+                .unwrap();
+        }
+
+        /// Decides at `now` and applies the plan's state and memory.
+        fn tick(&mut self, now: Instant) -> Plan {
+            let plan = decide(&Input {
+                cfg: &self.cfg,
+                state: &self.state,
+                reports: &self.reports,
+                now,
+                memory: &self.memory,
+                busy: &self.busy,
+                recent: &self.recent,
+            });
+            if let Some(s) = &plan.state {
+                self.state = s.clone();
+            }
+            self.memory = plan.memory.clone();
+            plan
+        }
+
+        fn at(&self, ms: u64) -> Instant {
+            self.t0 + Duration::from_millis(ms)
+        }
+    }
+
+    fn orders(p: &Plan) -> Vec<(String, OrderKind)> {
+        p.orders
+            .iter()
+            .map(|o| (o.instance.clone(), o.kind))
+            .collect()
+    }
+
+    fn has(p: &Plan, name: &str, kind: OrderKind) -> bool {
+        orders(p).contains(&(name.to_owned(), kind))
+    }
+
+    #[test]
+    fn a_healthy_cluster_needs_nothing_and_remembers_the_sync_standby() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        let p = w.tick(w.at(100));
+        assert!(p.orders.is_empty(), "{:?}", p.orders);
+        assert_eq!(w.state.last_sync_standby.get("dn1").unwrap(), "dn1_h2");
+        assert_eq!(w.state.last_sync_standby.get("dn2").unwrap(), "dn2_h3");
+        let again = w.tick(w.at(200));
+        assert!(again.state.is_none(), "no change, nothing to persist");
+    }
+
+    #[test]
+    fn a_silent_primary_is_replaced_by_its_sync_standby_after_the_timeout_only() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.at(0));
+        // h1 goes silent; h2, h3 keep reporting.
+        for ms in [1000, 2000, 2900] {
+            let at = w.at(ms);
+            w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+            let p = w.tick(at);
+            assert!(p.orders.is_empty(), "{ms} ms: {:?}", p.orders);
+            assert_eq!(w.state.term, Term(1));
+        }
+        let at = w.at(3100);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(has(&p, "dn1_h2", OrderKind::Promote), "{:?}", p.orders);
+        let s = p.state.expect("new roles persisted first");
+        assert_eq!(s.term, Term(2));
+        assert_eq!(s.role_of("dn1_h2"), Some(AssignedRole::Primary));
+        assert_eq!(s.role_of("dn1_h1"), Some(AssignedRole::Standby));
+        assert!(!s.last_sync_standby.contains_key("dn1"));
+        assert!(p.notes["dn1"].contains("failover"), "{}", p.notes["dn1"]);
+    }
+
+    #[test]
+    fn one_lost_heartbeat_changes_nothing() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // The next report is 1.9 s late (a lost heartbeat), then all is well.
+        let p = w.tick(w.at(1900));
+        assert!(p.orders.is_empty());
+        w.healthy_at(w.at(2000));
+        for ms in [2500, 4000, 4900] {
+            assert!(w.tick(w.at(ms)).orders.is_empty(), "{ms}");
+        }
+    }
+
+    #[test]
+    fn no_failover_to_a_standby_that_was_not_synchronous() {
+        let mut w = World::new();
+        let mut p = dn1_primary();
+        p.replicas[0].sync_state = "async".into();
+        w.healthy_at(w.t0);
+        w.report("h1", vec![p], w.t0);
+        w.tick(w.t0);
+        assert!(!w.state.last_sync_standby.contains_key("dn1"));
+        let at = w.at(5000);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let plan = w.tick(at);
+        assert!(plan.orders.is_empty(), "{:?}", plan.orders);
+        assert_eq!(w.state.term, Term(1));
+        let note = &plan.notes["dn1"];
+        assert!(
+            note.contains("primary dn1_h1 lost 5 s")
+                && note.contains("no failover: dn1_h2 was not the synchronous standby"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn a_hung_primary_keeps_its_last_sync_standby_and_fails_over() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // Hung: alive, not responding, no replica rows — for 3 s.
+        for ms in [1000u64, 2000, 3000, 3200] {
+            let at = w.at(ms);
+            let mut hung = dn("dn1_h1", MemberRole::Primary);
+            hung.responding = false;
+            w.report("h1", vec![hung], at);
+            w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+            let p = w.tick(at);
+            if ms < 3000 {
+                assert!(p.orders.is_empty());
+                assert_eq!(w.state.last_sync_standby["dn1"], "dn1_h2");
+            } else if ms == 3000 {
+                assert!(has(&p, "dn1_h2", OrderKind::Promote), "{:?}", p.orders);
+                assert!(p.notes["dn1"].contains("not responding"));
+            }
+        }
+        // The new primary runs: the hung old one (still seen as primary) is demoted.
+        let at = w.at(4000);
+        let mut hung = dn("dn1_h1", MemberRole::Standby); // base report: assigned role
+        hung.responding = false;
+        w.report("h1", vec![hung], at);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Primary)], at);
+        let p = w.tick(at);
+        assert!(has(&p, "dn1_h1", OrderKind::Demote), "{:?}", p.orders);
+        // Not twice while it is in flight.
+        w.recent = vec![("dn1_h1".into(), OrderKind::Demote)];
+        assert!(w.tick(w.at(4100)).orders.is_empty());
+    }
+
+    #[test]
+    fn no_failover_to_a_standby_that_does_not_respond() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        let at = w.at(3500);
+        let mut s = dn("dn1_h2", MemberRole::Standby);
+        s.responding = false;
+        w.report("h2", vec![s], at);
+        let p = w.tick(at);
+        assert!(p.orders.is_empty());
+        assert!(
+            p.notes["dn1"].contains("dn1_h2 is not responding"),
+            "{}",
+            p.notes["dn1"]
+        );
+    }
+
+    #[test]
+    fn a_primary_down_but_restarted_in_time_is_not_failed_over() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        let mut down = dn("dn1_h1", MemberRole::Primary);
+        down.process_alive = false;
+        down.responding = false;
+        w.report("h1", vec![down], w.at(1000));
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], w.at(1000));
+        assert!(w.tick(w.at(1000)).orders.is_empty());
+        w.healthy_at(w.at(2000));
+        assert!(w.tick(w.at(3500)).orders.is_empty());
+    }
+
+    #[test]
+    fn a_primary_being_restarted_gets_a_second_timeout() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        let mut restarting = dn("dn1_h1", MemberRole::Primary);
+        restarting.process_alive = false;
+        restarting.responding = false;
+        restarting.detail = "restarting".into();
+        for ms in [3500u64, 5500] {
+            let at = w.at(ms);
+            w.report("h1", vec![restarting.clone()], at);
+            w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+            let p = w.tick(at);
+            assert!(p.orders.is_empty(), "{ms}: {:?}", p.orders);
+            assert!(p.notes["dn1"].contains("restarting it"));
+        }
+        let at = w.at(6100);
+        w.report("h1", vec![restarting.clone()], at);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        assert!(has(&w.tick(at), "dn1_h2", OrderKind::Promote));
+        // A failed restart is not restartable: the plain timeout applies.
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        let mut failed = restarting;
+        failed.detail = "failed: pg_ctl start exited 1".into();
+        let at = w.at(3100);
+        w.report("h1", vec![failed], at);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        assert!(has(&w.tick(at), "dn1_h2", OrderKind::Promote));
+    }
+
+    #[test]
+    fn an_operator_stopped_primary_and_busy_groups_are_left_alone() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        w.state.set_run(Some("dn1_h1"), false).unwrap();
+        let at = w.at(5000);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(!has(&p, "dn1_h2", OrderKind::Promote));
+        assert!(p.notes["dn1"].contains("held stopped"));
+        w.state.set_run(Some("dn1_h1"), true).unwrap();
+        w.busy.insert("dn1".into());
+        w.busy.insert(GTM_PAIR.into());
+        assert!(w.tick(at).orders.is_empty());
+    }
+
+    #[test]
+    fn a_former_primary_running_as_primary_is_demoted_and_promote_is_repeated() {
+        let mut w = World::new();
+        w.state.set_role("dn1_h1", AssignedRole::Standby).unwrap();
+        w.state.set_role("dn1_h2", AssignedRole::Primary).unwrap();
+        // The promote did not happen yet (CMServer restarted after persisting).
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], w.t0);
+        w.report("h1", vec![dn("dn1_h1", MemberRole::Primary)], w.t0);
+        let p = w.tick(w.t0);
+        assert!(has(&p, "dn1_h2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(
+            !has(&p, "dn1_h1", OrderKind::Demote),
+            "not before the promotion"
+        );
+        let mut newp = dn("dn1_h2", MemberRole::Primary);
+        newp.timeline = 2;
+        w.report("h2", vec![newp], w.at(500));
+        let p = w.tick(w.at(500));
+        assert!(has(&p, "dn1_h1", OrderKind::Demote), "{:?}", p.orders);
+    }
+
+    #[test]
+    fn gtm_primary_lost_promotes_a_ready_standby_only() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        let at = w.at(3100);
+        w.report(
+            "h2",
+            vec![gtm("gtm2", MemberRole::Standby, GtmFacts::default())],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(p.orders.iter().all(|o| o.instance != "gtm2"));
+        assert!(
+            p.notes[GTM_PAIR].contains("gtm2 is not ready"),
+            "{:?}",
+            p.notes
+        );
+        w.report("h2", vec![gtm("gtm2", MemberRole::Standby, ready())], at);
+        let p = w.tick(at);
+        assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+        assert_eq!(w.state.role_of("gtm2"), Some(AssignedRole::Primary));
+        assert_eq!(w.state.term, Term(2));
+    }
+
+    #[test]
+    fn gtm_standby_lost_runs_alone_then_rejoins() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        let primary = |f: GtmFacts| gtm("gtm1", MemberRole::Primary, f);
+        let at = w.at(3100);
+        w.report("h1", vec![primary(GtmFacts::default())], at);
+        let p = w.tick(at);
+        let o = p.orders.iter().find(|o| o.instance == "gtm1").unwrap();
+        assert_eq!((o.kind, o.run_alone), (OrderKind::RunAlone, true));
+        assert!(p.notes[GTM_PAIR].contains("degraded"));
+        // Running alone; standby back but not resynced yet: stays alone.
+        let alone = GtmFacts {
+            run_alone: true,
+            ..Default::default()
+        };
+        let at = w.at(5000);
+        w.report("h1", vec![primary(alone)], at);
+        w.report(
+            "h2",
+            vec![gtm("gtm2", MemberRole::Standby, GtmFacts::default())],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(p.orders.is_empty(), "{:?}", p.orders);
+        assert!(p.notes[GTM_PAIR].contains("runs alone"));
+        // Resynced and attached: run-alone off.
+        let attached = GtmFacts {
+            run_alone: true,
+            standby_attached: true,
+            ..Default::default()
+        };
+        w.report("h1", vec![primary(attached)], at);
+        w.report("h2", vec![gtm("gtm2", MemberRole::Standby, ready())], at);
+        let p = w.tick(at);
+        let o = p.orders.iter().find(|o| o.instance == "gtm1").unwrap();
+        assert_eq!((o.kind, o.run_alone), (OrderKind::RunAlone, false));
+    }
+
+    #[test]
+    fn a_second_gtm_primary_is_demoted() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.report("h2", vec![gtm("gtm2", MemberRole::Primary, ready())], w.t0);
+        let p = w.tick(w.t0);
+        assert!(has(&p, "gtm2", OrderKind::Demote), "{:?}", p.orders);
+    }
+
+    #[test]
+    fn the_safety_rule_names_the_reason() {
+        let cfg = local_config();
+        let mut s = ClusterState::initial(&cfg);
+        s.set_run(None, true).unwrap();
+        let r = dn("dn1_h2", MemberRole::Standby);
+        assert!(candidate_problem(&s, Some(&r), "dn1", "dn1_h2")
+            .unwrap()
+            .contains("not the synchronous standby"));
+        s.last_sync_standby.insert("dn1".into(), "dn1_h2".into());
+        assert_eq!(candidate_problem(&s, Some(&r), "dn1", "dn1_h2"), None);
+        assert!(candidate_problem(&s, None, "dn1", "dn1_h2")
+            .unwrap()
+            .contains("silent"));
+    }
+}

@@ -1,0 +1,308 @@
+//! The primary CMServer's arbitration at run time: every tick it asks
+//! [`crate::arbiter::decide`] for a plan, persists the plan's state FIRST, then queues
+//! its orders (in the persisted term) for the agents' next Report replies; outcomes
+//! come back in agents' reports. Also the shared bookkeeping of operator operations
+//! (which group is busy) and the status notes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ha_common::proto::cm::{ClusterStatus, Order, OrderKind, OrderOutcome};
+use ha_common::ClusterConfig;
+
+use crate::arbiter::{self, Memory, GTM_PAIR};
+use crate::order_book::OrderBook;
+use crate::reports::Reports;
+use crate::state::{ClusterState, StateError, StateFile};
+
+/// An order kind is not repeated by the level rules for this long after its outcome.
+const ORDER_COOLDOWN: Duration = Duration::from_secs(3);
+/// While orders are in flight, agents report this often (ms) instead of every heartbeat.
+const FAST_REPORT_MS: u32 = 100;
+/// Fast reports are asked for orders issued less than this long ago.
+const FAST_REPORT_WINDOW: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct EngineState {
+    memory: Memory,
+    book: OrderBook,
+    notes: BTreeMap<String, String>,
+    /// DN groups / the GTM pair with an operator operation running.
+    busy: BTreeSet<String>,
+}
+
+/// Arbitration state shared by the Report handler, the tick and the operations.
+#[derive(Debug, Default)]
+pub struct Engine {
+    inner: Mutex<EngineState>,
+}
+
+/// A future streaming the state to the standby CMServer.
+pub type Replicate<'a> =
+    Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> + Send + Sync + 'a>;
+
+/// What arbitration works on (borrowed from the service).
+pub struct Ctx<'a> {
+    pub cfg: &'a ClusterConfig,
+    pub file: &'a StateFile,
+    pub state: &'a tokio::sync::Mutex<ClusterState>,
+    pub reports: &'a Mutex<Reports>,
+    pub engine: &'a Engine,
+    /// Streams the state to the standby CMServer (bounded); called after every
+    /// persisted change, with the state unlocked, before any order is sent.
+    pub replicate: Replicate<'a>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks a group busy while an operation runs; released on drop.
+pub struct Busy<'a> {
+    engine: &'a Engine,
+    key: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        lock(&self.engine.inner).busy.remove(&self.key);
+    }
+}
+
+impl Engine {
+    pub fn new() -> Engine {
+        Engine::default()
+    }
+
+    /// Outcomes from an agent's report.
+    pub fn on_outcomes(&self, outcomes: &[OrderOutcome]) {
+        if !outcomes.is_empty() {
+            lock(&self.inner).book.record(outcomes, Instant::now());
+        }
+    }
+
+    /// Orders to put in the Report reply to `host`.
+    pub fn orders_for(&self, host: &str) -> Vec<Order> {
+        lock(&self.inner).book.for_host(host)
+    }
+
+    /// `next_report_ms` for Report replies: fast while orders or operations are running.
+    pub fn next_report_ms(&self) -> u32 {
+        let st = lock(&self.inner);
+        if !st.busy.is_empty()
+            || st
+                .book
+                .has_fresh_pending(Instant::now(), FAST_REPORT_WINDOW)
+        {
+            FAST_REPORT_MS
+        } else {
+            0
+        }
+    }
+
+    /// Queues an order for the agent of `host`; returns its id.
+    pub fn issue(&self, host: &str, order: Order) -> u64 {
+        lock(&self.inner).book.issue(host, order, Instant::now())
+    }
+
+    pub fn outcome(&self, id: u64) -> Option<OrderOutcome> {
+        lock(&self.inner).book.outcome(id)
+    }
+
+    /// Marks `key` (a DN group name or `GTM_PAIR`) busy; Err if it already is.
+    pub fn begin(&self, key: &str) -> Result<Busy<'_>, String> {
+        let mut st = lock(&self.inner);
+        if !st.busy.insert(key.to_owned()) {
+            return Err(format!("another operation on {key} is running"));
+        }
+        Ok(Busy {
+            engine: self,
+            key: key.to_owned(),
+        })
+    }
+
+    /// Sets a status note (operations report progress/failure there).
+    pub fn note(&self, key: &str, text: String) {
+        lock(&self.inner).notes.insert(key.to_owned(), text);
+    }
+
+    /// Adds the arbiter's notes to a status: DN group details, the GTM primary's row
+    /// (degraded while running alone), and CNs that are not normal: not in the DDL set
+    /// (there is none yet: CNs are not implemented).
+    pub fn annotate(&self, status: &mut ClusterStatus) {
+        let notes = lock(&self.inner).notes.clone();
+        for g in &mut status.dn_groups {
+            if let Some(n) = notes.get(&g.name) {
+                append(&mut g.detail, n);
+            }
+        }
+        if let Some(n) = notes.get(GTM_PAIR) {
+            if let Some(row) = status.gtm.iter_mut().find(|r| r.role == "primary") {
+                if n.starts_with("degraded") && row.state == crate::status::states::NORMAL {
+                    row.state = crate::status::states::DEGRADED.into();
+                }
+                append(&mut row.detail, n);
+            }
+        }
+        for cn in &mut status.cn {
+            if cn.state != crate::status::states::NORMAL {
+                append(
+                    &mut cn.detail,
+                    "not in the DDL set (CNs are not implemented yet)",
+                );
+            }
+        }
+    }
+}
+
+fn append(detail: &mut String, note: &str) {
+    if detail.contains(note) {
+        return;
+    }
+    if !detail.is_empty() {
+        detail.push_str("; ");
+    }
+    detail.push_str(note);
+}
+
+/// Persists `state` (durable when this returns).
+pub async fn persist(file: &StateFile, state: &ClusterState) -> Result<(), StateError> {
+    let file = file.clone();
+    let to_write = state.clone();
+    tokio::task::spawn_blocking(move || file.persist(&to_write))
+        .await
+        .map_err(|e| StateError::Write {
+            path: std::path::PathBuf::from("<persist task>"),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+/// The host whose agent runs `instance`.
+pub fn host_of<'a>(cfg: &'a ClusterConfig, instance: &str) -> Option<&'a str> {
+    cfg.find(instance).map(|r| r.instance.host.as_str())
+}
+
+/// An order of `kind` for `instance` in `term` (id assigned when issued).
+pub fn order(term: u64, instance: &str, kind: OrderKind) -> Order {
+    Order {
+        id: 0,
+        term,
+        instance: instance.to_owned(),
+        kind: kind as i32,
+        ..Order::default()
+    }
+}
+
+/// One arbitration round (call on the primary only).
+pub async fn tick(cx: &Ctx<'_>) {
+    let now = Instant::now();
+    let mut state = cx.state.lock().await;
+    let reports = lock(cx.reports).clone();
+    let (memory, busy, recent) = {
+        let mut st = lock(&cx.engine.inner);
+        st.book.expire(now);
+        (
+            st.memory.clone(),
+            st.busy.clone(),
+            st.book.recent(now, ORDER_COOLDOWN),
+        )
+    };
+    let plan = arbiter::decide(&arbiter::Input {
+        cfg: cx.cfg,
+        state: &state,
+        reports: &reports,
+        now,
+        memory: &memory,
+        busy: &busy,
+        recent: &recent,
+    });
+    {
+        let mut st = lock(&cx.engine.inner);
+        st.memory = plan.memory;
+        // Notes of busy groups belong to their operation.
+        let kept: BTreeMap<String, String> = st
+            .notes
+            .iter()
+            .filter(|(k, _)| busy.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        st.notes = plan.notes;
+        st.notes.extend(kept);
+    }
+    let mut term = state.term.0;
+    if let Some(next) = plan.state {
+        if let Err(e) = persist(cx.file, &next).await {
+            // Nothing is ordered from a decision that is not durable.
+            tracing::error!("cannot persist the arbiter's decision: {e}");
+            return;
+        }
+        if next.term != state.term {
+            tracing::warn!(
+                from = state.term.0,
+                to = next.term.0,
+                "new term: roles changed"
+            );
+        }
+        term = next.term.0;
+        *state = next;
+        drop(state);
+        (cx.replicate)().await;
+    } else {
+        drop(state);
+    }
+    for o in plan.orders {
+        let Some(host) = host_of(cx.cfg, &o.instance) else {
+            continue;
+        };
+        let mut order = order(term, &o.instance, o.kind);
+        order.run_alone = o.run_alone;
+        cx.engine.issue(host, order);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ha_common::proto::cm::{DnGroupStatus, InstanceStatus};
+
+    #[test]
+    fn notes_reach_the_status_and_busy_groups_are_exclusive() {
+        let e = Engine::new();
+        e.note("dn1", "primary dn1_h1 lost 12 s; no failover: x".into());
+        e.note(
+            GTM_PAIR,
+            "degraded: gtm1 runs alone (standby gtm2 lost)".into(),
+        );
+        let mut s = ClusterStatus {
+            dn_groups: vec![DnGroupStatus {
+                name: "dn1".into(),
+                detail: "primary dn1_h1 is unknown".into(),
+                ..Default::default()
+            }],
+            gtm: vec![InstanceStatus {
+                name: "gtm1".into(),
+                role: "primary".into(),
+                state: "normal".into(),
+                ..Default::default()
+            }],
+            cn: vec![InstanceStatus {
+                name: "cn1".into(),
+                state: "not_implemented".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        e.annotate(&mut s);
+        assert!(s.dn_groups[0].detail.ends_with("no failover: x"));
+        assert_eq!(s.gtm[0].state, "degraded");
+        assert!(s.cn[0].detail.contains("not in the DDL set"));
+        let b = e.begin("dn1").unwrap();
+        assert!(e.begin("dn1").is_err());
+        assert_eq!(e.next_report_ms(), FAST_REPORT_MS);
+        drop(b);
+        assert!(e.begin("dn1").is_ok());
+    }
+}

@@ -1,0 +1,400 @@
+//! The CMServer pair at run time: drives the lease election (`election.rs`) from the
+//! agents' reports and the clock, persists an elected term before acting on it, and
+//! streams the cluster state from the primary to the standby.
+//!
+//! Streaming: the primary sends `SyncState{term, from, state}` (the whole
+//! `ClusterState`, as the state file stores it) to the other CMServer on every state
+//! change (`push_state` before the change is installed, or `push`; awaited by whoever
+//! changed the state, so the standby has the change before anybody acts on it) and at
+//! least every heartbeat. Pushes hold the state lock, so they are serialised with each
+//! other and with changes: the standby never receives an older state after a newer
+//! one. The standby accepts a state only from a term >=
+//! its own, persists it (atomic write) and answers; a reply with a higher term tells a
+//! deposed primary to step down. Because the standby records the agents' reports too
+//! and holds the streamed state, a new primary arbitrates from the current roles the
+//! moment it is elected. Before a newly elected CMServer persists its term and acts, it
+//! asks the other for its state (`SyncState{probe}`) and takes it if its term is higher:
+//! a CMServer that was down while the other decided things never acts on its old
+//! state (as long as the other answers). A returning old primary loads its own (older)
+//! state, learns the higher term from the agents' reports (it cannot win while another
+//! CMServer holds their leases) and from the new primary's stream, and takes the newer
+//! state.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ha_common::config::ClusterConfig;
+use ha_common::proto::cm::cm_server_client::CmServerClient;
+use ha_common::proto::cm::{LeaseGrant, SyncStateReply, SyncStateRequest};
+use ha_common::Term;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::election::{Election, Params, Role};
+use crate::state::{ClusterState, StateFile};
+
+/// How often the clock is applied to the election (stepping down without reports).
+const TICK_DIVISOR: u32 = 5;
+
+struct Peer {
+    name: String,
+    client: CmServerClient<Channel>,
+}
+
+/// The pair's shared run-time state.
+pub struct Pair {
+    node: String,
+    heartbeat: Duration,
+    election: Mutex<Election>,
+    peers: Vec<Peer>,
+    /// The peer that streamed to us last, and when (for "not primary: <who>").
+    last_sync_from: Mutex<Option<(String, Instant)>>,
+}
+
+/// What the report handler needs from the election.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportVerdict {
+    pub primary: bool,
+    pub lease_request_term: u64,
+    pub lease_request_id: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+impl Pair {
+    /// The pair as seen by CMServer `node`, whose persisted state is at `persisted_term`.
+    pub fn new(cfg: &ClusterConfig, node: &str, persisted_term: Term) -> Pair {
+        let heartbeat = cfg.timing.heartbeat_interval();
+        let params = Params {
+            me: node.to_owned(),
+            hosts: cfg.hosts.iter().map(|h| h.name.clone()).collect(),
+            lease: cfg.timing.cm_lease(),
+            heartbeat,
+            first: cfg.cm_servers.first().is_some_and(|s| s.name == node),
+        };
+        // Pushes hold the state lock (see `push`): keep them short.
+        let rpc_timeout = (heartbeat / 4).max(Duration::from_millis(100));
+        let peers = cfg
+            .cm_servers
+            .iter()
+            .filter(|s| s.name != node)
+            .filter_map(|s| {
+                let ep = Endpoint::from_shared(format!("http://{}", cfg.endpoint(s))).ok()?;
+                let channel = ep
+                    .connect_timeout(rpc_timeout)
+                    .timeout(rpc_timeout)
+                    .connect_lazy();
+                Some(Peer {
+                    name: s.name.clone(),
+                    client: CmServerClient::new(channel),
+                })
+            })
+            .collect();
+        Pair {
+            node: node.to_owned(),
+            heartbeat,
+            election: Mutex::new(Election::new(
+                params,
+                persisted_term.0,
+                Instant::now(),
+                seed(),
+            )),
+            peers,
+            last_sync_from: Mutex::new(None),
+        }
+    }
+
+    /// Whether this CMServer acts as primary right now.
+    pub fn is_primary(&self) -> bool {
+        lock(&self.election).is_primary(Instant::now())
+    }
+
+    pub fn role(&self) -> Role {
+        lock(&self.election).role()
+    }
+
+    /// Who the primary is, as far as we know ("none elected" if nobody proves it).
+    pub fn known_primary(&self) -> String {
+        let now = Instant::now();
+        if let Some(leader) = lock(&self.election).leader(now) {
+            return leader;
+        }
+        match &*lock(&self.last_sync_from) {
+            Some((from, at)) if now.saturating_duration_since(*at) <= self.heartbeat * 3 => {
+                from.clone()
+            }
+            _ => "none elected".into(),
+        }
+    }
+
+    /// The FAILED_PRECONDITION a non-primary answers everything but reports with.
+    pub fn not_primary(&self) -> Status {
+        Status::failed_precondition(format!("not primary: {}", self.known_primary()))
+    }
+
+    /// Feeds an agent's report to the election; if it made us elected, persists the
+    /// term first. Returns whether to answer as primary, and the lease request.
+    pub async fn on_report(
+        &self,
+        host: &str,
+        grant: Option<&LeaseGrant>,
+        agent_term: u64,
+        state: &tokio::sync::Mutex<ClusterState>,
+        file: &StateFile,
+    ) -> ReportVerdict {
+        let state_term = state.lock().await.term.0;
+        let elected =
+            lock(&self.election).on_report(host, grant, agent_term, state_term, Instant::now());
+        if let Some(term) = elected {
+            self.take_office(term, state, file).await;
+        }
+        let state_term = state.lock().await.term.0;
+        let mut e = lock(&self.election);
+        let now = Instant::now();
+        let lease_request_term = e.lease_request(state_term);
+        ReportVerdict {
+            primary: e.is_primary(now),
+            lease_request_term,
+            // Recorded before the reply leaves: the lease cannot start earlier.
+            lease_request_id: if lease_request_term > 0 {
+                e.issue_request(now)
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Elected in `term`: take the peer's state if it is newer than ours (a CMServer
+    /// that was down while the other one decided things must not act on its old
+    /// state), persist the term in the state file, then act.
+    async fn take_office(
+        &self,
+        term: u64,
+        state: &tokio::sync::Mutex<ClusterState>,
+        file: &StateFile,
+    ) {
+        let theirs = self.probe_peers(term).await;
+        let mut guard = state.lock().await;
+        let mut base = guard.clone();
+        for (peer, s) in theirs {
+            if s.term > base.term {
+                tracing::info!(%peer, peer_term = s.term.0, own_term = base.term.0, "taking the peer's newer state before acting");
+                base = s;
+            }
+        }
+        if base.term.0 >= term {
+            tracing::warn!(
+                term,
+                state_term = base.term.0,
+                "elected in a term the state already has: not acting"
+            );
+            let mut e = lock(&self.election);
+            e.persist_failed(term, Instant::now());
+            e.on_foreign_term(base.term.0, guard.term.0, Instant::now());
+            return;
+        }
+        let mut next = base;
+        next.term = Term(term);
+        let f = file.clone();
+        let to_write = next.clone();
+        let written = tokio::task::spawn_blocking(move || f.persist(&to_write)).await;
+        match written {
+            Ok(Ok(())) => {
+                *guard = next;
+                drop(guard);
+                let acting = lock(&self.election).confirm(term, term, Instant::now());
+                tracing::info!(node = %self.node, term, acting, "CMServer primary");
+            }
+            Ok(Err(e)) => {
+                tracing::error!("cannot persist the elected term {term}: {e}");
+                lock(&self.election).persist_failed(term, Instant::now());
+            }
+            Err(e) => {
+                tracing::error!("persist task failed: {e}");
+                lock(&self.election).persist_failed(term, Instant::now());
+            }
+        }
+    }
+
+    /// Asks every peer for its state (bounded); returns those that answered.
+    async fn probe_peers(&self, term: u64) -> Vec<(String, ClusterState)> {
+        let mut out = Vec::new();
+        for peer in &self.peers {
+            let req = SyncStateRequest {
+                term,
+                from: self.node.clone(),
+                probe: true,
+                ..Default::default()
+            };
+            match peer.client.clone().sync_state(req).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    match ClusterState::from_bytes(std::path::Path::new(&peer.name), &reply.state) {
+                        Ok(s) => out.push((peer.name.clone(), s)),
+                        Err(e) => {
+                            tracing::warn!(peer = %peer.name, "bad state in probe reply: {e}")
+                        }
+                    }
+                }
+                Err(s) => {
+                    tracing::info!(peer = %peer.name, "peer not reachable before taking office: {}", s.message())
+                }
+            }
+        }
+        out
+    }
+
+    /// The standby's side of `SyncState` (and the answer to a probe).
+    pub async fn on_sync(
+        &self,
+        req: SyncStateRequest,
+        state: &tokio::sync::Mutex<ClusterState>,
+        file: &StateFile,
+    ) -> Result<SyncStateReply, Status> {
+        if req.probe {
+            let guard = state.lock().await;
+            lock(&self.election).on_foreign_term(req.term, guard.term.0, Instant::now());
+            return Ok(SyncStateReply {
+                term: guard.term.0,
+                accepted: false,
+                reason: "probe".into(),
+                state: guard.to_bytes(),
+            });
+        }
+        let incoming = ClusterState::from_bytes(std::path::Path::new("SyncState"), &req.state)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if incoming.term.0 != req.term {
+            return Err(Status::invalid_argument(format!(
+                "SyncState term {} differs from its state's term {}",
+                req.term, incoming.term
+            )));
+        }
+        let mut guard = state.lock().await;
+        let mine = guard.term.0;
+        let reject = |reason: String| SyncStateReply {
+            term: mine,
+            accepted: false,
+            reason,
+            state: Vec::new(),
+        };
+        if req.term < mine {
+            return Ok(reject(format!(
+                "term {} is older than this CMServer's term {mine}",
+                req.term
+            )));
+        }
+        {
+            let now = Instant::now();
+            let mut e = lock(&self.election);
+            e.on_foreign_term(req.term, mine, now);
+            if e.is_primary(now) || matches!(e.role(), Role::Elected { .. }) {
+                return Ok(reject(format!("{} is primary in term {mine}", self.node)));
+            }
+        }
+        *lock(&self.last_sync_from) = Some((req.from.clone(), Instant::now()));
+        if *guard != incoming {
+            let f = file.clone();
+            let to_write = incoming.clone();
+            tokio::task::spawn_blocking(move || f.persist(&to_write))
+                .await
+                .map_err(|e| Status::internal(format!("persist task failed: {e}")))?
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            if guard.term != incoming.term {
+                tracing::info!(from = %req.from, term = req.term, "took the primary's state");
+            }
+            *guard = incoming;
+        }
+        Ok(SyncStateReply {
+            term: req.term,
+            accepted: true,
+            reason: String::new(),
+            state: Vec::new(),
+        })
+    }
+
+    /// Sends the current state to every peer (if we are primary); returns when each
+    /// answered or timed out. The state lock is held meanwhile: pushes are serialised
+    /// with each other and with changes, so the standby never gets an older state
+    /// after a newer one. Must not be called with the state lock held.
+    pub async fn push(
+        &self,
+        state: &tokio::sync::Mutex<ClusterState>,
+        peers_seen: &Mutex<HashMap<String, Instant>>,
+    ) {
+        if !self.is_primary() {
+            return;
+        }
+        let guard = state.lock().await;
+        self.push_state(&guard, peers_seen).await;
+    }
+
+    /// Sends `state` to every peer (if we are primary). For a caller that holds the
+    /// state lock and has persisted `state` but not yet made it visible: the standby
+    /// has a change before any agent is told about it.
+    pub async fn push_state(
+        &self,
+        state: &ClusterState,
+        peers_seen: &Mutex<HashMap<String, Instant>>,
+    ) {
+        if !self.is_primary() {
+            return;
+        }
+        let (term, bytes) = (state.term.0, state.to_bytes());
+        for peer in &self.peers {
+            let req = SyncStateRequest {
+                term,
+                from: self.node.clone(),
+                state: bytes.clone(),
+                probe: false,
+            };
+            match peer.client.clone().sync_state(req).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    lock(peers_seen).insert(peer.name.clone(), Instant::now());
+                    if !reply.accepted {
+                        tracing::warn!(peer = %peer.name, "state sync refused: {}", reply.reason);
+                        lock(&self.election).on_foreign_term(reply.term, term, Instant::now());
+                    }
+                }
+                Err(s) => {
+                    tracing::debug!(peer = %peer.name, "state sync failed: {}", s.message())
+                }
+            }
+        }
+    }
+
+    /// Runs forever: applies the clock to the election several times per heartbeat
+    /// and streams the state once per heartbeat while primary.
+    pub async fn run(
+        &self,
+        state: &tokio::sync::Mutex<ClusterState>,
+        file: &StateFile,
+        peers_seen: &Mutex<HashMap<String, Instant>>,
+    ) {
+        let tick = (self.heartbeat / TICK_DIVISOR).max(Duration::from_millis(20));
+        let mut last_push: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(tick).await;
+            let state_term = state.lock().await.term.0;
+            let elected = lock(&self.election).tick(state_term, Instant::now());
+            if let Some(term) = elected {
+                self.take_office(term, state, file).await;
+            }
+            let due = last_push.is_none_or(|t| t.elapsed() >= self.heartbeat);
+            if due && self.is_primary() {
+                self.push(state, peers_seen).await;
+                last_push = Some(Instant::now());
+            }
+        }
+    }
+}
