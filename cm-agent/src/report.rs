@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use ha_common::config::ClusterConfig;
 use ha_common::proto::cm::cm_server_client::CmServerClient;
-use ha_common::proto::cm::{AgentReport, InstanceReport, Order, OrderOutcome, ReportReply};
+use ha_common::proto::cm::{AgentReport, Order, OrderOutcome, ReportReply};
 use ha_common::Term;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{AgentError, Result};
 use crate::lease::{Decision, LeaseState};
-use crate::supervisor::Desired;
+use crate::supervisor::{Desired, Observation};
 
 /// How many finished orders are remembered (so that a resent order is not run twice).
 const REMEMBERED_ORDERS: usize = 1024;
@@ -28,7 +28,7 @@ pub struct InstanceHandle {
     pub name: String,
     pub desired: watch::Sender<Option<Desired>>,
     pub orders: mpsc::Sender<Order>,
-    pub report: watch::Receiver<InstanceReport>,
+    pub report: watch::Receiver<Observation>,
 }
 
 /// What one reply asks of this agent, after term checks.
@@ -180,7 +180,7 @@ impl Reporter {
             term: self.state.term.0.max(self.lease.highest()),
             instances: instances
                 .iter()
-                .map(|h| h.report.borrow().clone())
+                .map(|h| h.report.borrow().to_send(now))
                 .collect(),
             outcomes: self.state.pending.clone(),
             lease: Some(self.lease.to_proto(now)),

@@ -58,8 +58,36 @@ pub struct InstanceSupervisor {
     pub observed_role: Option<Role>,
     pub probe_timeout: Duration,
     cfg: Arc<ClusterConfig>,
-    report_tx: Option<watch::Sender<InstanceReport>>,
+    report_tx: Option<watch::Sender<Observation>>,
     last_report: InstanceReport,
+}
+
+/// A report and when its facts were observed: the report loop re-sends the latest
+/// one every heartbeat, stating its age (`observed_ms_ago`), while the next probe
+/// may still be hanging.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub report: InstanceReport,
+    pub at: Instant,
+}
+
+impl Observation {
+    /// `report`, observed just now.
+    pub fn now(report: InstanceReport) -> Observation {
+        Observation {
+            report,
+            at: Instant::now(),
+        }
+    }
+
+    /// The report to send at `now`, carrying its age.
+    pub fn to_send(&self, now: Instant) -> InstanceReport {
+        let age = now.saturating_duration_since(self.at).as_millis();
+        InstanceReport {
+            observed_ms_ago: u64::try_from(age).unwrap_or(u64::MAX),
+            ..self.report.clone()
+        }
+    }
 }
 
 /// The channels connecting one supervisor task to the report loop.
@@ -67,7 +95,7 @@ pub struct SupervisorChannels {
     pub desired: watch::Receiver<Option<Desired>>,
     pub orders: mpsc::Receiver<Order>,
     pub outcomes: mpsc::UnboundedSender<OrderOutcome>,
-    pub report: watch::Sender<InstanceReport>,
+    pub report: watch::Sender<Observation>,
 }
 
 pub fn member_role(role: Role) -> MemberRole {
@@ -157,8 +185,8 @@ impl InstanceSupervisor {
     }
 
     /// The report published before the first probe.
-    pub fn initial_report(&self) -> InstanceReport {
-        self.last_report.clone()
+    pub fn initial_report(&self) -> Observation {
+        Observation::now(self.last_report.clone())
     }
 
     /// The role the CMServer assigned, else the configured one.
@@ -447,15 +475,19 @@ impl InstanceSupervisor {
     }
 
     /// Republishes the last report with the current lifecycle state (used while a
-    /// long step such as initdb or pg_basebackup runs).
+    /// long step such as initdb or pg_basebackup runs). The lifecycle state is known
+    /// now, but the last probe's answer no longer holds while the agent starts, stops
+    /// or rebuilds the instance: it is published as not responding, so that an old
+    /// "healthy" cannot pass for a fresh one (the next `observe` tells again).
     fn publish_state(&mut self) {
         let state = self.state_text();
         let r = &mut self.last_report;
         r.held_stopped = *self.lifecycle.state() == LifecycleState::HeldStopped;
         r.last_error = self.last_error.clone();
         r.detail = state;
+        r.responding = false;
         if let Some(tx) = &self.report_tx {
-            tx.send_replace(r.clone());
+            tx.send_replace(Observation::now(r.clone()));
         }
     }
 
@@ -553,7 +585,7 @@ impl InstanceSupervisor {
             self.reconcile().await;
             let report = self.observe().await;
             self.last_report = report.clone();
-            ch.report.send_replace(report);
+            ch.report.send_replace(Observation::now(report));
         }
     }
 }

@@ -40,10 +40,20 @@
 //!   primary has re-attached it, RUN_ALONE off.
 //! - A member assigned standby that runs as primary while the assigned primary is
 //!   healthy → DEMOTE.
+//! - Level-triggered repair as for DN groups: a member assigned primary that still
+//!   runs as a standby gets PROMOTE again (e.g. its order was rejected because a DN
+//!   failover in a later tick raised the term before the agent got it).
 //!
 //! Single lost heartbeats and slow fsyncs never trigger anything: every timeout is at
 //! least two heartbeats (validated in the config), probes do not fsync, and the timers
 //! run from the last healthy report, not from one missed one.
+//!
+//! Every timer runs from when the agent *observed* the instance (the report's arrival
+//! minus its `observed_ms_ago`), not from the report's arrival: an agent re-sends its
+//! last observation while the next probe hangs (up to the probe timeout), so a hung
+//! primary's last "healthy" keeps arriving for a while but ages. A healthy instance's
+//! observation is at most about one heartbeat plus a probe old, well below any
+//! timeout, so this costs no spurious failover.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -129,9 +139,12 @@ impl Ctx<'_> {
             .filter(|r| r.process_alive && r.responding && r.role == role as i32)
     }
 
-    /// How long `name` has not been healthy: since the arrival of its last healthy
-    /// report (0 while the latest one is healthy). Starts its timer now if it was
-    /// never watched (a new CMServer primary gives a full timeout of grace).
+    /// How long `name` has not been healthy: from the observation of its last healthy
+    /// report to its latest observation while that is fresh (what its agent saw, not
+    /// when the report happened to arrive: a report carries an observation up to a
+    /// heartbeat old), or to now once it is stale (agent silent or stuck); 0 while the
+    /// latest one is healthy. Starts its timer now if it was never watched (a new
+    /// CMServer primary gives a full timeout of grace).
     fn unhealthy_for(&mut self, name: &str, healthy: bool) -> Duration {
         let now = self.input.now;
         if healthy {
@@ -155,7 +168,11 @@ impl Ctx<'_> {
             .healthy_at
             .entry(name.to_owned())
             .or_insert(now);
-        now.saturating_duration_since(since)
+        let until = match self.input.reports.latest(name) {
+            Some(o) if self.fresh(name).is_some() => o.at.min(now),
+            _ => now,
+        };
+        until.saturating_duration_since(since)
     }
 
     fn recently_ordered(&self, name: &str, kind: OrderKind) -> bool {
@@ -434,6 +451,18 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
     };
     let s = assigned(state, members, AssignedRole::Standby);
     let timeout = cx.input.cfg.timing.gtm_failover_timeout();
+
+    // A member assigned primary that still runs as a standby: (re)order PROMOTE (the
+    // CMServer may have died between persisting and ordering, or the order was
+    // rejected because a later failover in another group raised the term first).
+    if cx.healthy_as(&p.name, MemberRole::Standby).is_some() && state.should_run(&p.name) {
+        cx.order(&p.name, OrderKind::Promote);
+        cx.note(
+            GTM_PAIR,
+            format!("promoting {} (assigned primary, runs as standby)", p.name),
+        );
+        return;
+    }
 
     let p_healthy = cx.healthy_as(&p.name, MemberRole::Primary).cloned();
     let lost = cx.unhealthy_for(&p.name, p_healthy.is_some());
@@ -724,6 +753,104 @@ mod tests {
         assert!(p.notes["dn1"].contains("failover"), "{}", p.notes["dn1"]);
     }
 
+    /// `r` as re-sent by its agent `age_ms` after observing it.
+    fn aged(mut r: InstanceReport, age_ms: u64) -> InstanceReport {
+        r.observed_ms_ago = age_ms;
+        r
+    }
+
+    #[test]
+    fn a_hung_primary_fails_over_after_its_last_healthy_observation() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // The postmaster hangs right after the healthy probe at t0: the next probe
+        // starts at 1000 and times out at 3000 (probe timeout 2 s); meanwhile the
+        // agent re-sends its last, healthy, observation, aging.
+        for ms in [1000, 2000, 2900] {
+            let at = w.at(ms);
+            w.report("h1", vec![aged(dn1_primary(), ms)], at);
+            w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+            let p = w.tick(at);
+            assert!(
+                !has(&p, "dn1_h2", OrderKind::Promote),
+                "{ms} ms: {:?}",
+                p.orders
+            );
+        }
+        let at = w.at(3000);
+        let mut hung = dn1_primary();
+        hung.responding = false;
+        w.report("h1", vec![hung], at);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(
+            has(&p, "dn1_h2", OrderKind::Promote),
+            "dn_failover_timeout after the last healthy observation (t0), not after \
+             the last healthy report's arrival (2900): {:?}",
+            p.orders
+        );
+        assert_eq!(p.state.expect("new roles").term, Term(2));
+    }
+
+    #[test]
+    fn a_healthy_primary_with_a_normal_observation_age_is_left_alone() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // Every report carries an observation one heartbeat plus a probe old, and one
+        // heartbeat is lost now and then.
+        for ms in (1000..=20000).step_by(1000) {
+            if ms % 7000 == 0 {
+                continue;
+            }
+            let at = w.at(ms);
+            w.report("h1", vec![aged(dn1_primary(), 1050)], at);
+            w.report(
+                "h2",
+                vec![aged(dn("dn1_h2", MemberRole::Standby), 1050)],
+                at,
+            );
+            let p = w.tick(at + Duration::from_millis(900));
+            assert!(
+                !has(&p, "dn1_h2", OrderKind::Promote),
+                "{ms} ms: {:?}",
+                p.orders
+            );
+        }
+        assert_eq!(w.state.role_of("dn1_h1"), Some(AssignedRole::Primary));
+    }
+
+    #[test]
+    fn one_failed_probe_reported_a_heartbeat_late_changes_nothing() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // dn1_h1 is observed at 10 + 1000 k; each observation arrives a heartbeat
+        // later (report just before the next probe, plus delivery): at 1030 + 1000 k.
+        // The probe at 1010 fails once.
+        for k in 0..6u64 {
+            let mut r = dn1_primary();
+            r.responding = k != 1;
+            let arrival = w.at(1030 + 1000 * k);
+            w.report("h1", vec![aged(r, 1020)], arrival);
+            w.report(
+                "h2",
+                vec![aged(dn("dn1_h2", MemberRole::Standby), 1020)],
+                arrival,
+            );
+            for at in [arrival, arrival + Duration::from_millis(999)] {
+                let p = w.tick(at);
+                assert!(
+                    !has(&p, "dn1_h2", OrderKind::Promote),
+                    "{k}: {:?}",
+                    p.orders
+                );
+            }
+        }
+        assert_eq!(w.state.term, Term(1));
+    }
+
     #[test]
     fn one_lost_heartbeat_changes_nothing() {
         let mut w = World::new();
@@ -921,6 +1048,28 @@ mod tests {
         assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
         assert_eq!(w.state.role_of("gtm2"), Some(AssignedRole::Primary));
         assert_eq!(w.state.term, Term(2));
+    }
+
+    #[test]
+    fn a_gtm_promote_lost_to_a_later_term_is_ordered_again() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        let at = w.at(3100);
+        w.report("h2", vec![gtm("gtm2", MemberRole::Standby, ready())], at);
+        assert!(has(&w.tick(at), "gtm2", OrderKind::Promote));
+        // The agent rejected it (dn1's failover raised the term meanwhile): gtm2 still
+        // runs as a standby, and the order is no longer recent.
+        let at = w.at(4100);
+        w.report("h2", vec![gtm("gtm2", MemberRole::Standby, ready())], at);
+        let p = w.tick(at);
+        assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(
+            p.notes[GTM_PAIR].contains("promoting gtm2"),
+            "{:?}",
+            p.notes
+        );
+        assert_eq!(w.state.role_of("gtm2"), Some(AssignedRole::Primary));
     }
 
     #[test]

@@ -40,9 +40,9 @@ pub struct Engine {
     inner: Mutex<EngineState>,
 }
 
-/// A future streaming the state to the standby CMServer.
+/// Streams a persisted but not yet installed state to the standby CMServer (bounded).
 pub type Replicate<'a> =
-    Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> + Send + Sync + 'a>;
+    Box<dyn Fn(ClusterState) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> + Send + Sync + 'a>;
 
 /// What arbitration works on (borrowed from the service).
 pub struct Ctx<'a> {
@@ -51,8 +51,11 @@ pub struct Ctx<'a> {
     pub state: &'a tokio::sync::Mutex<ClusterState>,
     pub reports: &'a Mutex<Reports>,
     pub engine: &'a Engine,
-    /// Streams the state to the standby CMServer (bounded); called after every
-    /// persisted change, with the state unlocked, before any order is sent.
+    /// Streams a new state to the standby CMServer (bounded). Called after the change
+    /// is persisted and BEFORE it is installed (with the state lock held), so that no
+    /// agent can be told of a change — in an assignment or an order — that the
+    /// standby CMServer does not have: a takeover never acts on older roles than an
+    /// agent has already seen.
     pub replicate: Replicate<'a>,
 }
 
@@ -104,6 +107,11 @@ impl Engine {
     }
 
     /// Queues an order for the agent of `host`; returns its id.
+    /// Moves the pending orders into a new term (see [`OrderBook::restamp`]).
+    pub fn restamp(&self, term: u64) {
+        lock(&self.inner).book.restamp(term);
+    }
+
     pub fn issue(&self, host: &str, order: Order) -> u64 {
         lock(&self.inner).book.issue(host, order, Instant::now())
     }
@@ -247,9 +255,11 @@ pub async fn tick(cx: &Ctx<'_>) {
             );
         }
         term = next.term.0;
+        (cx.replicate)(next.clone()).await;
+        // Still under the state lock: no reply has carried the new term yet.
+        cx.engine.restamp(term);
         *state = next;
         drop(state);
-        (cx.replicate)().await;
     } else {
         drop(state);
     }

@@ -131,6 +131,9 @@ async fn swap_roles(cx: &Ctx<'_>, t: &Target, old: &str, new: &str) -> Result<u6
     persist(cx.file, &next)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
+    // The standby CMServer gets the new roles before any agent can see them.
+    (cx.replicate)(next.clone()).await;
+    cx.engine.restamp(next.term.0);
     *guard = next;
     let term = guard.term.0;
     drop(guard);
@@ -140,7 +143,6 @@ async fn swap_roles(cx: &Ctx<'_>, t: &Target, old: &str, new: &str) -> Result<u6
         standby = old,
         "roles changed by an operation"
     );
-    (cx.replicate)().await;
     Ok(term)
 }
 

@@ -78,6 +78,17 @@ impl OrderBook {
             .collect()
     }
 
+    /// Moves every pending order into `term`. Called when this primary bumps its term,
+    /// before any reply carries the new term: an agent that has seen the new term
+    /// refuses orders stamped with an older one, and a pending order (decided by this
+    /// same primary, whose new state carries that decision over) would otherwise be
+    /// refused and wait out its cooldown. Never lowers a term.
+    pub fn restamp(&mut self, term: u64) {
+        for e in self.entries.iter_mut().filter(|e| e.outcome.is_none()) {
+            e.order.term = e.order.term.max(term);
+        }
+    }
+
     /// Takes the outcomes an agent reported.
     pub fn record(&mut self, outcomes: &[OrderOutcome], now: Instant) {
         for o in outcomes {
@@ -192,6 +203,30 @@ mod tests {
         );
         b.expire(t0 + PENDING_TTL + Duration::from_secs(1));
         assert!(!b.knows(id) && !b.knows(id2));
+    }
+
+    #[test]
+    fn a_term_bump_restamps_pending_orders_only() {
+        let now = Instant::now();
+        let mut book = OrderBook::new();
+        let mut o = order("gtm2", OrderKind::Promote);
+        o.term = 3;
+        let pending = book.issue("h2", o.clone(), now);
+        let done = book.issue("h1", o, now);
+        book.record(
+            &[OrderOutcome {
+                order_id: done,
+                ok: true,
+                ..OrderOutcome::default()
+            }],
+            now,
+        );
+        book.restamp(4);
+        let sent = book.for_host("h2");
+        assert_eq!(sent.len(), 1);
+        assert_eq!((sent[0].id, sent[0].term), (pending, 4));
+        book.restamp(2);
+        assert_eq!(book.for_host("h2")[0].term, 4, "a term is never lowered");
     }
 
     #[test]

@@ -116,14 +116,6 @@ impl CmService {
         self.shared.is_primary()
     }
 
-    /// Streams the current state to the standby CMServer and waits for its answer
-    /// (bounded). Call after every persisted state change, before acting on it, with
-    /// the state lock released.
-    pub async fn replicate_now(&self) {
-        let sh = &self.shared;
-        sh.pair.push(&sh.state, &sh.peers_seen).await;
-    }
-
     /// Streams `next` to the standby CMServer (bounded), for a caller that holds the
     /// state lock and has persisted `next` but not yet installed it: no agent can see
     /// a change before the standby has it.
@@ -142,7 +134,9 @@ impl CmService {
             state: &sh.state,
             reports: &sh.reports,
             engine: &sh.engine,
-            replicate: Box::new(move || Box::pin(self.replicate_now())),
+            replicate: Box::new(move |next| {
+                Box::pin(async move { self.replicate_state(&next).await })
+            }),
         }
     }
 

@@ -141,11 +141,20 @@ fn instance_status(input: &StatusInput<'_>, r: InstanceRef<'_>) -> InstanceStatu
     row.report_age_s = age.as_secs_f64();
     if age > input.timeout() {
         row.state = UNKNOWN.into();
-        row.detail = format!(
-            "the agent of {} has been silent for {:.1} s",
-            r.instance.host,
-            age.as_secs_f64()
-        );
+        let heard = input.now.saturating_duration_since(observed.received);
+        row.detail = if heard > input.timeout() {
+            format!(
+                "the agent of {} has been silent for {:.1} s",
+                r.instance.host,
+                heard.as_secs_f64()
+            )
+        } else {
+            format!(
+                "last observed {:.1} s ago (the agent of {} reports, but has not looked at it since)",
+                age.as_secs_f64(),
+                r.instance.host
+            )
+        };
         return row;
     }
     let rep = &observed.report;
@@ -559,6 +568,26 @@ mod tests {
         let s = empty.status();
         assert_eq!(member(&s, "dn1_h1").state, UNKNOWN);
         assert_eq!(member(&s, "dn1_h1").report_age_s, -1.0);
+    }
+
+    #[test]
+    fn an_old_observation_is_unknown_even_if_the_agent_reports() {
+        let mut w = healthy();
+        let now = w.t0 + Duration::from_secs(5);
+        let mut stale = dn("dn1_h2", MemberRole::Standby, 0x3000100);
+        stale.observed_ms_ago = 4000;
+        w.report_at("h2", vec![stale], now);
+        let s = w.status_at(now);
+        let m = member(&s, "dn1_h2");
+        assert_eq!(m.state, UNKNOWN, "{m:?}");
+        assert!((m.report_age_s - 4.0).abs() < 0.01, "{m:?}");
+        assert!(m.detail.contains("last observed 4.0 s ago"), "{}", m.detail);
+        let silent = member(&s, "dn1_h1");
+        assert!(
+            silent.detail.contains("silent for 5.0 s"),
+            "{}",
+            silent.detail
+        );
     }
 
     #[test]
