@@ -182,14 +182,7 @@ fn postmaster_family(cluster: &LocalCluster, instance: &str) -> Result<Vec<u32>>
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command: state, ppid, ...
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
+        let ppid = ha_common::process::parent(pid);
         if ppid == Some(pm) {
             pids.push(pid);
         }

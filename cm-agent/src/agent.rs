@@ -54,7 +54,14 @@ pub fn load(opts: &AgentOptions) -> Result<(Arc<ClusterConfig>, PathBuf, OsUser)
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOptions) -> Result<()> {
     let (cfg, config_path, os_user) = load(&opts)?;
-    run_until(cfg, &config_path, &opts.node, os_user, shutdown_signal()).await
+    run_until(
+        cfg,
+        &config_path,
+        &opts.node,
+        os_user,
+        ha_common::shutdown::signal(),
+    )
+    .await
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -151,21 +158,4 @@ pub async fn run_until(
         t.abort();
     }
     Ok(())
-}
-
-/// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot listen for SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
-    }
 }

@@ -11,54 +11,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub use ha_common::process::{alive, cmdline, cwd, program_name};
+
 use crate::error::CtlError;
-
-/// Whether `pid` is a live process (a zombie is not).
-pub fn alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else {
-        return false;
-    };
-    if raw <= 0 {
-        return false;
-    }
-    match kill(Pid::from_raw(raw), None) {
-        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
-        Err(_) => return false,
-    }
-    !matches!(proc_state(pid), Some('Z') | Some('X') | None)
-}
-
-/// The state letter of `/proc/<pid>/stat`.
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.trim_start().chars().next()
-}
-
-/// A process's arguments, from `/proc/<pid>/cmdline`.
-pub fn cmdline(pid: u32) -> Option<Vec<String>> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect(),
-    )
-}
-
-/// A process's working directory.
-pub fn cwd(pid: u32) -> Option<PathBuf> {
-    std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
-}
-
-/// The file name of a process's program (argv[0]).
-fn program_name(args: &[String]) -> Option<String> {
-    let first = args.first()?;
-    let exe = first.split_whitespace().next().unwrap_or(first);
-    Path::new(exe)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-}
 
 /// One of our daemons as `cm_ctl local` starts it: `<bin> --config C --node N --base-dir B`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -369,7 +369,7 @@ pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     tonic::transport::Server::builder()
         .add_service(CmServerServer::new(service))
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, ha_common::shutdown::signal())
         .await?;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(node, "CMServer stopped");
@@ -394,23 +394,6 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!("sd_notify failed: {e}");
     }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM ({e}); stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutdown requested");
 }
 
 /// The primary asks every other CMServer, once per heartbeat, whether it is alive. A

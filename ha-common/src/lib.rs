@@ -5,6 +5,8 @@ pub mod config;
 pub mod durable;
 pub mod logging;
 pub mod lsn;
+pub mod process;
+pub mod shutdown;
 pub mod term;
 
 pub use config::{ClusterConfig, ConfigError, Role};

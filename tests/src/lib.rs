@@ -220,23 +220,7 @@ mod tests {
 
 /// Whether `pid` is a live process; a zombie (dead, not yet reaped) is not.
 pub fn pid_alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else {
-        return false;
-    };
-    if raw <= 0 {
-        return false;
-    }
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) {
-        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
-        Err(_) => return false,
-    }
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].trim_start().chars().next());
-    !matches!(state, Some('Z') | Some('X') | None)
+    ha_common::process::alive(pid)
 }
 
 /// SIGKILLs `pid` (no-op if it is gone).
@@ -288,11 +272,6 @@ pub fn postmasters_in(data_dir: &Path) -> Vec<u32> {
     let data_dir = canonical(data_dir);
     let in_dir =
         |pid: u32| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == data_dir);
-    let ppid = |pid: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let rest = &stat[stat.rfind(')')? + 1..];
-        rest.split_whitespace().nth(1)?.parse().ok()
-    };
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -300,7 +279,7 @@ pub fn postmasters_in(data_dir: &Path) -> Vec<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| pid_alive(*pid) && in_dir(*pid))
-        .filter(|pid| !ppid(*pid).is_some_and(in_dir))
+        .filter(|pid| !ha_common::process::parent(*pid).is_some_and(in_dir))
         .collect()
 }
 
