@@ -19,13 +19,11 @@
 //! back. Prints medians and ranges. Never a timed test: run it by hand:
 //! `cargo build --release --workspace --bins && target/release/failover_bench --runs 10`.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use mpp_ha_tests::{kill9, pid_alive, LocalCluster};
-use tokio_postgres::NoTls;
+use mpp_ha_tests::{connect, kill9, pid_alive, LocalCluster};
 
 #[derive(Parser)]
 #[command(about = "Failover and switchover times of a real local cluster (prints figures)")]
@@ -85,20 +83,8 @@ fn with_timing(text: String, timing: &str) -> String {
     out
 }
 
-async fn connect(port: u16) -> Result<tokio_postgres::Client> {
-    let conn =
-        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=1");
-    let (client, connection) = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio_postgres::connect(&conn, NoTls),
-    )
-    .await
-    .map_err(|_| anyhow!("connect to {port} timed out"))??;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
+/// Connecting is bounded: a lost primary must not stall a probe.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// dn1's current primary and standby, from `cm_ctl status --json`.
 fn dn1_layout(cluster: &LocalCluster) -> Result<(String, String)> {
@@ -130,14 +116,8 @@ fn lose_host(cluster: &LocalCluster, host: &str) -> Result<Instant> {
         if let Some(pid) = cluster.postmaster_pid(name) {
             pids.push(pid);
         }
-        let gtm_pid: PathBuf = cluster.base_dir().join(format!("{name}.gtm.pid"));
-        if let Some(pid) = std::fs::read_to_string(gtm_pid)
-            .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok())
-        {
-            if pid_alive(pid) {
-                pids.push(pid);
-            }
+        if let Some(pid) = cluster.gtm_pid(name).filter(|&p| pid_alive(p)) {
+            pids.push(pid);
         }
     }
     let t0 = Instant::now();
@@ -158,7 +138,7 @@ async fn first_commit(port: u16, local: bool, deadline: Instant) -> Result<Insta
         if Instant::now() > deadline {
             bail!("no commit on port {port} before the deadline");
         }
-        if let Ok(client) = connect(port).await {
+        if let Ok(client) = connect(port, CONNECT_TIMEOUT).await {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Ok(Ok(())) = tokio::time::timeout(left, client.batch_execute(sql)).await {
                 return Ok(Instant::now());
@@ -174,19 +154,7 @@ fn postmaster_family(cluster: &LocalCluster, instance: &str) -> Result<Vec<u32>>
         .postmaster_pid(instance)
         .ok_or_else(|| anyhow!("{instance} has no running postmaster"))?;
     let mut pids = vec![pm];
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let ppid = ha_common::process::parent(pid);
-        if ppid == Some(pm) {
-            pids.push(pid);
-        }
-    }
+    pids.extend(ha_common::process::children(pm));
     Ok(pids)
 }
 
@@ -235,7 +203,7 @@ async fn one_failover(cluster: &LocalCluster) -> Result<Run> {
     let (primary, standby) = dn1_layout(cluster)?;
     let pport = cluster.port(&primary);
     let sport = cluster.port(&standby);
-    connect(pport)
+    connect(pport, CONNECT_TIMEOUT)
         .await?
         .batch_execute("CREATE TABLE IF NOT EXISTS bench_t (id bigserial PRIMARY KEY)")
         .await?;
@@ -274,7 +242,7 @@ async fn switchover_outage(cluster: &LocalCluster, target: &str) -> Result<Durat
             let mut client: Option<tokio_postgres::Client> = None;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if client.is_none() {
-                    client = connect(ports[i % 2]).await.ok();
+                    client = connect(ports[i % 2], CONNECT_TIMEOUT).await.ok();
                     i += 1;
                 }
                 if let Some(c) = &client {

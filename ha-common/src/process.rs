@@ -40,6 +40,18 @@ pub fn parent(pid: u32) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Every live process whose parent is `pid` (one level), from `/proc`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| parent(p) == Some(pid))
+        .collect()
+}
+
 /// The arguments of a running process, from `/proc/<pid>/cmdline`.
 pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -88,6 +100,17 @@ mod tests {
         );
         let me = cmdline(std::process::id()).unwrap();
         assert!(program_name(&me).is_some());
+    }
+
+    #[test]
+    fn a_spawned_child_is_among_our_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(children(std::process::id()).contains(&child.id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

@@ -39,6 +39,27 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Connects to a DN member on loopback as the superuser; connecting is bounded by
+/// `timeout`.
+pub async fn connect(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .application_name("mpp-ha-test")
+        .connect_timeout(timeout);
+    let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
+        .await
+        .with_context(|| format!("connect to 127.0.0.1:{port} timed out"))?
+        .with_context(|| format!("connect to 127.0.0.1:{port}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
 /// A per-test directory, removed (with everything in it) on drop.
 pub struct TestDir {
     path: PathBuf,
@@ -403,9 +424,34 @@ impl LocalCluster {
 
     /// The pid in a DN's `postmaster.pid`, if that process is alive.
     pub fn postmaster_pid(&self, instance: &str) -> Option<u32> {
-        let text = std::fs::read_to_string(self.data_dir(instance).join("postmaster.pid")).ok()?;
-        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        let pid =
+            ha_common::process::read_pid_file(&self.data_dir(instance).join("postmaster.pid"))?;
         pid_alive(pid).then_some(pid)
+    }
+
+    /// The pid in `<base>/<name>.gtm.pid` (written by the agent that started the GTM).
+    pub fn gtm_pid(&self, name: &str) -> Option<u32> {
+        ha_common::process::read_pid_file(&self.base_dir().join(format!("{name}.gtm.pid")))
+    }
+
+    /// Waits until every named instance shows `state` in `cm_ctl status`.
+    pub async fn wait_states(&self, names: &[&str], state: &str, timeout: Duration) -> Result<()> {
+        let what = format!("{names:?} to be {state}");
+        wait_for(&what, timeout, || async {
+            let s = self.status()?;
+            let off: Vec<String> = names
+                .iter()
+                .map(|n| (n, member_state(&s, n)))
+                .filter(|(_, st)| st != state)
+                .map(|(n, st)| format!("{n} is {st}"))
+                .collect();
+            if off.is_empty() {
+                Ok(Some(()))
+            } else {
+                bail!("{}", off.join(", "))
+            }
+        })
+        .await
     }
 
     /// The configured port of an instance.

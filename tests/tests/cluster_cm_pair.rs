@@ -69,30 +69,6 @@ fn dn_roles(status: &serde_json::Value) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn wait_states(
-    c: &LocalCluster,
-    names: &[&str],
-    state: &str,
-    timeout: Duration,
-) -> Result<()> {
-    let what = format!("{names:?} to be {state}");
-    wait_for(&what, timeout, || async {
-        let s = c.status()?;
-        let off: Vec<String> = names
-            .iter()
-            .map(|n| (n, member_state(&s, n)))
-            .filter(|(_, st)| st != state)
-            .map(|(n, st)| format!("{n} is {st}"))
-            .collect();
-        if off.is_empty() {
-            Ok(Some(()))
-        } else {
-            bail!("{}", off.join(", "))
-        }
-    })
-    .await
-}
-
 /// Kills CMServer `name` (kill -9 of `pid`) and waits for the other one to be primary
 /// in a term above `term`; returns it, the new term and how long that took.
 async fn kill_primary_and_wait_takeover(
@@ -183,7 +159,8 @@ async fn the_cm_server_pair_fails_over_and_the_old_primary_rejoins_as_standby() 
         "cm_ctl status after takeover: {}",
         text.stderr
     );
-    wait_states(&c, &DNS, "normal", Duration::from_secs(30)).await?;
+    c.wait_states(&DNS, "normal", Duration::from_secs(30))
+        .await?;
     // A few heartbeats later, still no DN changed role (no spurious failover).
     let hold_until = Instant::now() + heartbeat * 4;
     while Instant::now() < hold_until {
@@ -240,7 +217,8 @@ async fn the_cm_server_pair_fails_over_and_the_old_primary_rejoins_as_standby() 
         start.stderr,
         c.logs()
     );
-    wait_states(&c, &DNS, "normal", Duration::from_secs(30)).await?;
+    c.wait_states(&DNS, "normal", Duration::from_secs(30))
+        .await?;
 
     // 5. The primary dies again: the standby, which has only the streamed state, takes
     //    over with the current layout; `local up` brings the old one back as standby.
@@ -254,7 +232,8 @@ async fn the_cm_server_pair_fails_over_and_the_old_primary_rejoins_as_standby() 
         "CMServer takeover {first} -> {back} (term {term3} -> {term4}) seen after {:.2} s",
         took.as_secs_f64()
     );
-    wait_states(&c, &DNS, "normal", Duration::from_secs(30)).await?;
+    c.wait_states(&DNS, "normal", Duration::from_secs(30))
+        .await?;
     assert_eq!(dn_roles(&c.status()?), roles);
     c.up(90)?;
     let (p, s, term5) = wait_for(

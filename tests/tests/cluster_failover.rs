@@ -27,7 +27,7 @@ async fn host_loss_promotes_the_sync_standby_without_losing_commits() -> Result<
     // h1 is lost: its agent first (so nothing restarts), then its instances.
     let agent = c.recorded_pid("cm_agent-h1").expect("agent h1 recorded");
     let pm = c.postmaster_pid("dn1_h1").expect("dn1_h1 runs");
-    let gtm1 = gtm_pid(&c, "gtm1").expect("gtm1 runs");
+    let gtm1 = c.gtm_pid("gtm1").expect("gtm1 runs");
     let gxid_before = next_gxid(&c)?;
     kill9(agent);
     kill9(pm);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use failover_support::*;
-use mpp_ha_tests::{kill9, pid_alive, status_member, wait_for, LocalCluster};
+use mpp_ha_tests::{connect, kill9, pid_alive, status_member, wait_for, LocalCluster};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -43,7 +43,7 @@ async fn a_frozen_primary_never_acknowledges_and_a_lost_gtm_is_replaced() -> Res
     signal_all(&[pm], Signal::SIGSTOP);
     let mut frozen = vec![pm];
     for _ in 0..3 {
-        let kids: Vec<u32> = children_of(pm)
+        let kids: Vec<u32> = ha_common::process::children(pm)
             .into_iter()
             .filter(|k| !frozen.contains(k))
             .collect();
@@ -125,7 +125,7 @@ async fn a_frozen_primary_never_acknowledges_and_a_lost_gtm_is_replaced() -> Res
     // The GTM primary is lost: its agent first (so it is not restarted), then gtm1.
     let before = next_gxid(&c)?;
     let agent = c.recorded_pid("cm_agent-h1").expect("agent h1");
-    let gtm1 = gtm_pid(&c, "gtm1").expect("gtm1 runs");
+    let gtm1 = c.gtm_pid("gtm1").expect("gtm1 runs");
     kill9(agent);
     kill9(gtm1);
     let killed = Instant::now();

@@ -12,38 +12,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use mpp_ha_tests::{
     bin, kill9, member_state, pid_alive, postmasters_in, processes_under, wait_for, LocalCluster,
     Proc,
 };
 
 const PORT_BASE: u16 = 23000;
-
-/// Waits until every named instance shows `state` in `cm_ctl status`.
-async fn wait_states(
-    c: &LocalCluster,
-    names: &[&str],
-    state: &str,
-    timeout: Duration,
-) -> Result<()> {
-    let what = format!("{names:?} to be {state}");
-    wait_for(&what, timeout, || async {
-        let s = c.status()?;
-        let off: Vec<String> = names
-            .iter()
-            .map(|n| (n, member_state(&s, n)))
-            .filter(|(_, st)| st != state)
-            .map(|(n, st)| format!("{n} is {st}"))
-            .collect();
-        if off.is_empty() {
-            Ok(Some(()))
-        } else {
-            bail!("{}", off.join(", "))
-        }
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_failures_are_repaired_and_stopped_instances_stay_stopped() -> Result<()> {
@@ -70,7 +45,8 @@ async fn cluster_failures_are_repaired_and_stopped_instances_stay_stopped() -> R
         || async { Ok(c.postmaster_pid("dn1_h1").filter(|p| *p != old)) },
     )
     .await?;
-    wait_states(&c, &dns, "normal", Duration::from_secs(60)).await?;
+    c.wait_states(&dns, "normal", Duration::from_secs(60))
+        .await?;
     eprintln!(
         "dn1_h1 restarted (pid {old} -> {new}), normal again after {:.1} s",
         t1.elapsed().as_secs_f64()
@@ -90,7 +66,8 @@ async fn cluster_failures_are_repaired_and_stopped_instances_stay_stopped() -> R
     })
     .await?;
     // Its instances keep running, and status stops vouching for them.
-    wait_states(&c, &on_h3, "unknown", Duration::from_secs(15)).await?;
+    c.wait_states(&on_h3, "unknown", Duration::from_secs(15))
+        .await?;
     for (n, pid) in on_h3.iter().zip(&before) {
         assert!(pid_alive(*pid), "{n}'s postmaster died with its agent");
     }
@@ -98,7 +75,8 @@ async fn cluster_failures_are_repaired_and_stopped_instances_stay_stopped() -> R
     c.up(90)?;
     let new_agent = c.recorded_pid("cm_agent-h3").expect("agent h3 recorded");
     assert_ne!(new_agent, agent, "local up starts a new agent");
-    wait_states(&c, &dns, "normal", Duration::from_secs(60)).await?;
+    c.wait_states(&dns, "normal", Duration::from_secs(60))
+        .await?;
     eprintln!(
         "agent h3 restarted and adopted its instances in {:.1} s",
         t2.elapsed().as_secs_f64()
@@ -150,8 +128,7 @@ async fn cluster_failures_are_repaired_and_stopped_instances_stay_stopped() -> R
         &["--config", &config, "--node", "cms1", "--base-dir", &base],
         c.dir.path(),
     )?;
-    wait_states(
-        &c,
+    c.wait_states(
         &["dn1_h1", "dn2_h2", "dn2_h3"],
         "normal",
         Duration::from_secs(30),
@@ -176,7 +153,8 @@ async fn cluster_failures_are_repaired_and_stopped_instances_stay_stopped() -> R
         c.logs()
     );
     assert_eq!(member_state(&c.status()?, "dn1_h2"), "normal");
-    wait_states(&c, &dns, "normal", Duration::from_secs(30)).await?;
+    c.wait_states(&dns, "normal", Duration::from_secs(30))
+        .await?;
 
     // 4. With every agent and CMServer killed, `local down` still stops the
     //    instances they left behind, by their pid files.

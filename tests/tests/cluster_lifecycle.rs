@@ -6,21 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mpp_ha_tests::{
-    member_state, pid_alive, processes_under, status_member, wait_for, LocalCluster,
+    connect, member_state, pid_alive, processes_under, status_member, wait_for, LocalCluster,
 };
 use serde_json::Value;
 
 const PORT_BASE: u16 = 22000;
-
-async fn connect(port: u16) -> Result<tokio_postgres::Client> {
-    let conninfo =
-        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=5");
-    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("connect to 127.0.0.1:{port}"))?;
-    tokio::spawn(conn);
-    Ok(client)
-}
 
 fn group<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["dn_groups"]
@@ -96,14 +86,14 @@ async fn cluster_local_up_replicates_and_local_down_leaves_nothing() -> Result<(
     }
 
     // A row committed on dn1's primary is readable on its standby.
-    let primary = connect(c.port("dn1_h1")).await?;
+    let primary = connect(c.port("dn1_h1"), Duration::from_secs(5)).await?;
     primary
         .batch_execute(
             "CREATE TABLE cluster_t (id int PRIMARY KEY, v text);
              INSERT INTO cluster_t VALUES (1, 'replicated');",
         )
         .await?;
-    let standby = connect(c.port("dn1_h2")).await?;
+    let standby = connect(c.port("dn1_h2"), Duration::from_secs(5)).await?;
     let v: String = wait_for(
         "the row on dn1's standby",
         Duration::from_secs(20),

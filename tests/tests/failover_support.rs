@@ -9,26 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mpp_ha_tests::{member_state, status_member, wait_for, LocalCluster};
-
-/// Connects to a DN member as the superuser (bounded).
-pub async fn connect(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
-        .application_name("failover_test")
-        .connect_timeout(timeout);
-    let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
-        .await
-        .context("connect timed out")??;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
+use mpp_ha_tests::{connect, member_state, status_member, wait_for, LocalCluster};
 
 /// The port of the member of `ports` that accepts writes (not in recovery), if any.
 pub async fn writable(ports: &[u16]) -> Option<(u16, tokio_postgres::Client)> {
@@ -221,32 +202,6 @@ pub async fn create_table(port: u16) -> Result<()> {
     c.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
         .await?;
     Ok(())
-}
-
-/// Every pid whose parent is `pid` (one level), read from /proc.
-pub fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let rest = stat[stat.rfind(')')? + 1..].to_owned();
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
-}
-
-/// The pid in `<base>/<name>.gtm.pid`.
-pub fn gtm_pid(c: &LocalCluster, name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(c.base_dir().join(format!("{name}.gtm.pid"))).ok()?;
-    text.trim().parse().ok()
 }
 
 /// `gtm next --config …`: one fresh GXID.

@@ -22,10 +22,6 @@ pub async fn run(cfg: &ClusterConfig, op: &Operation) -> Result<(), CtlError> {
         .await
         .map_err(|s| primary.operation_error("build", s))?
         .into_inner();
-    println!(
-        "{} ({:.1} s)",
-        reply.message,
-        started.elapsed().as_secs_f64()
-    );
+    super::print_done(&reply, started);
     Ok(())
 }

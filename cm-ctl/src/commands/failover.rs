@@ -25,10 +25,6 @@ pub async fn run(cfg: &ClusterConfig, instance: &str, force: bool) -> Result<(),
         .await
         .map_err(|s| primary.operation_error("failover", s))?
         .into_inner();
-    println!(
-        "{} ({:.1} s)",
-        reply.message,
-        started.elapsed().as_secs_f64()
-    );
+    super::print_done(&reply, started);
     Ok(())
 }

@@ -43,3 +43,12 @@ pub(crate) fn check_instance(cfg: &ClusterConfig, name: &str) -> Result<(), CtlE
         Some(_) => Ok(()),
     }
 }
+
+/// Prints an operation's one-line answer with how long it took.
+fn print_done(reply: &ha_common::proto::cm::OperationReply, started: std::time::Instant) {
+    println!(
+        "{} ({:.1} s)",
+        reply.message,
+        started.elapsed().as_secs_f64()
+    );
+}
