@@ -6,7 +6,10 @@ use clap::Parser;
 async fn main() {
     let cli = cm_ctl::Cli::parse();
     if let Err(e) = cm_ctl::commands::run(cli).await {
-        eprintln!("cm_ctl: error: {}", cm_ctl::error::one_line(&e.to_string()));
+        eprintln!(
+            "cm_ctl: error: {}",
+            ha_common::message::one_line(&e.to_string())
+        );
         std::process::exit(1);
     }
 }

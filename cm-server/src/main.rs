@@ -37,7 +37,7 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// The error and its causes on one line: causes already quoted by their parent are
-/// not repeated, and TOML's source excerpt markers (`|`, `^`) are dropped.
+/// not repeated.
 fn one_line(e: &anyhow::Error) -> String {
     let mut msg = String::new();
     for cause in e.chain() {
@@ -49,9 +49,5 @@ fn one_line(e: &anyhow::Error) -> String {
             msg.push_str(&text);
         }
     }
-    msg.lines()
-        .map(str::trim)
-        .filter(|l| !l.chars().all(|c| c == '|' || c == '^' || c.is_whitespace()))
-        .collect::<Vec<_>>()
-        .join("; ")
+    ha_common::message::one_line(&msg)
 }

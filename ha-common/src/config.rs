@@ -290,7 +290,8 @@ impl ClusterConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let mut cfg: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            // toml's message spans lines (an excerpt with markers): operators get one.
+            message: crate::message::one_line(&e.to_string()),
         })?;
         cfg.source = path.to_owned();
         cfg.validate()?;
@@ -691,6 +692,7 @@ mod tests {
     fn missing_key_is_named() {
         let e = err(&LOCAL.replacen("os_user = \"postgres\"", "", 1));
         assert!(e.contains("os_user"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
         assert!(e.contains("test.toml"), "{e}");
     }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod durable;
 pub mod logging;
 pub mod lsn;
+pub mod message;
 pub mod process;
 pub mod shutdown;
 pub mod term;
