@@ -319,6 +319,16 @@ impl CmServer for CmService {
             .map_err(|e| Status::internal(format!("build task failed: {e}")))?
             .map(Response::new)
     }
+
+    async fn cn_sync(
+        &self,
+        _request: Request<ha_common::proto::cm::CnSyncRequest>,
+    ) -> Result<Response<ha_common::proto::cm::CnSyncReply>, Status> {
+        // The coordinator lands with issue 8; until then no CN calls this.
+        Err(Status::unimplemented(
+            "CnSync: coordinators are not implemented yet",
+        ))
+    }
 }
 
 /// Runs CMServer `node` until SIGTERM or SIGINT.

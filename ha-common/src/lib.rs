@@ -23,4 +23,8 @@ pub mod proto {
     pub mod cm {
         tonic::include_proto!("mpp_ha.cm");
     }
+    /// Coordinator: the agent's probe and CN-to-CN catalog 2PC and copy.
+    pub mod cn {
+        tonic::include_proto!("mpp_ha.cn");
+    }
 }
