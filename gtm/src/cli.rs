@@ -99,23 +99,32 @@ pub enum Command {
         #[arg(long)]
         node: Option<String>,
     },
-    /// Measure GXID throughput and per-call latency (p50/p99) with concurrent callers.
+    /// Measure GXID throughput and per-call latency (p50/p99) with concurrent callers
+    /// sharing one client, beside the ceiling of the transport measured in the same run:
+    /// a no-op RPC streamed the same way (ceiling_per_s, ratio = GXIDs/s over it) and
+    /// unary (unary_per_s). Prints one key=value line per --clients value.
     Bench {
         /// Cluster config (TOML) naming the GTM pair.
         #[arg(long)]
         config: PathBuf,
-        /// Concurrent callers sharing one batching client.
-        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=100_000))]
-        clients: u64,
-        /// Seconds to run.
+        /// Concurrent callers sharing one client; a comma-separated list runs each
+        /// (e.g. 1,64,256).
+        #[arg(long, default_value = "16", value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        clients: Vec<u64>,
+        /// Seconds of GXID calls per --clients value (the streamed and the unary no-op
+        /// get as long each, so a run takes three times this).
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
         /// GXIDs per call.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         count: u64,
-        /// NextGxid RPCs in flight at once.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+        /// Messages in flight at once on the client's stream.
+        #[arg(long, default_value_t = crate::client::DEFAULT_WINDOW as u64, value_parser = clap::value_parser!(u64).range(1..=1024))]
         in_flight: u64,
+        /// The GXID, streamed no-op and unary no-op measurements alternate this many
+        /// times within the duration (the machine's load moves).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
     },
 }
 
@@ -136,7 +145,7 @@ pub enum CliError {
 
 /// Runs one parsed command to completion.
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    // The bench's callers, batcher and connection share one thread: on a small
+    // The bench's callers, stream driver and connection share one thread: on a small
     // machine that also runs the GTM pair, cross-thread wake-ups cost more than they
     // bring (measured: higher GXIDs/s and lower latency than a multi-thread runtime).
     let rt = if matches!(cli.command, Command::Bench { .. }) {
@@ -218,7 +227,7 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         Command::Next { config, count } => {
             let cfg = ClusterConfig::load(&config)?;
             let client = client_for(&cfg).await?;
-            let range = client.next_gxid(count).await?;
+            let range = client.next_gxid_unary(count).await?;
             let mut out = String::new();
             for g in range {
                 out.push_str(&g.to_string());
@@ -301,6 +310,7 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
             duration,
             count,
             in_flight,
+            rounds,
         } => {
             if !(duration.is_finite() && duration > 0.0 && duration <= 3600.0) {
                 return Err(CliError::Usage(format!(
@@ -308,17 +318,20 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
                 )));
             }
             let cfg = ClusterConfig::load(&config)?;
-            let report = bench::run(
-                cfg.gtm_endpoints(),
-                BenchOptions {
-                    clients: clients as usize,
-                    duration: Duration::from_secs_f64(duration),
-                    count,
-                    in_flight: in_flight as usize,
-                },
-            )
-            .await?;
-            println!("{report}");
+            for clients in clients {
+                let report = bench::run(
+                    cfg.gtm_endpoints(),
+                    BenchOptions {
+                        clients: clients as usize,
+                        duration: Duration::from_secs_f64(duration),
+                        count,
+                        in_flight: in_flight as usize,
+                        rounds,
+                    },
+                )
+                .await?;
+                println!("{report}");
+            }
         }
     }
     Ok(())

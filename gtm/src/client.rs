@@ -1,26 +1,24 @@
 //! The GTM client library (used by CNs, cm_agent, the CLI and the bench): finds the
-//! primary among the pair's endpoints and follows it across failovers, batches
-//! concurrent GXID requests into few RPCs, and probes/orders single instances.
+//! primary among the pair's endpoints and follows it across failovers, streams
+//! concurrent GXID requests to it over one long-lived stream (`gxid_stream`), and
+//! probes/orders single instances.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ha_common::proto::gtm as pb;
 use pb::gtm_client::GtmClient as RawClient;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 pub use crate::decisions::Decision;
+use crate::gxid_stream::{self, Method, Request};
 use crate::replication::lazy_channel;
 use crate::server::NODE_HEADER;
 
-/// GXID requests merged into one RPC at most (bounds the reply fan-out).
-const MAX_BATCH: usize = 4096;
-/// GXIDs asked for in one merged RPC at most (single bigger requests go alone).
-const MAX_BATCH_GXIDS: u64 = 1 << 32;
-const NO_PRIMARY: usize = usize::MAX;
+pub(crate) const NO_PRIMARY: usize = usize::MAX;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -61,7 +59,8 @@ impl ClientError {
 /// Tuning of a [`GtmClient`].
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// NextGxid RPCs in flight at once from the batcher (more raises throughput).
+    /// Messages in flight at once on the GXID stream (the window): callers that
+    /// arrive while it is full are merged into the next message.
     pub max_in_flight: usize,
     /// How long a call keeps looking for a primary (across a failover) before failing.
     pub failover_timeout: Duration,
@@ -73,7 +72,7 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
-            max_in_flight: 4,
+            max_in_flight: DEFAULT_WINDOW,
             failover_timeout: Duration::from_secs(10),
             rpc_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_millis(500),
@@ -81,21 +80,27 @@ impl Default for ClientOptions {
     }
 }
 
-type GxidReply = oneshot::Sender<Result<Range<u64>, ClientError>>;
+/// Default of [`ClientOptions::max_in_flight`].
+pub const DEFAULT_WINDOW: usize = 8;
 
-struct Inner {
-    endpoints: Vec<String>,
+pub(crate) struct Inner {
+    pub(crate) endpoints: Vec<String>,
     clients: Vec<RawClient<Channel>>,
     /// Index of the endpoint believed to be primary, or NO_PRIMARY.
-    primary: AtomicUsize,
-    opts: ClientOptions,
+    pub(crate) primary: AtomicUsize,
+    /// The highest term a GXID answer carried: an answer of a lower term comes from a
+    /// deposed primary and is not used.
+    pub(crate) max_term: AtomicU64,
+    pub(crate) opts: ClientOptions,
 }
 
-/// A handle to the GTM pair; cheap to clone (clones share connections and batcher).
+/// A handle to the GTM pair; cheap to clone (clones share connections and streams).
 #[derive(Clone)]
 pub struct GtmClient {
     inner: Arc<Inner>,
-    batch_tx: mpsc::UnboundedSender<(u64, GxidReply)>,
+    gxids: mpsc::UnboundedSender<Request>,
+    /// The no-op stream, opened on first use (the bench's ceiling).
+    pings: Arc<OnceLock<mpsc::UnboundedSender<Request>>>,
 }
 
 impl GtmClient {
@@ -122,12 +127,17 @@ impl GtmClient {
             endpoints,
             clients,
             primary: AtomicUsize::new(NO_PRIMARY),
+            max_term: AtomicU64::new(0),
             opts,
         });
         let _ = inner.discover().await;
-        let (batch_tx, batch_rx) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(inner.clone(), batch_rx));
-        Ok(GtmClient { inner, batch_tx })
+        let (gxids, rx) = mpsc::unbounded_channel();
+        tokio::spawn(gxid_stream::drive(inner.clone(), Method::Gxid, rx));
+        Ok(GtmClient {
+            inner,
+            gxids,
+            pings: Arc::default(),
+        })
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -140,21 +150,67 @@ impl GtmClient {
         self.inner.endpoints.get(i).cloned()
     }
 
-    /// `count` contiguous GXIDs `[first, first + count)`. Concurrent calls are merged
-    /// into one RPC by the batcher.
+    /// `count` contiguous GXIDs `[first, first + count)` over the client's stream:
+    /// concurrent calls are merged into one message.
     pub async fn next_gxid(&self, count: u64) -> Result<Range<u64>, ClientError> {
-        if count == 0 {
-            return Err(ClientError::Rpc {
-                endpoint: String::new(),
-                code: tonic::Code::InvalidArgument,
-                message: "count must be at least 1".into(),
-            });
-        }
+        check_count(count)?;
         let (tx, rx) = oneshot::channel();
-        self.batch_tx
+        self.gxids
             .send((count, tx))
             .map_err(|_| ClientError::Closed)?;
         rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// The same with one NextGxid RPC of its own (tools that ask once: `gtm next`).
+    pub async fn next_gxid_unary(&self, count: u64) -> Result<Range<u64>, ClientError> {
+        check_count(count)?;
+        let r = self
+            .inner
+            .call_primary(
+                move |mut c| async move { c.next_gxid(pb::NextGxidRequest { count }).await },
+            )
+            .await?;
+        if r.count != count || r.first.checked_add(count).is_none() {
+            return Err(ClientError::BadReply(format!(
+                "asked for {count} GXIDs, got {} at {}",
+                r.count, r.first
+            )));
+        }
+        let seen = self.inner.max_term.fetch_max(r.term, Ordering::Relaxed);
+        if r.term < seen {
+            return Err(ClientError::Rpc {
+                endpoint: self.primary().unwrap_or_default(),
+                code: tonic::Code::FailedPrecondition,
+                message: format!(
+                    "not primary: answered in term {}, after term {seen}",
+                    r.term
+                ),
+            });
+        }
+        Ok(r.first..r.first + count)
+    }
+
+    /// The no-op over the same stream machinery as [`GtmClient::next_gxid`] (the
+    /// bench's ceiling): the answer is `0..count`.
+    pub async fn ping(&self, count: u64) -> Result<Range<u64>, ClientError> {
+        check_count(count)?;
+        let pings = self.pings.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(gxid_stream::drive(self.inner.clone(), Method::Ping, rx));
+            tx
+        });
+        let (tx, rx) = oneshot::channel();
+        pings.send((count, tx)).map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// The no-op as one unary RPC to the primary.
+    pub async fn ping_unary(&self, count: u64) -> Result<u64, ClientError> {
+        let r = self
+            .inner
+            .call_primary(move |mut c| async move { c.ping(pb::NextGxidRequest { count }).await })
+            .await?;
+        Ok(r.count)
     }
 
     /// Records a 2PC decision (idempotent; a conflicting one is ALREADY_EXISTS).
@@ -260,9 +316,23 @@ impl GtmClient {
     }
 }
 
+fn check_count(count: u64) -> Result<(), ClientError> {
+    if count == 0 || count > crate::node::MAX_GXIDS_PER_REQUEST {
+        return Err(ClientError::Rpc {
+            endpoint: String::new(),
+            code: tonic::Code::InvalidArgument,
+            message: format!(
+                "count must be between 1 and {}, got {count}",
+                crate::node::MAX_GXIDS_PER_REQUEST
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Whether an error means "try another endpoint": the GTM said it is not primary, or
 /// it could not be reached at all (no GTM metadata on the status).
-fn is_failover(s: &tonic::Status) -> bool {
+pub(crate) fn is_failover(s: &tonic::Status) -> bool {
     let from_gtm = s.metadata().get(NODE_HEADER).is_some();
     if from_gtm {
         return s.code() == tonic::Code::FailedPrecondition
@@ -342,6 +412,15 @@ impl Inner {
         F: Fn(RawClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_primary_at(op).await.map(|(_, r)| r)
+    }
+
+    /// [`Inner::call_primary`], also saying which endpoint answered.
+    pub(crate) async fn call_primary_at<T, F, Fut>(&self, op: F) -> Result<(usize, T), ClientError>
+    where
+        F: Fn(RawClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let started = Instant::now();
         let deadline = started + self.opts.failover_timeout;
         let mut backoff = Duration::from_millis(20);
@@ -358,7 +437,7 @@ impl Inner {
                 let call =
                     tokio::time::timeout(self.opts.rpc_timeout, op(self.clients[i].clone())).await;
                 match call {
-                    Ok(Ok(r)) => return Ok(r.into_inner()),
+                    Ok(Ok(r)) => return Ok((i, r.into_inner())),
                     Ok(Err(s)) if is_failover(&s) => {
                         last = format!("{}: {}", self.endpoints[i], s.message());
                         let _ = self.primary.compare_exchange(
@@ -399,72 +478,5 @@ impl Inner {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(300));
         }
-    }
-}
-
-/// Merges queued GXID requests into one NextGxid(sum) and splits the answer; up to
-/// `max_in_flight` RPCs run at once, and requests queue meanwhile (bigger batches).
-async fn batcher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<(u64, GxidReply)>) {
-    let slots = Arc::new(Semaphore::new(inner.opts.max_in_flight.max(1)));
-    // A request that did not fit into the previous batch (the sum would be too large).
-    let mut carry: Option<(u64, GxidReply)> = None;
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let first = match carry.take() {
-            Some(r) => r,
-            None => match rx.recv().await {
-                Some(r) => r,
-                None => return,
-            },
-        };
-        let mut total = first.0;
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => match total.checked_add(r.0) {
-                    Some(t) if t <= MAX_BATCH_GXIDS => {
-                        total = t;
-                        batch.push(r);
-                    }
-                    _ => {
-                        carry = Some(r);
-                        break;
-                    }
-                },
-                Err(_) => break,
-            }
-        }
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let res = inner
-                .call_primary(|mut c| async move {
-                    c.next_gxid(pb::NextGxidRequest { count: total }).await
-                })
-                .await;
-            match res {
-                Ok(r) if r.count == total => {
-                    let mut next = r.first;
-                    for (n, tx) in batch {
-                        let _ = tx.send(Ok(next..next + n));
-                        next += n;
-                    }
-                }
-                Ok(r) => {
-                    let e =
-                        ClientError::BadReply(format!("asked for {total} GXIDs, got {}", r.count));
-                    for (_, tx) in batch {
-                        let _ = tx.send(Err(e.clone()));
-                    }
-                }
-                Err(e) => {
-                    for (_, tx) in batch {
-                        let _ = tx.send(Err(e.clone()));
-                    }
-                }
-            }
-            drop(permit);
-        });
     }
 }

@@ -380,6 +380,11 @@ impl Node {
         Ok(())
     }
 
+    /// `Ok` while this node is primary (a stream of GXID requests may be opened).
+    pub fn check_primary(&self) -> Result<(), GtmError> {
+        self.primary_term().map(|_| ())
+    }
+
     fn primary_term(&self) -> Result<u64, GtmError> {
         let st = lock(&self.st);
         if st.role != Role::Primary {

@@ -3,13 +3,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::Stream;
 
 use ha_common::config::ClusterConfig;
 use ha_common::proto::gtm as pb;
 use pb::gtm_server::{Gtm, GtmServer};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::{
     decision_from_pb, decision_to_pb, from_records, GtmError, Node, NodeSettings, OpenError, Role,
@@ -77,8 +80,81 @@ impl GtmService {
     }
 }
 
+/// The answers of one client stream, in the order of its messages.
+type AnswerStream = Pin<Box<dyn Stream<Item = Result<pb::NextGxidResponse, Status>> + Send>>;
+
+/// Serves one NextGxidStream: each message is answered, in order, before the next one
+/// is read (the client pipelines, so the next one is usually already buffered). The
+/// first error ends the stream with its status; nothing after it is served.
+fn gxid_answers(node: Arc<Node>, inbound: Streaming<pb::NextGxidRequest>) -> AnswerStream {
+    Box::pin(futures::stream::unfold(
+        Some((node, inbound)),
+        |state| async move {
+            let (node, mut inbound) = state?;
+            // A read error means the client went away: nothing to answer.
+            let req = inbound.message().await.ok()??;
+            match node.next_gxid(req.count).await {
+                Ok((range, term)) => {
+                    let answer = pb::NextGxidResponse {
+                        first: range.start,
+                        count: range.end - range.start,
+                        term,
+                    };
+                    Some((Ok(answer), Some((node, inbound))))
+                }
+                Err(e) => Some((Err(to_status(node.name(), e)), None)),
+            }
+        },
+    ))
+}
+
+/// Serves one PingStream: every message is echoed at once, nothing else is done.
+fn ping_answers(inbound: Streaming<pb::NextGxidRequest>) -> AnswerStream {
+    Box::pin(futures::stream::unfold(inbound, |mut inbound| async move {
+        let req = inbound.message().await.ok()??;
+        Some((Ok(ping_answer(req)), inbound))
+    }))
+}
+
+fn ping_answer(req: pb::NextGxidRequest) -> pb::NextGxidResponse {
+    pb::NextGxidResponse {
+        first: 0,
+        count: req.count,
+        term: 0,
+    }
+}
+
 #[tonic::async_trait]
 impl Gtm for GtmService {
+    type NextGxidStreamStream = AnswerStream;
+    type PingStreamStream = AnswerStream;
+
+    async fn next_gxid_stream(
+        &self,
+        req: Request<Streaming<pb::NextGxidRequest>>,
+    ) -> Result<Response<AnswerStream>, Status> {
+        // Refused at once by a standby, so that the client moves on before it sends.
+        self.node.check_primary().map_err(|e| self.err(e))?;
+        Ok(Response::new(gxid_answers(
+            self.node.clone(),
+            req.into_inner(),
+        )))
+    }
+
+    async fn ping(
+        &self,
+        req: Request<pb::NextGxidRequest>,
+    ) -> Result<Response<pb::NextGxidResponse>, Status> {
+        Ok(Response::new(ping_answer(req.into_inner())))
+    }
+
+    async fn ping_stream(
+        &self,
+        req: Request<Streaming<pb::NextGxidRequest>>,
+    ) -> Result<Response<AnswerStream>, Status> {
+        Ok(Response::new(ping_answers(req.into_inner())))
+    }
+
     async fn next_gxid(
         &self,
         req: Request<pb::NextGxidRequest>,
