@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # GTM benchmark: starts a GTM pair (gtm1 primary, gtm2 standby) on loopback ports
 # 29101/29102 with a temporary base dir, measures GXIDs/s and p50/p99 latency per call
-# with 1, 16 and 64 concurrent clients (standby attached, client batching on), then
+# with 1, 64 and 256 concurrent callers over the client's stream (standby attached)
+# beside the ceiling measured in the same run (a no-op RPC, streamed and unary), then
 # SIGKILLs the primary and times a `promote` order to the first GXID from the promoted
 # standby. Kills exactly the processes it started and removes its dir.
 #
 # Usage: bench/gtm.sh [seconds per run]    (build first: cargo build --release -p gtm)
+# Environment: CLIENTS (default 1,64,256), BLOCK_SIZE (gtm.block_size, default 2000),
+# IN_FLIGHT (messages in flight on the client's stream, default the client's).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 GTM=${GTM:-target/release/gtm}
 DURATION=${1:-5}
+CLIENTS=${CLIENTS:-1,64,256}
+BLOCK_SIZE=${BLOCK_SIZE:-2000}
+IN_FLIGHT_ARG=()
+[ -n "${IN_FLIGHT:-}" ] && IN_FLIGHT_ARG=(--in-flight "$IN_FLIGHT")
 [ -x "$GTM" ] || { echo "bench/gtm.sh: $GTM not found: cargo build --release -p gtm" >&2; exit 1; }
 
 DIR=$(mktemp -d /tmp/mpp-ha-bench-gtm.XXXXXX)
@@ -24,6 +31,7 @@ trap cleanup EXIT
 CONFIG=$DIR/cluster.toml
 sed -e "s|^base_dir = .*|base_dir = \"$DIR\"|" \
     -e 's/^port = 7101$/port = 29101/' -e 's/^port = 7102$/port = 29102/' \
+    -e "s/^block_size = 2000$/block_size = $BLOCK_SIZE/" \
     configs/local.toml > "$CONFIG"
 
 start() {
@@ -50,10 +58,8 @@ wait_status gtm1 'role=primary'
 "$GTM" next --config "$CONFIG" > /dev/null
 wait_status gtm1 'standby_attached=true'
 
-echo "GTM pair: block_size 2000, standby attached, ${DURATION}s per run"
-for clients in 1 16 64; do
-    "$GTM" bench --config "$CONFIG" --clients "$clients" --duration "$DURATION"
-done
+echo "GTM pair: block_size $BLOCK_SIZE, standby attached, ${DURATION}s of GXIDs per run (as long again for each no-op)"
+"$GTM" bench --config "$CONFIG" --clients "$CLIENTS" --duration "$DURATION" "${IN_FLIGHT_ARG[@]}"
 "$GTM" status --config "$CONFIG"
 
 # Failover: SIGKILL the primary, promote the standby, time the first GXID from it.

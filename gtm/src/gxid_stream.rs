@@ -408,7 +408,9 @@ async fn serve(
 mod tests {
     use super::*;
 
-    fn request(n: u64) -> (Request, oneshot::Receiver<Result<Range<u64>, ClientError>>) {
+    type Answer = oneshot::Receiver<Result<Range<u64>, ClientError>>;
+
+    fn request(n: u64) -> (Request, Answer) {
         let (tx, rx) = oneshot::channel();
         ((n, tx), rx)
     }
