@@ -415,12 +415,7 @@ mod tests {
         ((n, tx), rx)
     }
 
-    fn batch(
-        ns: &[u64],
-    ) -> (
-        Batch,
-        Vec<oneshot::Receiver<Result<Range<u64>, ClientError>>>,
-    ) {
+    fn batch(ns: &[u64]) -> (Batch, Vec<Answer>) {
         let mut rxs = Vec::new();
         let (first, rx) = request(ns[0]);
         rxs.push(rx);
