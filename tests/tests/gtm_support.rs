@@ -80,6 +80,11 @@ impl Pair {
         }
     }
 
+    /// The pid of `node`'s process, if this pair started it and it was not killed.
+    pub fn pid(&self, node: &str) -> Option<u32> {
+        self.procs[Self::index(node)].as_ref().map(|p| p.pid())
+    }
+
     pub fn log_tail(&self, node: &str) -> String {
         self.procs[Self::index(node)]
             .as_ref()
