@@ -244,10 +244,12 @@ async fn measure(
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let mut f = Figures::default();
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                match call(&client, lane, count).await {
-                    Ok(()) => f.latency.record(t.elapsed()),
+            let mut t = Instant::now();
+            while t < deadline {
+                let result = call(&client, lane, count).await;
+                let now = Instant::now();
+                match result {
+                    Ok(()) => f.latency.record(now - t),
                     // The client already waited its failover timeout: one error per
                     // such wait at most, no spinning on a dead pair.
                     Err(e) => {
@@ -255,6 +257,7 @@ async fn measure(
                         f.first_error.get_or_insert_with(|| e.to_string());
                     }
                 }
+                t = now;
             }
             f
         }));
@@ -293,8 +296,12 @@ pub async fn run(endpoints: Vec<String>, opts: BenchOptions) -> Result<BenchRepo
         ceiling: Figures::default(),
         unary: Figures::default(),
     };
+    let mut lanes = [Lane::StreamPing, Lane::Gxid, Lane::UnaryPing];
     for _ in 0..rounds {
-        for lane in [Lane::StreamPing, Lane::Gxid, Lane::UnaryPing] {
+        // Each lane takes each place in the order in turn: no lane always follows
+        // the unary one (which leaves the connection with many closed streams).
+        lanes.rotate_left(1);
+        for lane in lanes {
             let f = measure(&client, lane, opts.clients, opts.count, slice).await;
             match lane {
                 Lane::Gxid => report.gxid.merge(f),
