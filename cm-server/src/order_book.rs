@@ -89,6 +89,25 @@ impl OrderBook {
         }
     }
 
+    /// Stops sending order `id` (its operation ended without its outcome): a late
+    /// agent must not carry out a decision that was taken back. An agent that
+    /// already runs it reports an outcome nobody waits for; the level rules repair
+    /// what it did.
+    pub fn withdraw(&mut self, id: u64) {
+        if let Some(e) = self.entries.iter().find(|e| e.order.id == id) {
+            if e.outcome.is_none() {
+                tracing::warn!(id, instance = %e.order.instance, "order withdrawn");
+            }
+        }
+        self.entries.retain(|e| e.order.id != id);
+    }
+
+    /// Forgets every order (a new tenure as primary: what an earlier tenure ordered
+    /// is not resent; ids keep increasing).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Takes the outcomes an agent reported.
     pub fn record(&mut self, outcomes: &[OrderOutcome], now: Instant) {
         for o in outcomes {

@@ -50,6 +50,9 @@ pub struct Pair {
     peers: Vec<Peer>,
     /// The peer that streamed to us last, and when (for "not primary: <who>").
     last_sync_from: Mutex<Option<(String, Instant)>>,
+    /// The term of the latest tenure as primary (0: never primary). Arbitration and
+    /// operations belong to one tenure: a re-elected CMServer starts afresh.
+    tenure: std::sync::atomic::AtomicU64,
 }
 
 /// What the report handler needs from the election.
@@ -111,7 +114,20 @@ impl Pair {
             )),
             peers,
             last_sync_from: Mutex::new(None),
+            tenure: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The term of the latest tenure as primary (see [`Pair::still_primary_in`]).
+    pub fn tenure(&self) -> u64 {
+        self.tenure.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether this CMServer is primary, in the same tenure as `tenure`: something
+    /// begun in an earlier tenure (an operation) must stop, even if we are primary
+    /// again.
+    pub fn still_primary_in(&self, tenure: u64) -> bool {
+        self.is_primary() && self.tenure() == tenure
     }
 
     /// Whether this CMServer acts as primary right now.
@@ -212,6 +228,7 @@ impl Pair {
             Ok(Ok(())) => {
                 *guard = next;
                 drop(guard);
+                self.tenure.store(term, std::sync::atomic::Ordering::SeqCst);
                 let acting = lock(&self.election).confirm(term, term, Instant::now());
                 tracing::info!(node = %self.node, term, acting, "CMServer primary");
             }

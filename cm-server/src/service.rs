@@ -128,7 +128,10 @@ impl CmService {
     /// standby CMServer before any order is sent.
     fn arbitration(&self) -> crate::arbitration::Ctx<'_> {
         let sh = &self.shared;
+        let tenure = sh.pair.tenure();
         crate::arbitration::Ctx {
+            tenure,
+            still_primary: Box::new(move || sh.pair.still_primary_in(tenure)),
             cfg: &sh.cfg,
             file: &sh.file,
             state: &sh.state,
@@ -179,6 +182,8 @@ impl CmServer for CmService {
             ..Default::default()
         };
         if verdict.primary {
+            // A new tenure starts with no orders, timers or notes of an earlier one.
+            sh.engine.enter_tenure(sh.pair.tenure());
             reply.primary = true;
             reply.assignments = assignments::for_host(&sh.cfg, &state, &host);
             reply.orders = sh.engine.orders_for(&host);

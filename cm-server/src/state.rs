@@ -107,6 +107,25 @@ pub struct ClusterState {
     /// replicas, and a new CMServer primary must know it too, so it is durable.
     #[serde(default)]
     pub last_sync_standby: BTreeMap<String, String>,
+    /// What the CMServer knows about GXIDs the GTM primary may have handed out without
+    /// its standby (see [`GtmAlone`]).
+    #[serde(default)]
+    pub gtm: GtmAlone,
+}
+
+/// The GTM pair's run-alone record. A GTM primary running alone reserves blocks its
+/// standby never persists, so the standby's boundary no longer bounds the GXIDs
+/// handed out: promoting it could hand them out again. The CMServer therefore
+/// persists (and streams to the standby CMServer) that a primary runs alone BEFORE
+/// it orders it to, or promotes a GTM (a promoted GTM runs alone), and clears it only
+/// once the primary runs with its standby attached again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GtmAlone {
+    /// A GTM primary may be running alone: no standby qualifies for promotion.
+    pub run_alone: bool,
+    /// The highest boundary a GTM primary reported while it (may have) run alone:
+    /// a standby below it has missed GXIDs even if the flag was cleared since.
+    pub primary_boundary: u64,
 }
 
 impl ClusterState {
@@ -116,6 +135,7 @@ impl ClusterState {
             term: Term(1),
             instances: BTreeMap::new(),
             last_sync_standby: BTreeMap::new(),
+            gtm: GtmAlone::default(),
         };
         s.reconcile(cfg);
         s
