@@ -98,13 +98,18 @@ impl Engine {
     /// give every instance a full timeout of grace again, and not resend orders that
     /// a primary in between may have overtaken). Operations of the earlier tenure
     /// notice by themselves ([`Ctx::still_primary`]) and stop.
-    pub fn enter_tenure(&self, tenure: u64) {
+    /// Order ids come from the tenure's persisted block (`first_order_id`).
+    pub fn enter_tenure(&self, tenure: u64, first_order_id: u64) {
         let mut st = lock(&self.inner);
         if st.tenure != tenure {
-            tracing::info!(tenure, "new tenure: arbitration starts afresh");
+            tracing::info!(
+                tenure,
+                first_order_id,
+                "new tenure: arbitration starts afresh"
+            );
             st.tenure = tenure;
             st.memory = Memory::default();
-            st.book.clear();
+            st.book = OrderBook::starting_at(first_order_id);
             st.notes.clear();
         }
     }
@@ -251,9 +256,9 @@ pub fn order(term: u64, instance: &str, kind: OrderKind) -> Order {
 
 /// One arbitration round (call on the primary only).
 pub async fn tick(cx: &Ctx<'_>) {
-    cx.engine.enter_tenure(cx.tenure);
     let now = Instant::now();
     let mut state = cx.state.lock().await;
+    cx.engine.enter_tenure(cx.tenure, state.order_id_base);
     let reports = lock(cx.reports).clone();
     let (memory, busy, recent) = {
         let mut st = lock(&cx.engine.inner);
@@ -298,7 +303,8 @@ pub async fn tick(cx: &Ctx<'_>) {
         }
     }
     let mut term = state.term.0;
-    if let Some(next) = plan.state {
+    if let Some(mut next) = plan.state {
+        next.version = state.version + 1;
         if let Err(e) = persist(cx.file, &next).await {
             // Nothing is ordered from a decision that is not durable.
             tracing::error!("cannot persist the arbiter's decision: {e}");
@@ -373,13 +379,13 @@ mod tests {
             .memory
             .healthy_at
             .insert("dn1_h1".into(), Instant::now());
-        e.enter_tenure(5);
+        e.enter_tenure(5, id + 1000);
         assert!(e.orders_for("h2").is_empty() && e.outcome(id).is_none());
         assert!(lock(&e.inner).memory.healthy_at.is_empty());
         assert!(lock(&e.inner).notes.is_empty());
         let next = e.issue("h2", order(5, "dn1_h2", OrderKind::Promote));
-        assert!(next > id, "order ids keep increasing");
-        e.enter_tenure(5);
+        assert_eq!(next, id + 1000, "order ids come from the tenure's block");
+        e.enter_tenure(5, 1);
         assert_eq!(e.orders_for("h2").len(), 1, "same tenure: kept");
         let b = e.begin("dn1").unwrap();
         assert!(e.begin("dn1").is_err());

@@ -170,6 +170,7 @@ async fn swap_roles(cx: &Ctx<'_>, t: &Target, old: &str, new: &str) -> Result<u6
         .and_then(|_| next.set_role(new, AssignedRole::Primary))
         .map_err(|e| Status::internal(e.to_string()))?;
     next.bump_term();
+    next.version += 1;
     next.last_sync_standby.remove(&t.group);
     if t.is_gtm {
         // A promoted GTM runs alone until its old primary has resynced.

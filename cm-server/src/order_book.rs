@@ -34,8 +34,16 @@ impl Default for OrderBook {
 }
 
 impl OrderBook {
-    /// Ids start at the wall clock in microseconds, so that a restarted CMServer never
-    /// reuses an id an agent remembers as done.
+    /// Ids from `first` on (a tenure's block, see `ClusterState::order_id_base`).
+    pub fn starting_at(first: u64) -> OrderBook {
+        OrderBook {
+            next_id: first.max(1),
+            entries: Vec::new(),
+        }
+    }
+
+    /// Ids start at the wall clock in microseconds (only until the first tenure
+    /// starts: then they come from the persisted block).
     pub fn new() -> OrderBook {
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)

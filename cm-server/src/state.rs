@@ -21,6 +21,9 @@ pub const STATE_ENVELOPE: Envelope = Envelope {
     what: "CMServer state",
 };
 
+/// Order ids one tenure as primary may use (see [`ClusterState::order_id_base`]).
+pub const ORDER_ID_BLOCK: u64 = 1 << 32;
+
 /// File name of the state file inside the CMServer's instance dir.
 pub const STATE_FILE_NAME: &str = "cluster_state";
 
@@ -98,6 +101,17 @@ pub struct InstanceState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub term: Term,
+    /// Bumped on every persisted change (by whichever CMServer is primary; the
+    /// standby takes the primary's). Agents remember the newest version a primary
+    /// showed them and refuse their lease to a CMServer whose state is older, so a
+    /// CMServer that missed a change can never act on the older state.
+    #[serde(default)]
+    pub version: u64,
+    /// Order ids of the current tenure start here: each new tenure as primary
+    /// reserves the next block of [`ORDER_ID_BLOCK`] (persisted before it acts), so
+    /// no primary ever reuses an id an agent remembers as done.
+    #[serde(default)]
+    pub order_id_base: u64,
     /// Every instance an agent runs (GTMs, CNs, DN members), by name. CMServers are
     /// not in it: they are run by systemd (or `cm_ctl local up`), not by agents.
     pub instances: BTreeMap<String, InstanceState>,
@@ -133,6 +147,8 @@ impl ClusterState {
     pub fn initial(cfg: &ClusterConfig) -> ClusterState {
         let mut s = ClusterState {
             term: Term(1),
+            version: 0,
+            order_id_base: 0,
             instances: BTreeMap::new(),
             last_sync_standby: BTreeMap::new(),
             gtm: GtmAlone::default(),
