@@ -44,6 +44,13 @@
 //!   runs as a standby gets PROMOTE again (e.g. its order was rejected because a DN
 //!   failover in a later tick raised the term before the agent got it).
 //!
+//! # A silent agent is not a dead primary
+//! A primary (DN or GTM) whose agent is silent but which answers the CMServer's own
+//! probe (`outside.rs`: a query to the DN, the GTM's Status RPC) as primary is
+//! healthy as of that probe: restarting `cm-agent.service` costs no failover. Only a
+//! primary unreachable or hung as seen from outside its host is failed over. The
+//! same holds for a GTM standby (no run-alone for a restarting agent).
+//!
 //! Single lost heartbeats and slow fsyncs never trigger anything: every timeout is at
 //! least two heartbeats (validated in the config), probes do not fsync, and the timers
 //! run from the last healthy report, not from one missed one.
@@ -77,6 +84,14 @@ pub struct Memory {
     pub seen_as_primary: HashSet<String>,
 }
 
+/// The CMServer's own successful probe of an instance whose agent is silent: when it
+/// answered, and as what (`outside.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenFromOutside {
+    pub at: Instant,
+    pub role: MemberRole,
+}
+
 /// One order to send (the term is the plan's state's term).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedOrder {
@@ -108,6 +123,8 @@ pub struct Input<'a> {
     pub busy: &'a BTreeSet<String>,
     /// Orders sent recently (in flight or just finished): not sent again.
     pub recent: &'a [(String, OrderKind)],
+    /// The CMServer's own probes of instances whose agent is silent.
+    pub outside: &'a HashMap<String, SeenFromOutside>,
 }
 
 /// What to do.
@@ -177,6 +194,30 @@ impl Ctx<'_> {
             _ => now,
         };
         until.saturating_duration_since(since)
+    }
+
+    /// While `name`'s agent is silent: when the CMServer itself last saw it answer
+    /// as `role` (within the agent timeout).
+    fn outside_as(&self, name: &str, role: MemberRole) -> Option<Instant> {
+        if self.fresh(name).is_some() {
+            return None;
+        }
+        let o = self.input.outside.get(name)?;
+        let recent =
+            self.input.now.saturating_duration_since(o.at) < self.input.cfg.timing.agent_timeout();
+        (o.role == role && recent).then_some(o.at)
+    }
+
+    /// `name` was seen healthy at `at` (its timer restarts from there).
+    fn saw_healthy(&mut self, name: &str, at: Instant) {
+        let at = at.min(self.input.now);
+        let e = self
+            .plan
+            .memory
+            .healthy_at
+            .entry(name.to_owned())
+            .or_insert(at);
+        *e = (*e).max(at);
     }
 
     fn recently_ordered(&self, name: &str, kind: OrderKind) -> bool {
@@ -303,6 +344,19 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
     }
 
     let healthy = cx.healthy_as(&p.name, MemberRole::Primary).cloned();
+    if healthy.is_none() {
+        if let Some(at) = cx.outside_as(&p.name, MemberRole::Primary) {
+            cx.saw_healthy(&p.name, at);
+            cx.note(
+                &g.name,
+                format!(
+                    "the agent of {} is silent; primary {} answers the CMServer itself: no failover",
+                    p.host, p.name
+                ),
+            );
+            return;
+        }
+    }
     let lost = cx.unhealthy_for(&p.name, healthy.is_some());
     if let Some(rep) = &healthy {
         let sync = rep
@@ -481,13 +535,31 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
     }
 
     let p_healthy = cx.healthy_as(&p.name, MemberRole::Primary).cloned();
+    if p_healthy.is_none() {
+        if let Some(at) = cx.outside_as(&p.name, MemberRole::Primary) {
+            cx.saw_healthy(&p.name, at);
+            cx.note(
+                GTM_PAIR,
+                format!(
+                    "the agent of {} is silent; primary {} answers the CMServer itself: no failover",
+                    p.host, p.name
+                ),
+            );
+            return;
+        }
+    }
     let lost = cx.unhealthy_for(&p.name, p_healthy.is_some());
     if let Some(prep) = p_healthy {
         let Some(s) = s else { return };
         let s_rep = cx.fresh(&s.name).cloned();
-        let s_healthy = s_rep
-            .as_ref()
-            .is_some_and(|r| r.process_alive && r.responding);
+        let s_outside = cx.outside_as(&s.name, MemberRole::Standby);
+        if let Some(at) = s_outside {
+            cx.saw_healthy(&s.name, at);
+        }
+        let s_healthy = s_outside.is_some()
+            || s_rep
+                .as_ref()
+                .is_some_and(|r| r.process_alive && r.responding);
         let s_lost = cx.unhealthy_for(&s.name, s_healthy);
         let facts = prep.gtm.unwrap_or_default();
         record_run_alone(cx, &p.name, &facts);
@@ -647,6 +719,7 @@ mod tests {
         memory: Memory,
         busy: BTreeSet<String>,
         recent: Vec<(String, OrderKind)>,
+        outside: HashMap<String, SeenFromOutside>,
         t0: Instant,
     }
 
@@ -707,6 +780,7 @@ mod tests {
                 memory: Memory::default(),
                 busy: BTreeSet::new(),
                 recent: Vec::new(),
+                outside: HashMap::new(),
                 t0: Instant::now(),
             }
         }
@@ -768,6 +842,7 @@ mod tests {
                 memory: &self.memory,
                 busy: &self.busy,
                 recent: &self.recent,
+                outside: &self.outside,
             });
             if let Some(s) = &plan.state {
                 self.state = s.clone();
@@ -1339,6 +1414,94 @@ mod tests {
         let p = w.tick(at);
         assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
         assert!(w.state.gtm.run_alone, "a promoted GTM runs alone");
+    }
+
+    #[test]
+    fn a_silent_agent_is_not_a_dead_primary_while_the_cmserver_sees_it_answer() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // h1's agent restarts: silent for 6 s, while dn1_h1 and gtm1 answer the
+        // CMServer's own probes.
+        for ms in (500..=6000).step_by(500) {
+            let at = w.at(ms);
+            for (name, role) in [
+                ("dn1_h1", MemberRole::Primary),
+                ("gtm1", MemberRole::Primary),
+            ] {
+                w.outside.insert(name.into(), SeenFromOutside { at, role });
+            }
+            w.report(
+                "h2",
+                vec![
+                    gtm("gtm2", MemberRole::Standby, ready()),
+                    dn("dn1_h2", MemberRole::Standby),
+                ],
+                at,
+            );
+            let p = w.tick(at);
+            assert!(p.orders.is_empty(), "{ms} ms: {:?}", p.orders);
+            if ms > 3500 {
+                assert!(
+                    p.notes["dn1"].contains("answers the CMServer itself"),
+                    "{:?}",
+                    p.notes
+                );
+            }
+        }
+        assert_eq!(w.state.term, Term(1));
+        // Unreachable from outside too (probes stop succeeding): failed over once
+        // the timeout has run from the last answer.
+        let at = w.at(9100);
+        w.report(
+            "h2",
+            vec![
+                gtm("gtm2", MemberRole::Standby, ready()),
+                dn("dn1_h2", MemberRole::Standby),
+            ],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(has(&p, "dn1_h2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+    }
+
+    #[test]
+    fn a_gtm_standby_whose_agent_restarts_costs_no_run_alone() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        for ms in (500..=6000).step_by(500) {
+            let at = w.at(ms);
+            w.outside.insert(
+                "gtm2".into(),
+                SeenFromOutside {
+                    at,
+                    role: MemberRole::Standby,
+                },
+            );
+            w.report(
+                "h1",
+                vec![
+                    gtm(
+                        "gtm1",
+                        MemberRole::Primary,
+                        GtmFacts {
+                            standby_attached: true,
+                            ..Default::default()
+                        },
+                    ),
+                    dn1_primary(),
+                ],
+                at,
+            );
+            let p = w.tick(at);
+            assert!(
+                !has(&p, "gtm1", OrderKind::RunAlone),
+                "{ms} ms: {:?}",
+                p.orders
+            );
+        }
     }
 
     #[test]

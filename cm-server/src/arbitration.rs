@@ -37,6 +37,8 @@ struct EngineState {
     /// Busy groups the arbiter failed over anyway (their primary was lost): their
     /// operation stops at its next step.
     preempted: BTreeSet<String>,
+    /// The CMServer's own latest successful probe of instances whose agent is silent.
+    outside: std::collections::HashMap<String, arbiter::SeenFromOutside>,
 }
 
 /// Arbitration state shared by the Report handler, the tick and the operations.
@@ -159,6 +161,18 @@ impl Engine {
         lock(&self.inner).book.outcome(id)
     }
 
+    /// The CMServer itself saw `name` answer as `role` at `at` (its agent is silent).
+    pub fn saw_from_outside(
+        &self,
+        name: &str,
+        role: ha_common::proto::cm::MemberRole,
+        at: Instant,
+    ) {
+        lock(&self.inner)
+            .outside
+            .insert(name.to_owned(), arbiter::SeenFromOutside { at, role });
+    }
+
     /// Records that the arbiter failed busy group `key` over.
     pub fn mark_preempted(&self, key: &str) {
         lock(&self.inner).preempted.insert(key.to_owned());
@@ -260,13 +274,14 @@ pub async fn tick(cx: &Ctx<'_>) {
     let mut state = cx.state.lock().await;
     cx.engine.enter_tenure(cx.tenure, state.order_id_base);
     let reports = lock(cx.reports).clone();
-    let (memory, busy, recent) = {
+    let (memory, busy, recent, outside) = {
         let mut st = lock(&cx.engine.inner);
         st.book.expire(now);
         (
             st.memory.clone(),
             st.busy.clone(),
             st.book.recent(now, ORDER_COOLDOWN),
+            st.outside.clone(),
         )
     };
     let plan = arbiter::decide(&arbiter::Input {
@@ -277,6 +292,7 @@ pub async fn tick(cx: &Ctx<'_>) {
         memory: &memory,
         busy: &busy,
         recent: &recent,
+        outside: &outside,
     });
     {
         let mut st = lock(&cx.engine.inner);

@@ -380,6 +380,7 @@ pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
     // Every CMServer may become primary: each watches its peer and runs the election.
     tokio::spawn(watch_peers(service.clone()));
     tokio::spawn(arbitrate(service.clone()));
+    tokio::spawn(look_from_outside(service.clone()));
     let pair_service = service.clone();
     tokio::spawn(async move {
         let sh = &pair_service.shared;
@@ -434,6 +435,21 @@ async fn watch_peers(service: CmService) {
             }
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// The CMServer's own probes of primaries whose agent is silent (`outside.rs`):
+/// twice per heartbeat, on the primary only.
+async fn look_from_outside(service: CmService) {
+    let sh = &service.shared;
+    let every = (sh.cfg.timing.heartbeat_interval() / 2).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        if service.is_primary() {
+            let state = sh.state.lock().await.clone();
+            let reports = lock(&sh.reports).clone();
+            crate::outside::round(&sh.cfg, &state, &reports, &sh.engine).await;
+        }
     }
 }
 
