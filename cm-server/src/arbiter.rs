@@ -44,6 +44,13 @@
 //!   runs as a standby gets PROMOTE again (e.g. its order was rejected because a DN
 //!   failover in a later tick raised the term before the agent got it).
 //!
+//! # A silent agent is not a dead primary
+//! A primary (DN or GTM) whose agent is silent but which answers the CMServer's own
+//! probe (`outside.rs`: a query to the DN, the GTM's Status RPC) as primary is
+//! healthy as of that probe: restarting `cm-agent.service` costs no failover. Only a
+//! primary unreachable or hung as seen from outside its host is failed over. The
+//! same holds for a GTM standby (no run-alone for a restarting agent).
+//!
 //! Single lost heartbeats and slow fsyncs never trigger anything: every timeout is at
 //! least two heartbeats (validated in the config), probes do not fsync, and the timers
 //! run from the last healthy report, not from one missed one.
@@ -59,10 +66,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ha_common::config::{ClusterConfig, DnGroup, Instance, Role};
-use ha_common::proto::cm::{InstanceReport, MemberRole, OrderKind};
+use ha_common::proto::cm::{GtmFacts, InstanceReport, MemberRole, OrderKind};
 
 use crate::reports::Reports;
-use crate::state::{AssignedRole, ClusterState};
+use crate::state::{AssignedRole, ClusterState, GtmAlone};
 
 /// The status note key of the GTM pair (DN groups use their name).
 pub const GTM_PAIR: &str = "gtm";
@@ -75,6 +82,14 @@ pub struct Memory {
     pub healthy_at: HashMap<String, Instant>,
     /// Instances last seen responding as primary.
     pub seen_as_primary: HashSet<String>,
+}
+
+/// The CMServer's own successful probe of an instance whose agent is silent: when it
+/// answered, and as what (`outside.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenFromOutside {
+    pub at: Instant,
+    pub role: MemberRole,
 }
 
 /// One order to send (the term is the plan's state's term).
@@ -102,10 +117,14 @@ pub struct Input<'a> {
     pub reports: &'a Reports,
     pub now: Instant,
     pub memory: &'a Memory,
-    /// DN groups (by name) and `GTM_PAIR` with an operator operation running: untouched.
+    /// DN groups (by name) and `GTM_PAIR` with an operator operation running:
+    /// untouched, except that a DN group whose primary is lost is failed over anyway
+    /// (the operation is preempted, see [`Plan::preempted`]).
     pub busy: &'a BTreeSet<String>,
     /// Orders sent recently (in flight or just finished): not sent again.
     pub recent: &'a [(String, OrderKind)],
+    /// The CMServer's own probes of instances whose agent is silent.
+    pub outside: &'a HashMap<String, SeenFromOutside>,
 }
 
 /// What to do.
@@ -117,6 +136,8 @@ pub struct Plan {
     /// Status notes by DN group name or `GTM_PAIR`.
     pub notes: BTreeMap<String, String>,
     pub memory: Memory,
+    /// Busy DN groups failed over by this plan: their operation must stop.
+    pub preempted: BTreeSet<String>,
 }
 
 struct Ctx<'a> {
@@ -173,6 +194,30 @@ impl Ctx<'_> {
             _ => now,
         };
         until.saturating_duration_since(since)
+    }
+
+    /// While `name`'s agent is silent: when the CMServer itself last saw it answer
+    /// as `role` (within the agent timeout).
+    fn outside_as(&self, name: &str, role: MemberRole) -> Option<Instant> {
+        if self.fresh(name).is_some() {
+            return None;
+        }
+        let o = self.input.outside.get(name)?;
+        let recent =
+            self.input.now.saturating_duration_since(o.at) < self.input.cfg.timing.agent_timeout();
+        (o.role == role && recent).then_some(o.at)
+    }
+
+    /// `name` was seen healthy at `at` (its timer restarts from there).
+    fn saw_healthy(&mut self, name: &str, at: Instant) {
+        let at = at.min(self.input.now);
+        let e = self
+            .plan
+            .memory
+            .healthy_at
+            .entry(name.to_owned())
+            .or_insert(at);
+        *e = (*e).max(at);
     }
 
     fn recently_ordered(&self, name: &str, kind: OrderKind) -> bool {
@@ -244,9 +289,8 @@ pub fn decide(input: &Input<'_>) -> Plan {
         }
     }
     for g in &input.cfg.dn_groups {
-        if !input.busy.contains(&g.name) {
-            dn_group(&mut cx, g);
-        }
+        let busy = input.busy.contains(&g.name);
+        dn_group(&mut cx, g, busy);
     }
     if !input.busy.contains(GTM_PAIR) {
         gtm_pair(&mut cx);
@@ -274,7 +318,11 @@ fn dn_standby<'a>(state: &ClusterState, g: &'a DnGroup) -> Option<&'a Instance> 
     })
 }
 
-fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
+/// One DN group's rules. A `busy` group (an operator operation runs on it) gets only
+/// the failover rule: a lost primary preempts any operation (a switchover begun just
+/// before the primary's host died must not hold the group without a primary until
+/// its orders time out).
+fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
     let state = cx.input.state;
     let Some(p) = assigned(state, &g.members, AssignedRole::Primary) else {
         return;
@@ -284,6 +332,9 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
 
     // A member assigned primary that still runs as a standby: (re)order PROMOTE.
     if cx.healthy_as(&p.name, MemberRole::Standby).is_some() && state.should_run(&p.name) {
+        if busy {
+            return;
+        }
         cx.order(&p.name, OrderKind::Promote);
         cx.note(
             &g.name,
@@ -293,6 +344,19 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
     }
 
     let healthy = cx.healthy_as(&p.name, MemberRole::Primary).cloned();
+    if healthy.is_none() {
+        if let Some(at) = cx.outside_as(&p.name, MemberRole::Primary) {
+            cx.saw_healthy(&p.name, at);
+            cx.note(
+                &g.name,
+                format!(
+                    "the agent of {} is silent; primary {} answers the CMServer itself: no failover",
+                    p.host, p.name
+                ),
+            );
+            return;
+        }
+    }
     let lost = cx.unhealthy_for(&p.name, healthy.is_some());
     if let Some(rep) = &healthy {
         let sync = rep
@@ -307,6 +371,9 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
             None => {
                 cx.next.last_sync_standby.remove(&g.name);
             }
+        }
+        if busy {
+            return;
         }
         // Former primaries (assigned standby, still or again primary): DEMOTE.
         for m in &g.members {
@@ -377,6 +444,9 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
     }
     cx.swap_roles(&p.name, &s.name);
     cx.next.last_sync_standby.remove(&g.name);
+    if busy {
+        cx.plan.preempted.insert(g.name.clone());
+    }
     cx.order(&s.name, OrderKind::Promote);
     cx.note(
         &g.name,
@@ -465,15 +535,34 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
     }
 
     let p_healthy = cx.healthy_as(&p.name, MemberRole::Primary).cloned();
+    if p_healthy.is_none() {
+        if let Some(at) = cx.outside_as(&p.name, MemberRole::Primary) {
+            cx.saw_healthy(&p.name, at);
+            cx.note(
+                GTM_PAIR,
+                format!(
+                    "the agent of {} is silent; primary {} answers the CMServer itself: no failover",
+                    p.host, p.name
+                ),
+            );
+            return;
+        }
+    }
     let lost = cx.unhealthy_for(&p.name, p_healthy.is_some());
     if let Some(prep) = p_healthy {
         let Some(s) = s else { return };
         let s_rep = cx.fresh(&s.name).cloned();
-        let s_healthy = s_rep
-            .as_ref()
-            .is_some_and(|r| r.process_alive && r.responding);
+        let s_outside = cx.outside_as(&s.name, MemberRole::Standby);
+        if let Some(at) = s_outside {
+            cx.saw_healthy(&s.name, at);
+        }
+        let s_healthy = s_outside.is_some()
+            || s_rep
+                .as_ref()
+                .is_some_and(|r| r.process_alive && r.responding);
         let s_lost = cx.unhealthy_for(&s.name, s_healthy);
         let facts = prep.gtm.unwrap_or_default();
+        record_run_alone(cx, &p.name, &facts);
         if s_rep.as_ref().is_some_and(|r| {
             r.process_alive && r.responding && r.role == MemberRole::Primary as i32
         }) {
@@ -523,7 +612,12 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
             "{} is not ready (has not copied the primary's state)",
             s.name
         )),
-        Some(_) => None,
+        Some(r) => gtm_gxid_problem(
+            &state.gtm,
+            &p.name,
+            &s.name,
+            r.gtm.map_or(0, |f| f.boundary),
+        ),
     };
     if let Some(problem) = problem {
         cx.note(
@@ -536,6 +630,8 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
         return;
     }
     cx.swap_roles(&p.name, &s.name);
+    // The promoted GTM runs alone until its old primary has resynced.
+    cx.next.gtm.run_alone = true;
     cx.order(&s.name, OrderKind::Promote);
     cx.note(
         GTM_PAIR,
@@ -546,7 +642,59 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
     );
 }
 
+/// Keeps the durable run-alone record (`ClusterState::gtm`) true for the healthy
+/// primary `name`: set while it runs alone (also when it was ordered to by hand),
+/// with the highest boundary it reported meanwhile; cleared once it runs with its
+/// standby attached again and no RUN_ALONE order is in flight.
+fn record_run_alone(cx: &mut Ctx<'_>, name: &str, facts: &GtmFacts) {
+    if facts.run_alone {
+        cx.next.gtm.run_alone = true;
+    }
+    if cx.next.gtm.run_alone {
+        cx.next.gtm.primary_boundary = cx.next.gtm.primary_boundary.max(facts.boundary);
+        if !facts.run_alone
+            && facts.standby_attached
+            && !cx.recently_ordered(name, OrderKind::RunAlone)
+        {
+            cx.next.gtm.run_alone = false;
+        }
+    }
+}
+
+/// Why promoting GTM standby `standby` (persisted boundary `standby_boundary`) could
+/// hand out a GXID twice; None when its boundary is above every GXID `primary` may
+/// have handed out. While a primary (may have) run alone nobody knows how far it got,
+/// whatever the standby says about itself.
+pub fn gtm_gxid_problem(
+    gtm: &GtmAlone,
+    primary: &str,
+    standby: &str,
+    standby_boundary: u64,
+) -> Option<String> {
+    let force = format!("`cm_ctl failover --instance {standby} --force` accepts that risk");
+    if gtm.run_alone {
+        return Some(format!(
+            "{primary} ran alone (it reported boundary {}, and may have gone further), so \
+             {standby} (boundary {standby_boundary}) may have missed GXIDs it handed out; \
+             promoting {standby} could hand out those GXIDs again ({force})",
+            gtm.primary_boundary
+        ));
+    }
+    if standby_boundary < gtm.primary_boundary {
+        return Some(format!(
+            "{standby}'s boundary {standby_boundary} is below {}, which {primary} \
+             reported: promoting {standby} could hand out GXIDs again ({force})",
+            gtm.primary_boundary
+        ));
+    }
+    None
+}
+
 fn run_alone(cx: &mut Ctx<'_>, name: &str, on: bool) {
+    if on {
+        // Durable before the order goes out (the plan's state is persisted first).
+        cx.next.gtm.run_alone = true;
+    }
     if cx.recently_ordered(name, OrderKind::RunAlone) {
         return;
     }
@@ -561,7 +709,7 @@ fn run_alone(cx: &mut Ctx<'_>, name: &str, on: bool) {
 mod tests {
     use super::*;
     use crate::state::tests::local_config;
-    use ha_common::proto::cm::{AgentReport, GtmFacts, InstanceKind as Kind, ReplicaState};
+    use ha_common::proto::cm::{AgentReport, InstanceKind as Kind, ReplicaState};
     use ha_common::Term;
 
     struct World {
@@ -571,6 +719,7 @@ mod tests {
         memory: Memory,
         busy: BTreeSet<String>,
         recent: Vec<(String, OrderKind)>,
+        outside: HashMap<String, SeenFromOutside>,
         t0: Instant,
     }
 
@@ -631,6 +780,7 @@ mod tests {
                 memory: Memory::default(),
                 busy: BTreeSet::new(),
                 recent: Vec::new(),
+                outside: HashMap::new(),
                 t0: Instant::now(),
             }
         }
@@ -692,6 +842,7 @@ mod tests {
                 memory: &self.memory,
                 busy: &self.busy,
                 recent: &self.recent,
+                outside: &self.outside,
             });
             if let Some(s) = &plan.state {
                 self.state = s.clone();
@@ -999,9 +1150,51 @@ mod tests {
         assert!(!has(&p, "dn1_h2", OrderKind::Promote));
         assert!(p.notes["dn1"].contains("held stopped"));
         w.state.set_run(Some("dn1_h1"), true).unwrap();
-        w.busy.insert("dn1".into());
+        w.busy.insert("dn2".into());
         w.busy.insert(GTM_PAIR.into());
-        assert!(w.tick(at).orders.is_empty());
+        // Busy groups with a healthy primary: nothing (dn2's primary is healthy).
+        w.report(
+            "h2",
+            vec![{
+                let mut p = dn("dn2_h2", MemberRole::Primary);
+                p.replicas = vec![sync_row("dn2_h3")];
+                p
+            }],
+            at,
+        );
+        w.report("h3", vec![dn("dn2_h3", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(
+            p.orders
+                .iter()
+                .all(|o| o.instance != "gtm2" && !o.instance.starts_with("dn2")),
+            "{:?}",
+            p.orders
+        );
+    }
+
+    #[test]
+    fn a_lost_primary_preempts_an_operation_on_its_group() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.busy.insert("dn1".into());
+        w.tick(w.t0);
+        // A switchover began; then h1 died. Its former standby (still running as a
+        // standby, in sync at the last healthy report) is promoted anyway.
+        let at = w.at(2000);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(
+            p.orders.is_empty() && p.preempted.is_empty(),
+            "{:?}",
+            p.orders
+        );
+        let at = w.at(3100);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(has(&p, "dn1_h2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(p.preempted.contains("dn1"), "the operation must be told");
+        assert_eq!(w.state.role_of("dn1_h2"), Some(AssignedRole::Primary));
     }
 
     #[test]
@@ -1110,6 +1303,205 @@ mod tests {
         let p = w.tick(at);
         let o = p.orders.iter().find(|o| o.instance == "gtm1").unwrap();
         assert_eq!((o.kind, o.run_alone), (OrderKind::RunAlone, false));
+    }
+
+    fn gtm_with_boundary(name: &str, role: MemberRole, mut f: GtmFacts, b: u64) -> InstanceReport {
+        f.boundary = b;
+        gtm(name, role, f)
+    }
+
+    #[test]
+    fn a_gtm_standby_that_missed_run_alone_boundaries_is_never_promoted() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // The standby freezes: run-alone is ordered, and recorded durably first.
+        let at = w.at(3100);
+        let facts = GtmFacts::default();
+        w.report(
+            "h1",
+            vec![gtm_with_boundary("gtm1", MemberRole::Primary, facts, 4001)],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(has(&p, "gtm1", OrderKind::RunAlone), "{:?}", p.orders);
+        let persisted = p.state.expect("the run-alone record is persisted first");
+        assert!(persisted.gtm.run_alone);
+        // Alone, the primary hands out far beyond the standby's boundary.
+        let alone = GtmFacts {
+            run_alone: true,
+            ..Default::default()
+        };
+        let at = w.at(4000);
+        w.report(
+            "h1",
+            vec![gtm_with_boundary("gtm1", MemberRole::Primary, alone, 40001)],
+            at,
+        );
+        w.tick(at);
+        assert_eq!(w.state.gtm.primary_boundary, 40001);
+        // The primary freezes; the standby is back and says it is ready.
+        for ms in [5000u64, 8000, 20000] {
+            let at = w.at(ms);
+            w.report(
+                "h2",
+                vec![gtm_with_boundary(
+                    "gtm2",
+                    MemberRole::Standby,
+                    ready(),
+                    4001,
+                )],
+                at,
+            );
+            let p = w.tick(at);
+            assert!(!has(&p, "gtm2", OrderKind::Promote), "{ms}: {:?}", p.orders);
+            assert_eq!(w.state.role_of("gtm1"), Some(AssignedRole::Primary));
+            if ms > 5000 {
+                let note = &p.notes[GTM_PAIR];
+                assert!(
+                    note.contains("no failover") && note.contains("gtm1 ran alone"),
+                    "{note}"
+                );
+                assert!(note.contains("--force"), "{note}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_run_alone_record_clears_on_resync_and_the_boundary_still_counts() {
+        let mut w = World::new();
+        w.state.gtm = GtmAlone {
+            run_alone: true,
+            primary_boundary: 40001,
+        };
+        w.healthy_at(w.t0);
+        // healthy_at reports gtm1 attached and not alone: the record clears...
+        w.tick(w.t0);
+        assert!(!w.state.gtm.run_alone);
+        // ...but not while a RUN_ALONE order is in flight.
+        let mut w2 = World::new();
+        w2.state.gtm.run_alone = true;
+        w2.recent = vec![("gtm1".into(), OrderKind::RunAlone)];
+        w2.healthy_at(w2.t0);
+        w2.tick(w2.t0);
+        assert!(w2.state.gtm.run_alone);
+        // A standby below the recorded boundary is still not promoted.
+        let at = w.at(3100);
+        w.report(
+            "h2",
+            vec![gtm_with_boundary(
+                "gtm2",
+                MemberRole::Standby,
+                ready(),
+                4001,
+            )],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(!has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(p.notes[GTM_PAIR].contains("below 40001"), "{:?}", p.notes);
+        // One that has it (resynced) is, and the promoted GTM is recorded alone.
+        w.report(
+            "h2",
+            vec![gtm_with_boundary(
+                "gtm2",
+                MemberRole::Standby,
+                ready(),
+                42001,
+            )],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(w.state.gtm.run_alone, "a promoted GTM runs alone");
+    }
+
+    #[test]
+    fn a_silent_agent_is_not_a_dead_primary_while_the_cmserver_sees_it_answer() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // h1's agent restarts: silent for 6 s, while dn1_h1 and gtm1 answer the
+        // CMServer's own probes.
+        for ms in (500..=6000).step_by(500) {
+            let at = w.at(ms);
+            for (name, role) in [
+                ("dn1_h1", MemberRole::Primary),
+                ("gtm1", MemberRole::Primary),
+            ] {
+                w.outside.insert(name.into(), SeenFromOutside { at, role });
+            }
+            w.report(
+                "h2",
+                vec![
+                    gtm("gtm2", MemberRole::Standby, ready()),
+                    dn("dn1_h2", MemberRole::Standby),
+                ],
+                at,
+            );
+            let p = w.tick(at);
+            assert!(p.orders.is_empty(), "{ms} ms: {:?}", p.orders);
+            if ms > 3500 {
+                assert!(
+                    p.notes["dn1"].contains("answers the CMServer itself"),
+                    "{:?}",
+                    p.notes
+                );
+            }
+        }
+        assert_eq!(w.state.term, Term(1));
+        // Unreachable from outside too (probes stop succeeding): failed over once
+        // the timeout has run from the last answer.
+        let at = w.at(9100);
+        w.report(
+            "h2",
+            vec![
+                gtm("gtm2", MemberRole::Standby, ready()),
+                dn("dn1_h2", MemberRole::Standby),
+            ],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(has(&p, "dn1_h2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+    }
+
+    #[test]
+    fn a_gtm_standby_whose_agent_restarts_costs_no_run_alone() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        for ms in (500..=6000).step_by(500) {
+            let at = w.at(ms);
+            w.outside.insert(
+                "gtm2".into(),
+                SeenFromOutside {
+                    at,
+                    role: MemberRole::Standby,
+                },
+            );
+            w.report(
+                "h1",
+                vec![
+                    gtm(
+                        "gtm1",
+                        MemberRole::Primary,
+                        GtmFacts {
+                            standby_attached: true,
+                            ..Default::default()
+                        },
+                    ),
+                    dn1_primary(),
+                ],
+                at,
+            );
+            let p = w.tick(at);
+            assert!(
+                !has(&p, "gtm1", OrderKind::RunAlone),
+                "{ms} ms: {:?}",
+                p.orders
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod assignments;
 pub mod election;
 pub mod operations;
 pub mod order_book;
+pub mod outside;
 pub mod pair;
 pub mod reports;
 pub mod service;
