@@ -1,8 +1,14 @@
-//! A real partition (issue 9 §3 a): the host of dn1's primary (h1) is cut off from
-//! every other host while clients write, one of them inside h1 writing to dn1_h1.
-//! dn1's synchronous standby on h2 is promoted; the cut-off primary acknowledges no
-//! commit the new primary lacks; after healing dn1_h1 rejoins as a standby and every
-//! acknowledged commit, from either side, is on the new primary.
+//! A real partition (issue 9 §3 a and b): the host of the primary CMServer, which
+//! also runs a DN primary, is cut off from every other host while clients write,
+//! one of them inside that host writing to its local DN primary.
+//! - CMServers: the cut-off one stops answering as primary, and only then the other
+//!   answers as primary in a higher term, within `cm_lease` plus a heartbeat (plus
+//!   the polling's own resolution);
+//! - DN: the synchronous standby is promoted; the cut-off primary acknowledges no
+//!   commit after that; after healing it rejoins as a standby;
+//! - after healing the old CMServer follows as standby with the newer state: when
+//!   the other is killed it takes over and keeps the failover made without it;
+//! - every acknowledged commit, from either side, is on the new primary.
 
 #[path = "failover_support.rs"]
 mod failover_support;
@@ -11,77 +17,172 @@ mod partition_support;
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use failover_support::wait_layout;
-use mpp_ha_tests::netns::Faults;
-use mpp_ha_tests::LocalCluster;
+use anyhow::{bail, Context, Result};
+use failover_support::{role_of, wait_layout};
+use mpp_ha_tests::netns::{spawn_in_host, Faults};
+use mpp_ha_tests::{kill9, wait_for, LocalCluster};
 use partition_support::*;
 
 const PORT_BASE: u16 = 31000;
 
+/// How finely the CMServers' answers are sampled.
+const POLL: Duration = Duration::from_millis(100);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cut_off_primary_host_is_replaced_and_rejoins_without_losing_commits() -> Result<()> {
-    let c = LocalCluster::netns("partition-dn", PORT_BASE, |t| t);
+async fn cut_off_host_loses_its_primaries_and_rejoins_without_losing_commits() -> Result<()> {
+    let c = LocalCluster::netns("partition-host", PORT_BASE, |t| t);
     c.up(120)?;
     let net = c.net.clone().expect("netns cluster");
-    let (m1, m2) = (Member::of(&c, "dn1_h1"), Member::of(&c, "dn1_h2"));
-    create_table(&net, "h3", &m1).await?;
-    // A client on h1 itself (it keeps reaching dn1_h1 through the partition) and
-    // one on h3 following whichever member is primary.
+    let lease = c.cfg.timing.cm_lease();
+    let heartbeat = c.cfg.timing.heartbeat_interval();
+
+    // The primary CMServer, its host, and the DN group whose primary runs there.
+    let s = c.status()?;
+    let term = s["term"].as_u64().context("term")?;
+    let cms = ["cms1", "cms2"]
+        .into_iter()
+        .find(|n| role_of(&s, n) == "primary")
+        .context("no primary CMServer")?;
+    let other = if cms == "cms1" { "cms2" } else { "cms1" };
+    let host = c.cfg.find(cms).context("cms")?.instance.host.clone();
+    let (group, old, new) = if host == "h1" {
+        ("dn1", "dn1_h1", "dn1_h2")
+    } else {
+        ("dn2", "dn2_h2", "dn2_h3")
+    };
+    let watcher = if host == "h3" { "h1" } else { "h3" };
+    eprintln!("cutting off {host}: {cms} primary in term {term}, {old} primary of {group}");
+    let (m_old, m_new) = (Member::of(&c, old), Member::of(&c, new));
+    create_table(&net, watcher, &m_old).await?;
+    // A client on the cut-off host itself (it keeps reaching its local primary) and
+    // one elsewhere following whichever member is primary.
     let local = Writer::start(
         &net,
-        Some("h1"),
-        vec![m1.clone()],
+        Some(&host),
+        vec![m_old.clone()],
         1,
         Duration::from_secs(3),
     )?;
     let remote = Writer::start(
         &net,
-        Some("h3"),
-        vec![m1.clone(), m2.clone()],
+        Some(watcher),
+        vec![m_old.clone(), m_new.clone()],
         10_000_000,
         Duration::from_secs(3),
     )?;
     local.wait_more(30, Duration::from_secs(30)).await?;
     remote.wait_more(30, Duration::from_secs(30)).await?;
 
-    c.isolate("h1")?;
+    // From inside the cut-off host: when does its CMServer stop acting as primary?
+    let (addr, port) = (c.address_of(cms), c.port(cms));
+    let cut_side = spawn_in_host(&net, Some(&host), move || async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match ask_cms(&addr, port).await {
+                CmsAnswer::Primary(_) => {}
+                answer => return Ok((Instant::now(), answer)),
+            }
+            if Instant::now() > deadline {
+                bail!("still primary 30 s after the cut");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })?;
+    c.isolate(&host)?;
     let cut = Instant::now();
-    wait_layout(
-        &c,
-        &[("dn1_h2", "primary", "normal")],
-        Duration::from_secs(60),
+    let (addr2, port2) = (c.address_of(other), c.port(other));
+    let (took_over, new_term) = wait_for(
+        "the other CMServer to answer as primary",
+        Duration::from_secs(30),
+        || async {
+            match ask_cms(&addr2, port2).await {
+                CmsAnswer::Primary(t) if t > term => Ok(Some((Instant::now(), t))),
+                answer => bail!("{answer:?}"),
+            }
+        },
     )
     .await?;
+    let (stepped_down, answer) = cut_side
+        .join()
+        .map_err(|_| anyhow::anyhow!("watcher panicked"))??;
+    eprintln!(
+        "{cms} stopped acting as primary {:.2} s after the cut ({answer:?}); \
+         {other} primary in term {new_term} after {:.2} s",
+        (stepped_down - cut).as_secs_f64(),
+        (took_over - cut).as_secs_f64()
+    );
+    assert!(
+        matches!(&answer, CmsAnswer::Refused(m) if m.contains("not primary")),
+        "the cut-off CMServer answers \"not primary\": {answer:?}"
+    );
+    assert!(
+        stepped_down < took_over,
+        "{cms} still acted as primary when {other} took over"
+    );
+    let bound = lease + heartbeat + POLL * 5;
+    assert!(
+        took_over - cut <= bound,
+        "takeover took {:.2} s, more than cm_lease + a heartbeat (+ polling) = {:.2} s",
+        (took_over - cut).as_secs_f64(),
+        bound.as_secs_f64()
+    );
+
+    wait_layout(&c, &[(new, "primary", "normal")], Duration::from_secs(60)).await?;
     let promoted = Instant::now();
     eprintln!(
-        "h1 cut off -> dn1_h2 primary seen: {:.1} s",
+        "{host} cut off -> {new} primary seen: {:.1} s",
         (promoted - cut).as_secs_f64()
     );
+
     c.heal()?;
     let healed = Instant::now();
     wait_layout(
         &c,
         &[
-            ("dn1_h1", "standby", "normal"),
-            ("dn1_h2", "primary", "normal"),
+            (old, "standby", "normal"),
+            (new, "primary", "normal"),
+            (cms, "standby", "normal"),
         ],
         Duration::from_secs(120),
     )
     .await?;
     eprintln!(
-        "healed -> dn1_h1 standby again: {:.1} s",
+        "healed -> {old} standby again: {:.1} s",
         healed.elapsed().as_secs_f64()
     );
-    // dn1_h2 has a synchronous standby again: its commits are acknowledged.
+    // The new primary has a synchronous standby again: its commits are acknowledged.
     remote.wait_more(20, Duration::from_secs(30)).await?;
+
+    // The healed CMServer took the newer state: alone, it keeps the failover.
+    let other_pid = c
+        .recorded_pid(&format!("cm_server-{other}"))
+        .context("pid recorded")?;
+    kill9(other_pid);
+    let s = wait_for(
+        &format!("{cms} to take over again"),
+        Duration::from_secs(30),
+        || async {
+            let s = c.status()?;
+            if role_of(&s, cms) == "primary" && s["term"].as_u64().unwrap_or(0) > new_term {
+                Ok(Some(s))
+            } else {
+                bail!("{cms} is {} in term {}", role_of(&s, cms), s["term"])
+            }
+        },
+    )
+    .await?;
+    assert_eq!(role_of(&s, new), "primary", "{s}");
+    assert_eq!(role_of(&s, old), "standby", "{s}");
+    remote.wait_more(20, Duration::from_secs(30)).await?;
+
     let (local, remote) = (local.stop(), remote.stop());
     assert!(
-        remote.iter().any(|a| a.member == "dn1_h2"),
+        remote.iter().any(|a| a.member == new),
         "commits went to the new primary"
     );
-    // h1's client only writes to dn1_h1: once dn1_h2 was promoted, dn1_h1 never
-    // acknowledged a commit again (cut off, then a standby).
+    // The local client only writes to the old primary: once the other member was
+    // promoted, the old one never acknowledged a commit again (cut off, then a
+    // standby).
     let late: Vec<&Ack> = local.iter().filter(|a| a.at > promoted).collect();
     assert!(
         late.is_empty(),
@@ -90,14 +191,12 @@ async fn cut_off_primary_host_is_replaced_and_rejoins_without_losing_commits() -
         &late[..late.len().min(10)]
     );
     let all: Vec<Ack> = local.iter().chain(&remote).cloned().collect();
-    let rows = assert_all_present(&net, "h3", &m2, &all).await?;
+    let rows = assert_all_present(&net, watcher, &m_new, &all).await?;
     eprintln!(
-        "{} acknowledged commits ({} on h1's local client, {} on h3's), all on dn1_h2 ({rows} rows)",
+        "{} acknowledged commits ({} by the client on {host}, {} on {watcher}), all on {new} ({rows} rows)",
         all.len(),
         local.len(),
         remote.len()
     );
-    let after_cut = local.iter().filter(|a| a.at > cut).count();
-    eprintln!("h1's client had {after_cut} commits acknowledged after the cut");
     Ok(())
 }

@@ -183,3 +183,40 @@ pub async fn create_table(net: &Network, from: &str, member: &Member) -> Result<
     })
     .await
 }
+
+/// What one CMServer answers to a status request, asked from the caller's namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CmsAnswer {
+    /// It acts as primary, in this term.
+    Primary(u64),
+    /// It answered, refusing (a standby says "not primary").
+    Refused(String),
+    /// No answer.
+    Unreachable(String),
+}
+
+/// Asks the CMServer at `address:port` for the cluster status (bounded by 1 s).
+pub async fn ask_cms(address: &str, port: u16) -> CmsAnswer {
+    use ha_common::proto::cm::cm_server_client::CmServerClient;
+    use ha_common::proto::cm::ClusterStatusRequest;
+    let ep = match tonic::transport::Endpoint::from_shared(format!("http://{address}:{port}")) {
+        Ok(ep) => ep
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(1)),
+        Err(e) => return CmsAnswer::Unreachable(e.to_string()),
+    };
+    let channel = match ep.connect().await {
+        Ok(c) => c,
+        Err(e) => return CmsAnswer::Unreachable(e.to_string()),
+    };
+    match CmServerClient::new(channel)
+        .get_cluster_status(ClusterStatusRequest {})
+        .await
+    {
+        Ok(r) => CmsAnswer::Primary(r.into_inner().term),
+        Err(s) if s.code() == tonic::Code::Unavailable => {
+            CmsAnswer::Unreachable(s.message().to_owned())
+        }
+        Err(s) => CmsAnswer::Refused(s.message().to_owned()),
+    }
+}
