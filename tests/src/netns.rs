@@ -122,13 +122,13 @@ pub trait Faults {
         nft_in(
             &net.namespace(from),
             &format!(
-                "table ip {table} {{ chain out {{ type filter hook output priority 0; ip daddr {ta} drop; }} }}\n"
+                "table ip {table} {{\n  chain out {{\n    type filter hook output priority 0;\n    ip daddr {ta} drop\n  }}\n}}\n"
             ),
         )?;
         nft_in(
             &net.namespace(to),
             &format!(
-                "table ip {table} {{ chain inp {{ type filter hook input priority 0; ip saddr {fa} drop; }} }}\n"
+                "table ip {table} {{\n  chain inp {{\n    type filter hook input priority 0;\n    ip saddr {fa} drop\n  }}\n}}\n"
             ),
         )
     }

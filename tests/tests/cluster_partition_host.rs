@@ -8,7 +8,10 @@
 //!   commit after that; after healing it rejoins as a standby;
 //! - after healing the old CMServer follows as standby with the newer state: when
 //!   the other is killed it takes over and keeps the failover made without it;
-//! - every acknowledged commit, from either side, is on the new primary.
+//! - every acknowledged commit, from either side, is on the new primary;
+//! - sampled from both sides throughout: never two writable members of the group,
+//!   no GXID handed out twice (rounds where both GTMs hand out GXIDs are printed:
+//!   a known violation, see below).
 
 #[path = "failover_support.rs"]
 mod failover_support;
@@ -36,7 +39,14 @@ async fn cut_off_host_loses_its_primaries_and_rejoins_without_losing_commits() -
     let lease = c.cfg.timing.cm_lease();
     let heartbeat = c.cfg.timing.heartbeat_interval();
 
-    // The primary CMServer, its host, and the DN group whose primary runs there.
+    // The primary CMServer, its host, and the DN group whose primary runs there (as
+    // status says once everything is normal: a busy machine may have moved roles).
+    c.wait_states(
+        &["dn1_h1", "dn1_h2", "dn2_h2", "dn2_h3", "gtm1", "gtm2"],
+        "normal",
+        Duration::from_secs(60),
+    )
+    .await?;
     let s = c.status()?;
     let term = s["term"].as_u64().context("term")?;
     let cms = ["cms1", "cms2"]
@@ -45,11 +55,16 @@ async fn cut_off_host_loses_its_primaries_and_rejoins_without_losing_commits() -
         .context("no primary CMServer")?;
     let other = if cms == "cms1" { "cms2" } else { "cms1" };
     let host = c.cfg.find(cms).context("cms")?.instance.host.clone();
-    let (group, old, new) = if host == "h1" {
-        ("dn1", "dn1_h1", "dn1_h2")
-    } else {
-        ("dn2", "dn2_h2", "dn2_h3")
-    };
+    let on_host = |n: &str| c.cfg.find(n).is_some_and(|r| r.instance.host == host);
+    let (group, old, new) = [
+        ("dn1", "dn1_h1", "dn1_h2"),
+        ("dn1", "dn1_h2", "dn1_h1"),
+        ("dn2", "dn2_h2", "dn2_h3"),
+        ("dn2", "dn2_h3", "dn2_h2"),
+    ]
+    .into_iter()
+    .find(|(_, p, _)| on_host(p) && role_of(&s, p) == "primary")
+    .with_context(|| format!("no DN primary on {host} (status {s})"))?;
     let watcher = if host == "h3" { "h1" } else { "h3" };
     eprintln!("cutting off {host}: {cms} primary in term {term}, {old} primary of {group}");
     let (m_old, m_new) = (Member::of(&c, old), Member::of(&c, new));
@@ -70,6 +85,18 @@ async fn cut_off_host_loses_its_primaries_and_rejoins_without_losing_commits() -
         10_000_000,
         Duration::from_secs(3),
     )?;
+    // GXIDs and probe commits sampled from both sides of the cut.
+    let gtms: Vec<GtmMember> = ["gtm1", "gtm2"]
+        .iter()
+        .map(|n| GtmMember {
+            name: n.to_string(),
+            address: c.address_of(n),
+            port: c.port(n),
+        })
+        .collect();
+    let group_members = vec![(group.to_string(), vec![m_old.clone(), m_new.clone()])];
+    let outside = Sampler::start(&net, watcher, group_members, gtms.clone(), 50_000_000)?;
+    let inside = Sampler::start(&net, &host, Vec::new(), gtms, 60_000_000)?;
     local.wait_more(30, Duration::from_secs(30)).await?;
     remote.wait_more(30, Duration::from_secs(30)).await?;
 
@@ -176,6 +203,37 @@ async fn cut_off_host_loses_its_primaries_and_rejoins_without_losing_commits() -
     remote.wait_more(20, Duration::from_secs(30)).await?;
 
     let (local, remote) = (local.stop(), remote.stop());
+    let (outside, inside) = (outside.stop(), inside.stop());
+    eprintln!(
+        "sampled {} rounds outside and {} inside {host}: {} GXIDs, {} probe commits",
+        outside.rounds,
+        inside.rounds,
+        outside.gxids.len() + inside.gxids.len(),
+        outside.acks.len()
+    );
+    for (side, s) in [("outside", &outside), ("inside", &inside)] {
+        assert!(
+            s.dual_dn.is_empty(),
+            "two writable DN primaries: {:?}",
+            s.dual_dn
+        );
+        // KNOWN VIOLATION, not asserted until fixed (issue 9 §1, invariant 3): a
+        // cut-off GTM primary keeps handing out GXIDs from its reserved block (no
+        // lease fences it) until the promoted standby's first ReserveBlock reaches it
+        // after the heal; the outside sampler sees both serving then. GXIDs stay
+        // unique (asserted below) because the promoted one starts above that block.
+        for (round, at, gtms) in &s.dual_gtm {
+            let since = |t: Instant| at.saturating_duration_since(t).as_secs_f64();
+            eprintln!(
+                "two GTM primaries ({side}, round {round}): {gtms:?}, {:.1} s after the cut, {:.1} s after the heal",
+                since(cut),
+                since(healed)
+            );
+        }
+    }
+    let gxids: Vec<u64> = outside.gxids.iter().chain(&inside.gxids).copied().collect();
+    let dup = duplicates(&gxids);
+    assert!(dup.is_empty(), "GXIDs handed out twice: {dup:?}");
     assert!(
         remote.iter().any(|a| a.member == new),
         "commits went to the new primary"
@@ -190,7 +248,12 @@ async fn cut_off_host_loses_its_primaries_and_rejoins_without_losing_commits() -
         late.len(),
         &late[..late.len().min(10)]
     );
-    let all: Vec<Ack> = local.iter().chain(&remote).cloned().collect();
+    let all: Vec<Ack> = local
+        .iter()
+        .chain(&remote)
+        .chain(&outside.acks)
+        .cloned()
+        .collect();
     let rows = assert_all_present(&net, watcher, &m_new, &all).await?;
     eprintln!(
         "{} acknowledged commits ({} by the client on {host}, {} on {watcher}), all on {new} ({rows} rows)",

@@ -220,3 +220,177 @@ pub async fn ask_cms(address: &str, port: u16) -> CmsAnswer {
         Err(s) => CmsAnswer::Refused(s.message().to_owned()),
     }
 }
+
+/// A GTM instance as a client sees it.
+#[derive(Debug, Clone)]
+pub struct GtmMember {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+}
+
+/// Asks the GTM at `address:port` for one GXID (bounded by 1 s); `None` if it
+/// hands out none (standby, fenced, cut off).
+pub async fn take_gxid(address: &str, port: u16) -> Option<u64> {
+    use ha_common::proto::gtm::gtm_client::GtmClient;
+    use ha_common::proto::gtm::NextGxidRequest;
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{address}:{port}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(1));
+    let channel = ep.connect().await.ok()?;
+    let r = GtmClient::new(channel)
+        .next_gxid(NextGxidRequest { count: 1 })
+        .await
+        .ok()?;
+    Some(r.into_inner().first)
+}
+
+/// What the sampler saw.
+#[derive(Debug, Default, Clone)]
+pub struct Samples {
+    pub rounds: usize,
+    /// (round, group, members that each acknowledged a commit in that round).
+    pub dual_dn: Vec<(usize, String, Vec<String>)>,
+    /// (round, when it ended, GTMs that each handed out a GXID in that round).
+    pub dual_gtm: Vec<(usize, Instant, Vec<String>)>,
+    /// Every GXID handed out to the sampler.
+    pub gxids: Vec<u64>,
+    /// The sampler's own acknowledged probe commits (ids from its range).
+    pub acks: Vec<Ack>,
+}
+
+/// Samples, every round, whether more than one member of a DN group acknowledges a
+/// commit (a probe row into `t`, ids from `first_id`) and whether more than one GTM
+/// hands out a GXID: at most one writable primary per DN group and per GTM pair.
+/// Runs inside `host`'s namespace.
+pub struct Sampler {
+    samples: Arc<Mutex<Samples>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl Sampler {
+    pub fn start(
+        net: &Network,
+        host: &str,
+        groups: Vec<(String, Vec<Member>)>,
+        gtms: Vec<GtmMember>,
+        first_id: i64,
+    ) -> Result<Sampler> {
+        let samples = Arc::new(Mutex::new(Samples::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (out, s) = (samples.clone(), stop.clone());
+        let thread = spawn_in_host(net, Some(host), move || async move {
+            let mut next_id = first_id;
+            // Bounded: the tests stop it long before.
+            for round in 0..100_000 {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let probes = groups
+                    .iter()
+                    .flat_map(|(g, members)| members.iter().map(move |m| (g.clone(), m.clone())));
+                let mut calls = Vec::new();
+                for (g, m) in probes {
+                    let id = next_id;
+                    next_id += 1;
+                    calls.push(async move {
+                        let acked = probe_commit(&m, id).await;
+                        (g, m.name, id, acked)
+                    });
+                }
+                let gtm_calls = gtms.iter().map(|gm| async move {
+                    (gm.name.clone(), take_gxid(&gm.address, gm.port).await)
+                });
+                let (dn, gtm) = futures::future::join(
+                    futures::future::join_all(calls),
+                    futures::future::join_all(gtm_calls),
+                )
+                .await;
+                {
+                    let mut o = out.lock().unwrap();
+                    o.rounds = round + 1;
+                    let mut by_group: std::collections::BTreeMap<String, Vec<String>> =
+                        Default::default();
+                    for (g, name, id, acked) in dn {
+                        if acked {
+                            by_group.entry(g).or_default().push(name.clone());
+                            o.acks.push(Ack {
+                                id,
+                                member: name,
+                                at: Instant::now(),
+                            });
+                        }
+                    }
+                    for (g, names) in by_group {
+                        if names.len() > 1 {
+                            o.dual_dn.push((round, g, names));
+                        }
+                    }
+                    let serving: Vec<String> = gtm
+                        .iter()
+                        .filter(|(_, x)| x.is_some())
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    o.gxids.extend(gtm.iter().filter_map(|(_, x)| *x));
+                    if serving.len() > 1 {
+                        o.dual_gtm.push((round, Instant::now(), serving));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(())
+        })?;
+        Ok(Sampler {
+            samples,
+            stop,
+            thread,
+        })
+    }
+
+    pub fn rounds(&self) -> usize {
+        self.samples.lock().unwrap().rounds
+    }
+
+    /// Waits until `n` more rounds were sampled.
+    pub async fn wait_rounds(&self, n: usize, timeout: Duration) -> Result<()> {
+        let target = self.rounds() + n;
+        wait_for(&format!("{n} more sample rounds"), timeout, || async {
+            Ok((self.rounds() >= target).then_some(()))
+        })
+        .await
+    }
+
+    pub fn stop(self) -> Samples {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.samples.lock().unwrap().clone()
+    }
+}
+
+/// Whether `m` is out of recovery and acknowledges a commit of row `id` within 1 s.
+async fn probe_commit(m: &Member, id: i64) -> bool {
+    let t = Duration::from_millis(500);
+    let Ok(c) = connect_at(&m.address, m.port, t).await else {
+        return false;
+    };
+    let r = tokio::time::timeout(Duration::from_secs(1), async {
+        let row = c.query_one("SELECT pg_is_in_recovery()", &[]).await?;
+        if row.get::<_, bool>(0) {
+            return Ok::<bool, tokio_postgres::Error>(false);
+        }
+        Ok(c.execute("INSERT INTO t (id) VALUES ($1)", &[&id]).await? == 1)
+    })
+    .await;
+    matches!(r, Ok(Ok(true)))
+}
+
+/// GXIDs that appear more than once.
+pub fn duplicates(gxids: &[u64]) -> Vec<u64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut dup: Vec<u64> = gxids.iter().copied().filter(|g| !seen.insert(*g)).collect();
+    dup.sort_unstable();
+    dup.dedup();
+    dup
+}
