@@ -13,7 +13,10 @@
 //! - the holder renews (same holder, term >= the lease's term) on every heartbeat;
 //!   each grant or renewal runs `cm_lease` from the moment the reply is processed;
 //! - a freshly started agent grants NOTHING for `cm_lease`: before it restarted it
-//!   may have granted a lease it has forgotten, which may still be running.
+//!   may have granted a lease it has forgotten, which may still be running;
+//! - up-to-date rule (Raft's): a request from a CMServer whose cluster state is older
+//!   than the newest state a primary showed this agent is refused, so a CMServer that
+//!   missed a decision cannot lead before it has fetched it.
 //!
 //! The grant is reported to every CMServer in every heartbeat (`AgentReport.lease`),
 //! with the time it has left, so each CMServer can count its majority.
@@ -52,6 +55,8 @@ pub struct LeaseState {
     highest: u64,
     /// Highest term granted to anybody (a term is granted to one holder only).
     granted_term: u64,
+    /// Newest cluster-state version seen in a primary's reply.
+    newest_version: u64,
 }
 
 impl LeaseState {
@@ -63,7 +68,37 @@ impl LeaseState {
             grant: None,
             highest: 0,
             granted_term: 0,
+            newest_version: 0,
         }
+    }
+
+    /// Notes the state version of a primary's reply this agent applies.
+    pub fn observe_version(&mut self, version: u64) {
+        self.newest_version = self.newest_version.max(version);
+    }
+
+    /// The newest state version seen from a primary.
+    pub fn newest_version(&self) -> u64 {
+        self.newest_version
+    }
+
+    /// [`LeaseState::request`] from a CMServer whose state is at `version`: refused
+    /// when that is older than a state a primary already showed this agent.
+    pub fn request_versioned(
+        &mut self,
+        from: &str,
+        term: u64,
+        id: u64,
+        version: u64,
+        now: Instant,
+    ) -> Decision {
+        if version < self.newest_version {
+            return Decision::Refused(format!(
+                "{from}'s cluster state (version {version}) is older than version {} already seen from a primary",
+                self.newest_version
+            ));
+        }
+        self.request(from, term, id, now)
     }
 
     /// The highest term seen.
@@ -170,6 +205,22 @@ mod tests {
     fn ready() -> (LeaseState, Instant) {
         let t0 = Instant::now();
         (LeaseState::new(t0, LEASE), t0 + LEASE)
+    }
+
+    #[test]
+    fn a_cmserver_with_an_older_state_gets_no_lease() {
+        let (mut l, t) = ready();
+        l.observe_version(12);
+        l.observe_version(9);
+        assert_eq!(l.newest_version(), 12);
+        let d = l.request_versioned("cms2", 5, 1, 11, t);
+        assert!(
+            matches!(&d, Decision::Refused(why) if why.contains("older than version 12")),
+            "{d:?}"
+        );
+        assert_eq!(l.to_proto(t), LeaseGrant::default());
+        // Once it has fetched the newer state it may lead.
+        assert_eq!(l.request_versioned("cms2", 5, 2, 12, t), Decision::Granted);
     }
 
     #[test]

@@ -426,10 +426,10 @@ impl PgInstance {
     }
 
     /// The postmaster's pid if one is running on this data dir (postmaster.pid names
-    /// a live process that is a postgres).
+    /// a live postgres whose working directory is this data dir, see
+    /// [`process::postmaster_of`]).
     pub fn postmaster_pid(&self) -> Option<u32> {
-        let pid = process::read_pid_file(&self.data_dir.join("postmaster.pid"))?;
-        process::runs(pid, "postgres", None).then_some(pid)
+        process::postmaster_of(&self.data_dir)
     }
 
     pub fn is_running(&self) -> bool {
@@ -521,11 +521,45 @@ impl PgInstance {
 
     /// Rewinds a stopped former primary onto `upstream`'s history (a no-op when it
     /// did not diverge). pg_rewind copies the source's config files: configure again after.
+    ///
+    /// Refused while another tool still works on this data dir (a pg_rewind started
+    /// by an agent that was killed outlives it: never two tools on one data dir). A
+    /// rewind that was interrupted leaves a marker (`rewind.in_progress`): the data
+    /// dir is then half-rewound and unusable, so it is rebuilt from `upstream`
+    /// instead (pg_basebackup, the old data moved aside).
     pub async fn rewind(&self, upstream: &Upstream) -> Result<String> {
+        let marker = self.instance_dir.join(REWIND_MARKER);
+        let plan = rewind_plan(marker.exists(), tool_running_in(&self.instance_dir));
+        match plan {
+            RewindPlan::Wait(pid, tool) => {
+                return Err(AgentError::Instance(format!(
+                    "{}: {tool} (pid {pid}) still works on {}: not starting another tool on it",
+                    self.name,
+                    self.data_dir.display()
+                )))
+            }
+            RewindPlan::Rebuild => {
+                // Only against a primary: a standby may still be on the old timeline.
+                self.require_primary_upstream(upstream).await?;
+                tracing::warn!(instance = %self.name, "an interrupted pg_rewind left {} half-rewound: rebuilding it", self.data_dir.display());
+                let aside = self.move_data_aside()?;
+                self.basebackup(upstream).await?;
+                remove_durably(&marker)?;
+                return Ok(format!(
+                    "rebuilt: an interrupted pg_rewind had left the data dir unusable (moved to {})",
+                    aside.map(|p| p.display().to_string()).unwrap_or_default()
+                ));
+            }
+            RewindPlan::Rewind => {}
+        }
         // pg_rewind reads the source's timeline from its control file, which a freshly
         // promoted server updates only at its first checkpoint: without one it sees
         // "the same timeline; no rewind required" and a diverged former primary could
-        // never follow. Ask for that checkpoint first.
+        // never follow. Ask for that checkpoint first; and only a source that runs as
+        // primary has the new timeline (a standby caught between the failover decision
+        // and its promotion would answer "no rewind required" and our recovery would
+        // then write past the fork point).
+        self.require_primary_upstream(upstream).await?;
         self.checkpoint_upstream(upstream).await?;
         let data = self.data_arg();
         let source = format!(
@@ -534,7 +568,54 @@ impl PgInstance {
         );
         let target = format!("--target-pgdata={data}");
         let source = format!("--source-server={source}");
-        self.run("pg_rewind", &[&target, &source]).await
+        write_durably(&marker, b"pg_rewind\n")?;
+        let out = self.run("pg_rewind", &[&target, &source]).await;
+        if out.is_ok() {
+            remove_durably(&marker)?;
+        }
+        out
+    }
+
+    /// Errs unless `upstream` runs as a primary (not in recovery).
+    pub async fn require_primary_upstream(&self, upstream: &Upstream) -> Result<()> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&upstream.host)
+            .port(upstream.port)
+            .user(SUPERUSER)
+            .dbname("postgres")
+            .application_name("cm_agent")
+            .connect_timeout(Duration::from_secs(5));
+        let what = |e: String| {
+            AgentError::Instance(format!(
+                "{}: checking that {}:{} is primary before pg_rewind: {e}",
+                self.name, upstream.host, upstream.port
+            ))
+        };
+        let work = async {
+            let (client, conn) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| what(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let row = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(|e| what(e.to_string()))?;
+            Ok::<bool, AgentError>(row.get(0))
+        };
+        let in_recovery = tokio::time::timeout(Duration::from_secs(10), work)
+            .await
+            .map_err(|_| what("timed out".into()))??;
+        if in_recovery {
+            return Err(what(
+                "it is still a standby (not promoted yet): not rewinding against its old timeline"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The LSN of the last checkpoint in pg_control (pg_controldata). After a clean
@@ -723,9 +804,126 @@ fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
+/// Marker file (in the instance dir) present while pg_rewind runs on the data dir.
+pub const REWIND_MARKER: &str = "rewind.in_progress";
+
+/// The tools that rewrite a data dir; they run with the instance dir as cwd.
+const DATA_DIR_TOOLS: [&str; 3] = ["pg_rewind", "pg_basebackup", "initdb"];
+
+/// What to do when a former primary must be rewound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RewindPlan {
+    /// A tool (pid, name) still works on the data dir: wait for it.
+    Wait(u32, String),
+    /// A previous pg_rewind was interrupted: the data dir is half-rewound.
+    Rebuild,
+    Rewind,
+}
+
+/// The rule: never a second tool on one data dir; an interrupted rewind (marker
+/// left, no tool running) means a rebuild.
+pub fn rewind_plan(marker: bool, running: Option<(u32, String)>) -> RewindPlan {
+    match (running, marker) {
+        (Some((pid, tool)), _) => RewindPlan::Wait(pid, tool),
+        (None, true) => RewindPlan::Rebuild,
+        (None, false) => RewindPlan::Rewind,
+    }
+}
+
+/// A data-dir tool (pg_rewind, pg_basebackup, initdb) running in `instance_dir`
+/// (perhaps started by an agent that died since).
+pub fn tool_running_in(instance_dir: &Path) -> Option<(u32, String)> {
+    let dir = std::fs::canonicalize(instance_dir).ok()?;
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find_map(|pid| {
+            let args = process::cmdline(pid)?;
+            let name = ha_common::process::program_name(&args)?;
+            if !DATA_DIR_TOOLS.contains(&name.as_str()) || !process::alive(pid) {
+                return None;
+            }
+            (ha_common::process::cwd(pid)? == dir).then_some((pid, name))
+        })
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    ha_common::durable::write_atomic(path, bytes).map_err(|e| AgentError::io("write", path, e))
+}
+
+fn remove_durably(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(AgentError::io("remove", path, e)),
+    }
+    if let Some(dir) = path.parent() {
+        ha_common::durable::fsync_dir(dir).map_err(|e| AgentError::io("fsync", dir, e))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn never_two_tools_and_an_interrupted_rewind_rebuilds() {
+        let tool = Some((42, "pg_rewind".to_owned()));
+        assert_eq!(
+            rewind_plan(true, tool.clone()),
+            RewindPlan::Wait(42, "pg_rewind".into())
+        );
+        assert_eq!(
+            rewind_plan(false, tool),
+            RewindPlan::Wait(42, "pg_rewind".into())
+        );
+        assert_eq!(rewind_plan(true, None), RewindPlan::Rebuild);
+        assert_eq!(rewind_plan(false, None), RewindPlan::Rewind);
+    }
+
+    #[test]
+    fn a_tool_left_running_by_a_dead_agent_is_found() {
+        let base = tempfile::tempdir().unwrap();
+        let (bin, inst, other) = (
+            base.path().join("bin"),
+            base.path().join("dn1_h1"),
+            base.path().join("dn2_h1"),
+        );
+        for d in [&bin, &inst, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let exe = bin.join("pg_rewind");
+        std::fs::copy("/bin/sleep", &exe).unwrap();
+        let mut elsewhere = std::process::Command::new(&exe)
+            .arg("30")
+            .current_dir(&other)
+            .spawn()
+            .unwrap();
+        let found_elsewhere = tool_running_in(&inst);
+        let mut here = std::process::Command::new(&exe)
+            .arg("30")
+            .current_dir(&inst)
+            .spawn()
+            .unwrap();
+        // spawn may return while the exec is still setting up the new arguments.
+        let mut found = None;
+        for _ in 0..200 {
+            found = tool_running_in(&inst);
+            if found.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for c in [&mut elsewhere, &mut here] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert_eq!(found_elsewhere, None);
+        assert_eq!(found, Some((here.id(), "pg_rewind".to_owned())));
+        assert_eq!(tool_running_in(&inst), None);
+    }
 
     fn cfg() -> ClusterConfig {
         ClusterConfig::parse(

@@ -213,6 +213,7 @@ impl Reporter {
                 .collect(),
             outcomes: self.state.pending.clone(),
             lease: Some(self.lease.to_proto(now)),
+            state_version: self.lease.newest_version(),
         };
         let was_silent: Vec<bool> = self
             .silent
@@ -335,10 +336,23 @@ pub fn absorb_replies(
 ) -> (Option<ReportReply>, bool) {
     let mut granted = false;
     let mut best: Option<ReportReply> = None;
+    // The primary's state version first: a stale CMServer's request in the same round
+    // is then refused (the up-to-date rule, see `lease.rs`).
+    for reply in &replies {
+        if reply.primary && reply.term >= state.term.0.max(lease.highest()) {
+            lease.observe_version(reply.state_version);
+        }
+    }
     for reply in replies {
         if reply.lease_request_term > 0 {
             let (from, term) = (&reply.from, reply.lease_request_term);
-            match lease.request(from, term, reply.lease_request_id, now) {
+            match lease.request_versioned(
+                from,
+                term,
+                reply.lease_request_id,
+                reply.state_version,
+                now,
+            ) {
                 Decision::Granted => {
                     tracing::info!(holder = %from, term, "CMServer lease granted");
                     granted = true;

@@ -539,6 +539,7 @@ impl InstanceSupervisor {
                         ready: s.ready,
                         standby_attached: s.standby_attached,
                         run_alone: s.run_alone,
+                        boundary: s.boundary,
                     });
                     facts = gtm_instance::describe(&s);
                 }

@@ -33,16 +33,19 @@ pub enum Command {
     Start(Target),
     /// Stops the whole cluster or one instance (it stays stopped until `start`).
     Stop(Target),
-    /// Planned, zero-loss role swap: the named standby becomes primary once in sync,
-    /// the old primary its standby (no rewind).
+    /// Planned, zero-loss role swap: the named standby (DN member or GTM) becomes
+    /// primary once in sync, the old primary its standby (no rewind). A GTM primary is
+    /// demoted before its standby is promoted: never two GTM primaries.
     Switchover(Operation),
     /// Promotes the named standby now; refused when it could lose acknowledged
-    /// commits unless --force.
+    /// commits (DN) or hand out a GXID twice (GTM: the primary ran alone) unless
+    /// --force. A GTM primary that still responds is demoted first.
     Failover {
         /// The standby to promote.
         #[arg(long)]
         instance: String,
-        /// Promote even if acknowledged commits could be lost.
+        /// Promote even if acknowledged commits could be lost or GXIDs handed out
+        /// twice (the reply says what is risked).
         #[arg(long)]
         force: bool,
     },

@@ -59,10 +59,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ha_common::config::{ClusterConfig, DnGroup, Instance, Role};
-use ha_common::proto::cm::{InstanceReport, MemberRole, OrderKind};
+use ha_common::proto::cm::{GtmFacts, InstanceReport, MemberRole, OrderKind};
 
 use crate::reports::Reports;
-use crate::state::{AssignedRole, ClusterState};
+use crate::state::{AssignedRole, ClusterState, GtmAlone};
 
 /// The status note key of the GTM pair (DN groups use their name).
 pub const GTM_PAIR: &str = "gtm";
@@ -102,7 +102,9 @@ pub struct Input<'a> {
     pub reports: &'a Reports,
     pub now: Instant,
     pub memory: &'a Memory,
-    /// DN groups (by name) and `GTM_PAIR` with an operator operation running: untouched.
+    /// DN groups (by name) and `GTM_PAIR` with an operator operation running:
+    /// untouched, except that a DN group whose primary is lost is failed over anyway
+    /// (the operation is preempted, see [`Plan::preempted`]).
     pub busy: &'a BTreeSet<String>,
     /// Orders sent recently (in flight or just finished): not sent again.
     pub recent: &'a [(String, OrderKind)],
@@ -117,6 +119,8 @@ pub struct Plan {
     /// Status notes by DN group name or `GTM_PAIR`.
     pub notes: BTreeMap<String, String>,
     pub memory: Memory,
+    /// Busy DN groups failed over by this plan: their operation must stop.
+    pub preempted: BTreeSet<String>,
 }
 
 struct Ctx<'a> {
@@ -244,9 +248,8 @@ pub fn decide(input: &Input<'_>) -> Plan {
         }
     }
     for g in &input.cfg.dn_groups {
-        if !input.busy.contains(&g.name) {
-            dn_group(&mut cx, g);
-        }
+        let busy = input.busy.contains(&g.name);
+        dn_group(&mut cx, g, busy);
     }
     if !input.busy.contains(GTM_PAIR) {
         gtm_pair(&mut cx);
@@ -274,7 +277,11 @@ fn dn_standby<'a>(state: &ClusterState, g: &'a DnGroup) -> Option<&'a Instance> 
     })
 }
 
-fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
+/// One DN group's rules. A `busy` group (an operator operation runs on it) gets only
+/// the failover rule: a lost primary preempts any operation (a switchover begun just
+/// before the primary's host died must not hold the group without a primary until
+/// its orders time out).
+fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
     let state = cx.input.state;
     let Some(p) = assigned(state, &g.members, AssignedRole::Primary) else {
         return;
@@ -284,6 +291,9 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
 
     // A member assigned primary that still runs as a standby: (re)order PROMOTE.
     if cx.healthy_as(&p.name, MemberRole::Standby).is_some() && state.should_run(&p.name) {
+        if busy {
+            return;
+        }
         cx.order(&p.name, OrderKind::Promote);
         cx.note(
             &g.name,
@@ -307,6 +317,9 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
             None => {
                 cx.next.last_sync_standby.remove(&g.name);
             }
+        }
+        if busy {
+            return;
         }
         // Former primaries (assigned standby, still or again primary): DEMOTE.
         for m in &g.members {
@@ -377,6 +390,9 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
     }
     cx.swap_roles(&p.name, &s.name);
     cx.next.last_sync_standby.remove(&g.name);
+    if busy {
+        cx.plan.preempted.insert(g.name.clone());
+    }
     cx.order(&s.name, OrderKind::Promote);
     cx.note(
         &g.name,
@@ -474,6 +490,7 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
             .is_some_and(|r| r.process_alive && r.responding);
         let s_lost = cx.unhealthy_for(&s.name, s_healthy);
         let facts = prep.gtm.unwrap_or_default();
+        record_run_alone(cx, &p.name, &facts);
         if s_rep.as_ref().is_some_and(|r| {
             r.process_alive && r.responding && r.role == MemberRole::Primary as i32
         }) {
@@ -523,7 +540,12 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
             "{} is not ready (has not copied the primary's state)",
             s.name
         )),
-        Some(_) => None,
+        Some(r) => gtm_gxid_problem(
+            &state.gtm,
+            &p.name,
+            &s.name,
+            r.gtm.map_or(0, |f| f.boundary),
+        ),
     };
     if let Some(problem) = problem {
         cx.note(
@@ -536,6 +558,8 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
         return;
     }
     cx.swap_roles(&p.name, &s.name);
+    // The promoted GTM runs alone until its old primary has resynced.
+    cx.next.gtm.run_alone = true;
     cx.order(&s.name, OrderKind::Promote);
     cx.note(
         GTM_PAIR,
@@ -546,7 +570,59 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
     );
 }
 
+/// Keeps the durable run-alone record (`ClusterState::gtm`) true for the healthy
+/// primary `name`: set while it runs alone (also when it was ordered to by hand),
+/// with the highest boundary it reported meanwhile; cleared once it runs with its
+/// standby attached again and no RUN_ALONE order is in flight.
+fn record_run_alone(cx: &mut Ctx<'_>, name: &str, facts: &GtmFacts) {
+    if facts.run_alone {
+        cx.next.gtm.run_alone = true;
+    }
+    if cx.next.gtm.run_alone {
+        cx.next.gtm.primary_boundary = cx.next.gtm.primary_boundary.max(facts.boundary);
+        if !facts.run_alone
+            && facts.standby_attached
+            && !cx.recently_ordered(name, OrderKind::RunAlone)
+        {
+            cx.next.gtm.run_alone = false;
+        }
+    }
+}
+
+/// Why promoting GTM standby `standby` (persisted boundary `standby_boundary`) could
+/// hand out a GXID twice; None when its boundary is above every GXID `primary` may
+/// have handed out. While a primary (may have) run alone nobody knows how far it got,
+/// whatever the standby says about itself.
+pub fn gtm_gxid_problem(
+    gtm: &GtmAlone,
+    primary: &str,
+    standby: &str,
+    standby_boundary: u64,
+) -> Option<String> {
+    let force = format!("`cm_ctl failover --instance {standby} --force` accepts that risk");
+    if gtm.run_alone {
+        return Some(format!(
+            "{primary} ran alone (it reported boundary {}, and may have gone further), so \
+             {standby} (boundary {standby_boundary}) may have missed GXIDs it handed out; \
+             promoting {standby} could hand out those GXIDs again ({force})",
+            gtm.primary_boundary
+        ));
+    }
+    if standby_boundary < gtm.primary_boundary {
+        return Some(format!(
+            "{standby}'s boundary {standby_boundary} is below {}, which {primary} \
+             reported: promoting {standby} could hand out GXIDs again ({force})",
+            gtm.primary_boundary
+        ));
+    }
+    None
+}
+
 fn run_alone(cx: &mut Ctx<'_>, name: &str, on: bool) {
+    if on {
+        // Durable before the order goes out (the plan's state is persisted first).
+        cx.next.gtm.run_alone = true;
+    }
     if cx.recently_ordered(name, OrderKind::RunAlone) {
         return;
     }
@@ -561,7 +637,7 @@ fn run_alone(cx: &mut Ctx<'_>, name: &str, on: bool) {
 mod tests {
     use super::*;
     use crate::state::tests::local_config;
-    use ha_common::proto::cm::{AgentReport, GtmFacts, InstanceKind as Kind, ReplicaState};
+    use ha_common::proto::cm::{AgentReport, InstanceKind as Kind, ReplicaState};
     use ha_common::Term;
 
     struct World {
@@ -999,9 +1075,51 @@ mod tests {
         assert!(!has(&p, "dn1_h2", OrderKind::Promote));
         assert!(p.notes["dn1"].contains("held stopped"));
         w.state.set_run(Some("dn1_h1"), true).unwrap();
-        w.busy.insert("dn1".into());
+        w.busy.insert("dn2".into());
         w.busy.insert(GTM_PAIR.into());
-        assert!(w.tick(at).orders.is_empty());
+        // Busy groups with a healthy primary: nothing (dn2's primary is healthy).
+        w.report(
+            "h2",
+            vec![{
+                let mut p = dn("dn2_h2", MemberRole::Primary);
+                p.replicas = vec![sync_row("dn2_h3")];
+                p
+            }],
+            at,
+        );
+        w.report("h3", vec![dn("dn2_h3", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(
+            p.orders
+                .iter()
+                .all(|o| o.instance != "gtm2" && !o.instance.starts_with("dn2")),
+            "{:?}",
+            p.orders
+        );
+    }
+
+    #[test]
+    fn a_lost_primary_preempts_an_operation_on_its_group() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.busy.insert("dn1".into());
+        w.tick(w.t0);
+        // A switchover began; then h1 died. Its former standby (still running as a
+        // standby, in sync at the last healthy report) is promoted anyway.
+        let at = w.at(2000);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(
+            p.orders.is_empty() && p.preempted.is_empty(),
+            "{:?}",
+            p.orders
+        );
+        let at = w.at(3100);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(has(&p, "dn1_h2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(p.preempted.contains("dn1"), "the operation must be told");
+        assert_eq!(w.state.role_of("dn1_h2"), Some(AssignedRole::Primary));
     }
 
     #[test]
@@ -1110,6 +1228,117 @@ mod tests {
         let p = w.tick(at);
         let o = p.orders.iter().find(|o| o.instance == "gtm1").unwrap();
         assert_eq!((o.kind, o.run_alone), (OrderKind::RunAlone, false));
+    }
+
+    fn gtm_with_boundary(name: &str, role: MemberRole, mut f: GtmFacts, b: u64) -> InstanceReport {
+        f.boundary = b;
+        gtm(name, role, f)
+    }
+
+    #[test]
+    fn a_gtm_standby_that_missed_run_alone_boundaries_is_never_promoted() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // The standby freezes: run-alone is ordered, and recorded durably first.
+        let at = w.at(3100);
+        let facts = GtmFacts::default();
+        w.report(
+            "h1",
+            vec![gtm_with_boundary("gtm1", MemberRole::Primary, facts, 4001)],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(has(&p, "gtm1", OrderKind::RunAlone), "{:?}", p.orders);
+        let persisted = p.state.expect("the run-alone record is persisted first");
+        assert!(persisted.gtm.run_alone);
+        // Alone, the primary hands out far beyond the standby's boundary.
+        let alone = GtmFacts {
+            run_alone: true,
+            ..Default::default()
+        };
+        let at = w.at(4000);
+        w.report(
+            "h1",
+            vec![gtm_with_boundary("gtm1", MemberRole::Primary, alone, 40001)],
+            at,
+        );
+        w.tick(at);
+        assert_eq!(w.state.gtm.primary_boundary, 40001);
+        // The primary freezes; the standby is back and says it is ready.
+        for ms in [5000u64, 8000, 20000] {
+            let at = w.at(ms);
+            w.report(
+                "h2",
+                vec![gtm_with_boundary(
+                    "gtm2",
+                    MemberRole::Standby,
+                    ready(),
+                    4001,
+                )],
+                at,
+            );
+            let p = w.tick(at);
+            assert!(!has(&p, "gtm2", OrderKind::Promote), "{ms}: {:?}", p.orders);
+            assert_eq!(w.state.role_of("gtm1"), Some(AssignedRole::Primary));
+            if ms > 5000 {
+                let note = &p.notes[GTM_PAIR];
+                assert!(
+                    note.contains("no failover") && note.contains("gtm1 ran alone"),
+                    "{note}"
+                );
+                assert!(note.contains("--force"), "{note}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_run_alone_record_clears_on_resync_and_the_boundary_still_counts() {
+        let mut w = World::new();
+        w.state.gtm = GtmAlone {
+            run_alone: true,
+            primary_boundary: 40001,
+        };
+        w.healthy_at(w.t0);
+        // healthy_at reports gtm1 attached and not alone: the record clears...
+        w.tick(w.t0);
+        assert!(!w.state.gtm.run_alone);
+        // ...but not while a RUN_ALONE order is in flight.
+        let mut w2 = World::new();
+        w2.state.gtm.run_alone = true;
+        w2.recent = vec![("gtm1".into(), OrderKind::RunAlone)];
+        w2.healthy_at(w2.t0);
+        w2.tick(w2.t0);
+        assert!(w2.state.gtm.run_alone);
+        // A standby below the recorded boundary is still not promoted.
+        let at = w.at(3100);
+        w.report(
+            "h2",
+            vec![gtm_with_boundary(
+                "gtm2",
+                MemberRole::Standby,
+                ready(),
+                4001,
+            )],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(!has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(p.notes[GTM_PAIR].contains("below 40001"), "{:?}", p.notes);
+        // One that has it (resynced) is, and the promoted GTM is recorded alone.
+        w.report(
+            "h2",
+            vec![gtm_with_boundary(
+                "gtm2",
+                MemberRole::Standby,
+                ready(),
+                42001,
+            )],
+            at,
+        );
+        let p = w.tick(at);
+        assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(w.state.gtm.run_alone, "a promoted GTM runs alone");
     }
 
     #[test]

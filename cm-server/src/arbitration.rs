@@ -32,6 +32,11 @@ struct EngineState {
     notes: BTreeMap<String, String>,
     /// DN groups / the GTM pair with an operator operation running.
     busy: BTreeSet<String>,
+    /// The tenure (term won as primary) the memory, orders and notes belong to.
+    tenure: u64,
+    /// Busy groups the arbiter failed over anyway (their primary was lost): their
+    /// operation stops at its next step.
+    preempted: BTreeSet<String>,
 }
 
 /// Arbitration state shared by the Report handler, the tick and the operations.
@@ -46,6 +51,12 @@ pub type Replicate<'a> =
 
 /// What arbitration works on (borrowed from the service).
 pub struct Ctx<'a> {
+    /// The tenure as primary this context belongs to.
+    pub tenure: u64,
+    /// Whether this CMServer is still primary in that tenure: checked before every
+    /// decision is persisted and while an operation waits, so that nothing decided in
+    /// an earlier tenure (or after primacy was lost) is acted on.
+    pub still_primary: Box<dyn Fn() -> bool + Send + Sync + 'a>,
     pub cfg: &'a ClusterConfig,
     pub file: &'a StateFile,
     pub state: &'a tokio::sync::Mutex<ClusterState>,
@@ -71,13 +82,41 @@ pub struct Busy<'a> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        lock(&self.engine.inner).busy.remove(&self.key);
+        let mut st = lock(&self.engine.inner);
+        st.busy.remove(&self.key);
+        st.preempted.remove(&self.key);
     }
 }
 
 impl Engine {
     pub fn new() -> Engine {
         Engine::default()
+    }
+
+    /// Starts tenure `tenure` if it is new: timers, orders in flight and notes of an
+    /// earlier tenure are forgotten (a CMServer re-elected after a short absence must
+    /// give every instance a full timeout of grace again, and not resend orders that
+    /// a primary in between may have overtaken). Operations of the earlier tenure
+    /// notice by themselves ([`Ctx::still_primary`]) and stop.
+    /// Order ids come from the tenure's persisted block (`first_order_id`).
+    pub fn enter_tenure(&self, tenure: u64, first_order_id: u64) {
+        let mut st = lock(&self.inner);
+        if st.tenure != tenure {
+            tracing::info!(
+                tenure,
+                first_order_id,
+                "new tenure: arbitration starts afresh"
+            );
+            st.tenure = tenure;
+            st.memory = Memory::default();
+            st.book = OrderBook::starting_at(first_order_id);
+            st.notes.clear();
+        }
+    }
+
+    /// Stops sending order `id` (see [`OrderBook::withdraw`]).
+    pub fn withdraw(&self, id: u64) {
+        lock(&self.inner).book.withdraw(id);
     }
 
     /// Outcomes from an agent's report.
@@ -120,12 +159,23 @@ impl Engine {
         lock(&self.inner).book.outcome(id)
     }
 
+    /// Records that the arbiter failed busy group `key` over.
+    pub fn mark_preempted(&self, key: &str) {
+        lock(&self.inner).preempted.insert(key.to_owned());
+    }
+
+    /// Whether the arbiter failed `key` over while its operation ran.
+    pub fn is_preempted(&self, key: &str) -> bool {
+        lock(&self.inner).preempted.contains(key)
+    }
+
     /// Marks `key` (a DN group name or `GTM_PAIR`) busy; Err if it already is.
     pub fn begin(&self, key: &str) -> Result<Busy<'_>, String> {
         let mut st = lock(&self.inner);
         if !st.busy.insert(key.to_owned()) {
             return Err(format!("another operation on {key} is running"));
         }
+        st.preempted.remove(key);
         Ok(Busy {
             engine: self,
             key: key.to_owned(),
@@ -208,6 +258,7 @@ pub fn order(term: u64, instance: &str, kind: OrderKind) -> Order {
 pub async fn tick(cx: &Ctx<'_>) {
     let now = Instant::now();
     let mut state = cx.state.lock().await;
+    cx.engine.enter_tenure(cx.tenure, state.order_id_base);
     let reports = lock(cx.reports).clone();
     let (memory, busy, recent) = {
         let mut st = lock(&cx.engine.inner);
@@ -240,8 +291,20 @@ pub async fn tick(cx: &Ctx<'_>) {
         st.notes = plan.notes;
         st.notes.extend(kept);
     }
+    if !(cx.still_primary)() {
+        // Primacy lost while deciding: a deposed CMServer decides nothing.
+        return;
+    }
+    if !plan.preempted.is_empty() {
+        // Under the state lock: an operation's next role change sees it first.
+        tracing::warn!(groups = ?plan.preempted, "a lost primary preempts the running operation");
+        for g in &plan.preempted {
+            cx.engine.mark_preempted(g);
+        }
+    }
     let mut term = state.term.0;
-    if let Some(next) = plan.state {
+    if let Some(mut next) = plan.state {
+        next.version = state.version + 1;
         if let Err(e) = persist(cx.file, &next).await {
             // Nothing is ordered from a decision that is not durable.
             tracing::error!("cannot persist the arbiter's decision: {e}");
@@ -309,6 +372,21 @@ mod tests {
         assert!(s.dn_groups[0].detail.ends_with("no failover: x"));
         assert_eq!(s.gtm[0].state, "degraded");
         assert!(s.cn[0].detail.contains("not in the DDL set"));
+        // A new tenure forgets the earlier one's orders, timers and notes.
+        let id = e.issue("h2", order(3, "dn1_h2", OrderKind::Promote));
+        assert_eq!(e.orders_for("h2").len(), 1);
+        lock(&e.inner)
+            .memory
+            .healthy_at
+            .insert("dn1_h1".into(), Instant::now());
+        e.enter_tenure(5, id + 1000);
+        assert!(e.orders_for("h2").is_empty() && e.outcome(id).is_none());
+        assert!(lock(&e.inner).memory.healthy_at.is_empty());
+        assert!(lock(&e.inner).notes.is_empty());
+        let next = e.issue("h2", order(5, "dn1_h2", OrderKind::Promote));
+        assert_eq!(next, id + 1000, "order ids come from the tenure's block");
+        e.enter_tenure(5, 1);
+        assert_eq!(e.orders_for("h2").len(), 1, "same tenure: kept");
         let b = e.begin("dn1").unwrap();
         assert!(e.begin("dn1").is_err());
         assert_eq!(e.next_report_ms(), FAST_REPORT_MS);

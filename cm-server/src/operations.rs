@@ -103,13 +103,24 @@ async fn run_order(
     let host = host_of(cx.cfg, instance).ok_or_else(|| format!("{instance} has no host"))?;
     let mut o = order(term, instance, kind);
     o.min_lsn = min_lsn;
+    let group = group_of(cx, instance);
+    if let Some(why) = stopped(cx, &group) {
+        return Err(why);
+    }
     let id = cx.engine.issue(host, o);
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(out) = cx.engine.outcome(id) {
             return if out.ok { Ok(out) } else { Err(out.message) };
         }
+        if let Some(why) = stopped(cx, &group) {
+            cx.engine.withdraw(id);
+            return Err(why);
+        }
         if Instant::now() >= deadline {
+            // Taken back: the operation ends without it, and a late agent must not
+            // carry it out after the roles were changed back.
+            cx.engine.withdraw(id);
             return Err(format!(
                 "no outcome from the agent of {host} within {} s",
                 timeout.as_secs()
@@ -119,15 +130,52 @@ async fn run_order(
     }
 }
 
+/// Why an operation stopped when its CMServer lost primacy (or its tenure ended).
+const NOT_PRIMARY: &str = "this CMServer is no longer primary: the operation stopped";
+
+/// The DN group (or `GTM_PAIR`) of `instance`.
+fn group_of(cx: &Ctx<'_>, instance: &str) -> String {
+    match cx.cfg.find(instance) {
+        Some(r) if r.kind == InstanceKind::Gtm => GTM_PAIR.to_owned(),
+        Some(r) => r.group.map(|g| g.name.clone()).unwrap_or_default(),
+        None => String::new(),
+    }
+}
+
+/// Why the operation on `group` must stop now: this CMServer lost primacy (or was
+/// re-elected: a new tenure), or the arbiter failed the group over (its primary
+/// was lost). None: go on.
+fn stopped(cx: &Ctx<'_>, group: &str) -> Option<String> {
+    if !(cx.still_primary)() {
+        return Some(NOT_PRIMARY.to_owned());
+    }
+    if cx.engine.is_preempted(group) {
+        return Some(format!(
+            "the primary of {group} was lost: the arbiter failed it over, the operation stopped"
+        ));
+    }
+    None
+}
+
 /// Persists `new` as primary and `old` as standby of their group in a new term.
 async fn swap_roles(cx: &Ctx<'_>, t: &Target, old: &str, new: &str) -> Result<u64, Status> {
     let mut guard = cx.state.lock().await;
+    if let Some(why) = stopped(cx, &t.group) {
+        // A deposed CMServer must not change roles in a term above the real
+        // primary's, nor an operation undo the arbiter's failover.
+        return Err(Status::aborted(why));
+    }
     let mut next = guard.clone();
     next.set_role(old, AssignedRole::Standby)
         .and_then(|_| next.set_role(new, AssignedRole::Primary))
         .map_err(|e| Status::internal(e.to_string()))?;
     next.bump_term();
+    next.version += 1;
     next.last_sync_standby.remove(&t.group);
+    if t.is_gtm {
+        // A promoted GTM runs alone until its old primary has resynced.
+        next.gtm.run_alone = true;
+    }
     persist(cx.file, &next)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -162,10 +210,7 @@ pub async fn switchover(cx: &Ctx<'_>, req: SwitchoverRequest) -> Result<Operatio
     let state = cx.state.lock().await.clone();
     let t = resolve(cx, &req.instance, &state)?;
     if t.is_gtm {
-        return Err(Status::invalid_argument(format!(
-            "switchover applies to DN standbys; for {} use failover",
-            t.standby
-        )));
+        return gtm_switchover(cx, &t, &state).await;
     }
     let _busy = cx
         .engine
@@ -285,33 +330,29 @@ pub async fn switchover(cx: &Ctx<'_>, req: SwitchoverRequest) -> Result<Operatio
 pub async fn failover(cx: &Ctx<'_>, req: FailoverRequest) -> Result<OperationReply, Status> {
     let state = cx.state.lock().await.clone();
     let t = resolve(cx, &req.instance, &state)?;
+    if t.is_gtm {
+        return gtm_failover(cx, &t, &state, req.force).await;
+    }
     let _busy = cx
         .engine
         .begin(&t.group)
         .map_err(Status::failed_precondition)?;
     let (p, s) = (t.primary.clone(), t.standby.clone());
     let srep = fresh(cx, &s);
-    if !t.is_gtm {
-        if let Some(why) = sync_problem(&state, &t.group, &s) {
-            if !req.force {
-                return Err(Status::failed_precondition(format!(
-                    "refused: {why}: failing over could lose acknowledged commits (--force to accept)"
-                )));
-            }
-            tracing::warn!(standby = %s, "forced failover: {why}");
+    if let Some(why) = sync_problem(&state, &t.group, &s) {
+        if !req.force {
+            return Err(Status::failed_precondition(format!(
+                "refused: {why}: failing over could lose acknowledged commits (--force to accept)"
+            )));
         }
-        if let Some(why) = liveness_problem(&state, srep.as_ref(), &s) {
-            return Err(Status::failed_precondition(format!("refused: {why}")));
-        }
+        tracing::warn!(standby = %s, "forced failover: {why}");
+    }
+    if let Some(why) = liveness_problem(&state, srep.as_ref(), &s) {
+        return Err(Status::failed_precondition(format!("refused: {why}")));
     }
     if !responding_as(srep.as_ref(), MemberRole::Standby) {
         return Err(Status::failed_precondition(format!(
             "refused: {s} is not running and responding as a standby"
-        )));
-    }
-    if t.is_gtm && !srep.as_ref().and_then(|r| r.gtm).is_some_and(|g| g.ready) {
-        return Err(Status::failed_precondition(format!(
-            "refused: {s} is not ready (has not copied {p}'s state): promoting it could reuse GXIDs"
         )));
     }
     let term = swap_roles(cx, &t, &p, &s).await?;
@@ -320,7 +361,57 @@ pub async fn failover(cx: &Ctx<'_>, req: FailoverRequest) -> Result<OperationRep
             term,
             format!(
                 "failover done: {s} is primary of {} (term {term}); {p} will rejoin as its standby ({})",
-                if t.is_gtm { "the GTM pair" } else { t.group.as_str() },
+                t.group, o.message
+            ),
+        )),
+        Err(e) => Err(Status::aborted(format!(
+            "{s} is assigned primary (term {term}) but its promotion failed: {e}; the arbiter retries"
+        ))),
+    }
+}
+
+/// The GTM standby's boundary from its fresh report, if it runs, responds as a
+/// standby and is ready (has copied its primary's state); else why it cannot be
+/// promoted at all.
+fn gtm_candidate(cx: &Ctx<'_>, t: &Target) -> Result<u64, Status> {
+    let (p, s) = (&t.primary, &t.standby);
+    let srep = fresh(cx, s);
+    if !responding_as(srep.as_ref(), MemberRole::Standby) {
+        return Err(Status::failed_precondition(format!(
+            "refused: {s} is not running and responding as a standby"
+        )));
+    }
+    match srep.and_then(|r| r.gtm) {
+        Some(f) if f.ready => Ok(f.boundary),
+        _ => Err(Status::failed_precondition(format!(
+            "refused: {s} is not ready (has not copied {p}'s state): promoting it could reuse GXIDs"
+        ))),
+    }
+}
+
+/// Fences the GTM primary `p` (DEMOTE: it stops handing out GXIDs and becomes a
+/// standby) so that there is never a moment with two GTM primaries.
+async fn fence_gtm(cx: &Ctx<'_>, p: &str) -> Result<(), String> {
+    run_order(cx, p, OrderKind::Demote, 0, ORDER_TIMEOUT)
+        .await
+        .map(|_| ())
+}
+
+/// Promotes GTM standby `t.standby` after its primary was fenced (or is lost): new
+/// roles and term persisted first, then PROMOTE (running alone).
+async fn promote_gtm(
+    cx: &Ctx<'_>,
+    t: &Target,
+    what: &str,
+    risk: &str,
+) -> Result<OperationReply, Status> {
+    let (p, s) = (&t.primary, &t.standby);
+    let term = swap_roles(cx, t, p, s).await?;
+    match run_order(cx, s, OrderKind::Promote, 0, ORDER_TIMEOUT).await {
+        Ok(o) => Ok(reply(
+            term,
+            format!(
+                "{what} done: {s} is primary of the GTM pair (term {term}); {p} will rejoin as its standby ({}){risk}",
                 o.message
             ),
         )),
@@ -328,6 +419,84 @@ pub async fn failover(cx: &Ctx<'_>, req: FailoverRequest) -> Result<OperationRep
             "{s} is assigned primary (term {term}) but its promotion failed: {e}; the arbiter retries"
         ))),
     }
+}
+
+/// Planned GTM switchover: only while the standby is attached (every boundary the
+/// primary used is persisted on it) and nobody runs alone; the primary is demoted
+/// first (it stops handing out GXIDs), then the standby is promoted.
+async fn gtm_switchover(
+    cx: &Ctx<'_>,
+    t: &Target,
+    state: &crate::state::ClusterState,
+) -> Result<OperationReply, Status> {
+    let _busy = cx
+        .engine
+        .begin(&t.group)
+        .map_err(Status::failed_precondition)?;
+    let (p, s) = (&t.primary, &t.standby);
+    let prep = fresh(cx, p);
+    if !responding_as(prep.as_ref(), MemberRole::Primary) {
+        return Err(Status::failed_precondition(format!(
+            "primary {p} is not running and responding: use failover"
+        )));
+    }
+    gtm_candidate(cx, t)?;
+    let facts = prep.and_then(|r| r.gtm).unwrap_or_default();
+    if state.gtm.run_alone || facts.run_alone || !facts.standby_attached {
+        return Err(Status::failed_precondition(format!(
+            "{s} is not attached to {p} (or {p} runs alone): wait until the GTM pair is normal"
+        )));
+    }
+    cx.engine
+        .note(&t.group, format!("switchover to {s}: demoting {p}"));
+    if let Err(e) = fence_gtm(cx, p).await {
+        cx.engine.note(&t.group, String::new());
+        return Err(Status::aborted(format!(
+            "switchover aborted: {p} could not be demoted: {e}; {s} not promoted"
+        )));
+    }
+    let r = promote_gtm(cx, t, "switchover", "").await;
+    cx.engine.note(&t.group, String::new());
+    r
+}
+
+/// Manual GTM failover: refused unless the standby's boundary is above every GXID
+/// the primary may have handed out (as the arbiter's rule), or `force`d, which
+/// prints the risk. A primary that still responds is demoted first.
+async fn gtm_failover(
+    cx: &Ctx<'_>,
+    t: &Target,
+    state: &crate::state::ClusterState,
+    force: bool,
+) -> Result<OperationReply, Status> {
+    let _busy = cx
+        .engine
+        .begin(&t.group)
+        .map_err(Status::failed_precondition)?;
+    let (p, s) = (&t.primary, &t.standby);
+    let boundary = gtm_candidate(cx, t)?;
+    let mut risk = String::new();
+    if let Some(why) = crate::arbiter::gtm_gxid_problem(&state.gtm, p, s, boundary) {
+        if !force {
+            return Err(Status::failed_precondition(format!(
+                "refused: {why}; GXIDs handed out twice break transactions (--force to accept)"
+            )));
+        }
+        tracing::warn!(standby = %s, "forced GTM failover: {why}");
+        risk = format!("; FORCED, at this risk: {why}");
+    }
+    if responding_as(fresh(cx, p).as_ref(), MemberRole::Primary) {
+        if let Err(e) = fence_gtm(cx, p).await {
+            return Err(Status::aborted(format!(
+                "failover aborted: {p} still runs as primary and could not be demoted: {e}; {s} not promoted"
+            )));
+        }
+    } else if state.gtm.run_alone {
+        risk.push_str(&format!(
+            "; {p} is unreachable and ran alone: if it still runs, it may hand out GXIDs until it learns the new term"
+        ));
+    }
+    promote_gtm(cx, t, "failover", &risk).await
 }
 
 /// Rebuilds a DN standby from its primary (REBUILD order).
@@ -368,5 +537,135 @@ pub async fn build(cx: &Ctx<'_>, req: BuildRequest) -> Result<OperationReply, St
             "build of {} failed: {e}",
             t.standby
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arbitration::Engine;
+    use crate::reports::Reports;
+    use crate::state::tests::local_config;
+    use crate::state::{ClusterState, StateFile};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    struct Fixture {
+        cfg: ha_common::ClusterConfig,
+        file: StateFile,
+        state: tokio::sync::Mutex<ClusterState>,
+        reports: Mutex<Reports>,
+        engine: Engine,
+        primary: Arc<AtomicBool>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = local_config();
+            let file = StateFile::in_dir(dir.path());
+            let state = file.load_or_init(&cfg).unwrap();
+            Fixture {
+                cfg,
+                file,
+                state: tokio::sync::Mutex::new(state),
+                reports: Mutex::new(Reports::new()),
+                engine: Engine::new(),
+                primary: Arc::new(AtomicBool::new(true)),
+                _dir: dir,
+            }
+        }
+
+        fn cx(&self) -> Ctx<'_> {
+            let primary = self.primary.clone();
+            Ctx {
+                tenure: 1,
+                still_primary: Box::new(move || primary.load(Ordering::SeqCst)),
+                cfg: &self.cfg,
+                file: &self.file,
+                state: &self.state,
+                reports: &self.reports,
+                engine: &self.engine,
+                replicate: Box::new(|_| Box::pin(async {})),
+            }
+        }
+    }
+
+    fn dn1_target() -> Target {
+        Target {
+            standby: "dn1_h2".into(),
+            primary: "dn1_h1".into(),
+            group: "dn1".into(),
+            is_gtm: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_that_times_out_is_withdrawn() {
+        let f = Fixture::new();
+        let cx = f.cx();
+        let e = run_order(
+            &cx,
+            "dn1_h2",
+            OrderKind::Promote,
+            0,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("no outcome"), "{e}");
+        // Nothing is sent any more, not even after a term change.
+        f.engine.restamp(7);
+        assert!(
+            f.engine.orders_for("h2").is_empty(),
+            "a late agent would promote"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_operation_stops_the_moment_its_cmserver_is_not_primary() {
+        let f = Fixture::new();
+        let cx = f.cx();
+        let flip = f.primary.clone();
+        let waiter = run_order(&cx, "dn1_h2", OrderKind::Promote, 0, ORDER_TIMEOUT);
+        let deposer = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(f.engine.orders_for("h2").len(), 1);
+            flip.store(false, Ordering::SeqCst);
+        };
+        let (r, ()) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(waiter, deposer)
+        })
+        .await
+        .expect("the operation noticed within its poll interval");
+        assert_eq!(r.unwrap_err(), NOT_PRIMARY);
+        assert!(f.engine.orders_for("h2").is_empty());
+        // No role change from a deposed CMServer (it could depose the real primary).
+        let before = f.state.lock().await.clone();
+        let e = swap_roles(&cx, &dn1_target(), "dn1_h1", "dn1_h2")
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("no longer primary"), "{e}");
+        assert_eq!(*f.state.lock().await, before);
+        assert_eq!(f.file.load().unwrap().unwrap(), before, "nothing persisted");
+    }
+
+    #[tokio::test]
+    async fn a_preempted_operation_changes_no_roles() {
+        let f = Fixture::new();
+        let cx = f.cx();
+        let _busy = f.engine.begin("dn1").unwrap();
+        f.engine.mark_preempted("dn1");
+        let before = f.state.lock().await.clone();
+        let e = swap_roles(&cx, &dn1_target(), "dn1_h2", "dn1_h1")
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("failed it over"), "{e}");
+        assert_eq!(*f.state.lock().await, before);
+        let e = run_order(&cx, "dn1_h1", OrderKind::Start, 0, ORDER_TIMEOUT)
+            .await
+            .unwrap_err();
+        assert!(e.contains("failed it over"), "{e}");
     }
 }

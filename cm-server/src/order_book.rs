@@ -34,8 +34,16 @@ impl Default for OrderBook {
 }
 
 impl OrderBook {
-    /// Ids start at the wall clock in microseconds, so that a restarted CMServer never
-    /// reuses an id an agent remembers as done.
+    /// Ids from `first` on (a tenure's block, see `ClusterState::order_id_base`).
+    pub fn starting_at(first: u64) -> OrderBook {
+        OrderBook {
+            next_id: first.max(1),
+            entries: Vec::new(),
+        }
+    }
+
+    /// Ids start at the wall clock in microseconds (only until the first tenure
+    /// starts: then they come from the persisted block).
     pub fn new() -> OrderBook {
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -87,6 +95,25 @@ impl OrderBook {
         for e in self.entries.iter_mut().filter(|e| e.outcome.is_none()) {
             e.order.term = e.order.term.max(term);
         }
+    }
+
+    /// Stops sending order `id` (its operation ended without its outcome): a late
+    /// agent must not carry out a decision that was taken back. An agent that
+    /// already runs it reports an outcome nobody waits for; the level rules repair
+    /// what it did.
+    pub fn withdraw(&mut self, id: u64) {
+        if let Some(e) = self.entries.iter().find(|e| e.order.id == id) {
+            if e.outcome.is_none() {
+                tracing::warn!(id, instance = %e.order.instance, "order withdrawn");
+            }
+        }
+        self.entries.retain(|e| e.order.id != id);
+    }
+
+    /// Forgets every order (a new tenure as primary: what an earlier tenure ordered
+    /// is not resent; ids keep increasing).
+    pub fn clear(&mut self) {
+        self.entries.clear();
     }
 
     /// Takes the outcomes an agent reported.

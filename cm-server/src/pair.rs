@@ -50,6 +50,11 @@ pub struct Pair {
     peers: Vec<Peer>,
     /// The peer that streamed to us last, and when (for "not primary: <who>").
     last_sync_from: Mutex<Option<(String, Instant)>>,
+    /// The term of the latest tenure as primary (0: never primary). Arbitration and
+    /// operations belong to one tenure: a re-elected CMServer starts afresh.
+    tenure: std::sync::atomic::AtomicU64,
+    /// The newest state version any agent reported having seen from a primary.
+    newest_seen: std::sync::atomic::AtomicU64,
 }
 
 /// What the report handler needs from the election.
@@ -62,6 +67,12 @@ pub struct ReportVerdict {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether state `a` is newer than `b`: a higher term, or the same term and a higher
+/// version.
+fn newer(a: &ClusterState, b: &ClusterState) -> bool {
+    (a.term, a.version) > (b.term, b.version)
 }
 
 fn seed() -> u64 {
@@ -111,7 +122,63 @@ impl Pair {
             )),
             peers,
             last_sync_from: Mutex::new(None),
+            tenure: std::sync::atomic::AtomicU64::new(0),
+            newest_seen: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// An agent reported having seen state `version` from a primary.
+    pub fn saw_version(&self, version: u64) {
+        self.newest_seen
+            .fetch_max(version, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The newest state version agents reported.
+    pub fn newest_seen(&self) -> u64 {
+        self.newest_seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Takes the newest of the peers' states if it is newer than ours (a higher
+    /// term, or the same term and a higher version): a CMServer that missed changes
+    /// (it was unreachable while the other decided) catches up before it campaigns.
+    /// Returns whether ours is now at least as new as every agent has seen.
+    pub async fn catch_up(
+        &self,
+        state: &tokio::sync::Mutex<ClusterState>,
+        file: &StateFile,
+    ) -> bool {
+        let own_term = state.lock().await.term.0;
+        let theirs = self.probe_peers(own_term).await;
+        let mut guard = state.lock().await;
+        let newest = theirs
+            .into_iter()
+            .filter(|(_, s)| newer(s, &guard))
+            .max_by_key(|(_, s)| (s.term, s.version));
+        if let Some((peer, s)) = newest {
+            let f = file.clone();
+            let to_write = s.clone();
+            match tokio::task::spawn_blocking(move || f.persist(&to_write)).await {
+                Ok(Ok(())) => {
+                    tracing::info!(%peer, version = s.version, term = s.term.0, "took the peer's newer state");
+                    *guard = s;
+                }
+                Ok(Err(e)) => tracing::error!("cannot persist the peer's newer state: {e}"),
+                Err(e) => tracing::error!("persist task failed: {e}"),
+            }
+        }
+        guard.version >= self.newest_seen()
+    }
+
+    /// The term of the latest tenure as primary (see [`Pair::still_primary_in`]).
+    pub fn tenure(&self) -> u64 {
+        self.tenure.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether this CMServer is primary, in the same tenure as `tenure`: something
+    /// begun in an earlier tenure (an operation) must stop, even if we are primary
+    /// again.
+    pub fn still_primary_in(&self, tenure: u64) -> bool {
+        self.is_primary() && self.tenure() == tenure
     }
 
     /// Whether this CMServer acts as primary right now.
@@ -187,10 +254,22 @@ impl Pair {
         let mut guard = state.lock().await;
         let mut base = guard.clone();
         for (peer, s) in theirs {
-            if s.term > base.term {
-                tracing::info!(%peer, peer_term = s.term.0, own_term = base.term.0, "taking the peer's newer state before acting");
+            if newer(&s, &base) {
+                tracing::info!(%peer, peer_term = s.term.0, own_term = base.term.0, version = s.version, "taking the peer's newer state before acting");
                 base = s;
             }
+        }
+        if base.version < self.newest_seen() {
+            // An agent has seen a newer state than any we could get: acting on ours
+            // could undo decisions already made (the up-to-date rule).
+            tracing::warn!(
+                term,
+                version = base.version,
+                seen = self.newest_seen(),
+                "elected with an older state than agents have seen: not acting"
+            );
+            lock(&self.election).persist_failed(term, Instant::now());
+            return;
         }
         if base.term.0 >= term {
             tracing::warn!(
@@ -205,6 +284,10 @@ impl Pair {
         }
         let mut next = base;
         next.term = Term(term);
+        next.version += 1;
+        next.order_id_base = next
+            .order_id_base
+            .saturating_add(crate::state::ORDER_ID_BLOCK);
         let f = file.clone();
         let to_write = next.clone();
         let written = tokio::task::spawn_blocking(move || f.persist(&to_write)).await;
@@ -212,6 +295,7 @@ impl Pair {
             Ok(Ok(())) => {
                 *guard = next;
                 drop(guard);
+                self.tenure.store(term, std::sync::atomic::Ordering::SeqCst);
                 let acting = lock(&self.election).confirm(term, term, Instant::now());
                 tracing::info!(node = %self.node, term, acting, "CMServer primary");
             }
@@ -383,8 +467,19 @@ impl Pair {
     ) {
         let tick = (self.heartbeat / TICK_DIVISOR).max(Duration::from_millis(20));
         let mut last_push: Option<Instant> = None;
+        let mut last_catch_up: Option<Instant> = None;
         loop {
             tokio::time::sleep(tick).await;
+            // Agents have seen a newer state than ours: fetch it (at most once per
+            // heartbeat) before we may campaign; agents refuse us their lease meanwhile.
+            let behind = state.lock().await.version < self.newest_seen();
+            if behind
+                && !self.is_primary()
+                && last_catch_up.is_none_or(|t| t.elapsed() >= self.heartbeat)
+            {
+                last_catch_up = Some(Instant::now());
+                self.catch_up(state, file).await;
+            }
             let state_term = state.lock().await.term.0;
             let elected = lock(&self.election).tick(state_term, Instant::now());
             if let Some(term) = elected {

@@ -128,7 +128,10 @@ impl CmService {
     /// standby CMServer before any order is sent.
     fn arbitration(&self) -> crate::arbitration::Ctx<'_> {
         let sh = &self.shared;
+        let tenure = sh.pair.tenure();
         crate::arbitration::Ctx {
+            tenure,
+            still_primary: Box::new(move || sh.pair.still_primary_in(tenure)),
             cfg: &sh.cfg,
             file: &sh.file,
             state: &sh.state,
@@ -158,6 +161,7 @@ impl CmServer for CmService {
         let report = request.into_inner();
         let host = report.host.clone();
         let (lease, agent_term) = (report.lease.clone(), report.term);
+        let report_version = report.state_version;
         sh.engine.on_outcomes(&report.outcomes);
         // Standby too: a new primary knows the cluster the moment it is elected.
         let ignored = lock(&sh.reports)
@@ -166,6 +170,7 @@ impl CmServer for CmService {
         if !ignored.is_empty() {
             tracing::warn!(%host, ?ignored, "report names instances that are not configured on this host");
         }
+        sh.pair.saw_version(report_version);
         let verdict = sh
             .pair
             .on_report(&host, lease.as_ref(), agent_term, &sh.state, &sh.file)
@@ -178,7 +183,11 @@ impl CmServer for CmService {
             from: sh.node.clone(),
             ..Default::default()
         };
+        reply.state_version = state.version;
         if verdict.primary {
+            // A new tenure starts with no orders, timers or notes of an earlier one.
+            sh.engine
+                .enter_tenure(sh.pair.tenure(), state.order_id_base);
             reply.primary = true;
             reply.assignments = assignments::for_host(&sh.cfg, &state, &host);
             reply.orders = sh.engine.orders_for(&host);
@@ -240,6 +249,7 @@ impl CmServer for CmService {
             .map_err(|e| Status::not_found(e.to_string()))?;
         let changed = next != *guard;
         if changed {
+            next.version += 1;
             let file = sh.file.clone();
             let to_write = next.clone();
             tokio::task::spawn_blocking(move || file.persist(&to_write))
@@ -551,6 +561,7 @@ mod tests {
                     ..Default::default()
                 }],
                 outcomes: vec![],
+                state_version: 0,
                 // Still granting: a report with no lease would cost cms1 its majority.
                 lease: Some(ha_common::proto::cm::LeaseGrant {
                     holder: "cms1".into(),

@@ -21,6 +21,9 @@ pub const STATE_ENVELOPE: Envelope = Envelope {
     what: "CMServer state",
 };
 
+/// Order ids one tenure as primary may use (see [`ClusterState::order_id_base`]).
+pub const ORDER_ID_BLOCK: u64 = 1 << 32;
+
 /// File name of the state file inside the CMServer's instance dir.
 pub const STATE_FILE_NAME: &str = "cluster_state";
 
@@ -98,6 +101,17 @@ pub struct InstanceState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub term: Term,
+    /// Bumped on every persisted change (by whichever CMServer is primary; the
+    /// standby takes the primary's). Agents remember the newest version a primary
+    /// showed them and refuse their lease to a CMServer whose state is older, so a
+    /// CMServer that missed a change can never act on the older state.
+    #[serde(default)]
+    pub version: u64,
+    /// Order ids of the current tenure start here: each new tenure as primary
+    /// reserves the next block of [`ORDER_ID_BLOCK`] (persisted before it acts), so
+    /// no primary ever reuses an id an agent remembers as done.
+    #[serde(default)]
+    pub order_id_base: u64,
     /// Every instance an agent runs (GTMs, CNs, DN members), by name. CMServers are
     /// not in it: they are run by systemd (or `cm_ctl local up`), not by agents.
     pub instances: BTreeMap<String, InstanceState>,
@@ -107,6 +121,25 @@ pub struct ClusterState {
     /// replicas, and a new CMServer primary must know it too, so it is durable.
     #[serde(default)]
     pub last_sync_standby: BTreeMap<String, String>,
+    /// What the CMServer knows about GXIDs the GTM primary may have handed out without
+    /// its standby (see [`GtmAlone`]).
+    #[serde(default)]
+    pub gtm: GtmAlone,
+}
+
+/// The GTM pair's run-alone record. A GTM primary running alone reserves blocks its
+/// standby never persists, so the standby's boundary no longer bounds the GXIDs
+/// handed out: promoting it could hand them out again. The CMServer therefore
+/// persists (and streams to the standby CMServer) that a primary runs alone BEFORE
+/// it orders it to, or promotes a GTM (a promoted GTM runs alone), and clears it only
+/// once the primary runs with its standby attached again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GtmAlone {
+    /// A GTM primary may be running alone: no standby qualifies for promotion.
+    pub run_alone: bool,
+    /// The highest boundary a GTM primary reported while it (may have) run alone:
+    /// a standby below it has missed GXIDs even if the flag was cleared since.
+    pub primary_boundary: u64,
 }
 
 impl ClusterState {
@@ -114,8 +147,11 @@ impl ClusterState {
     pub fn initial(cfg: &ClusterConfig) -> ClusterState {
         let mut s = ClusterState {
             term: Term(1),
+            version: 0,
+            order_id_base: 0,
             instances: BTreeMap::new(),
             last_sync_standby: BTreeMap::new(),
+            gtm: GtmAlone::default(),
         };
         s.reconcile(cfg);
         s

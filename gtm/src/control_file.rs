@@ -1,4 +1,5 @@
-//! The GTM control file (`gtm.control`): term, persisted GXID boundary and role, sealed
+//! The GTM control file (`gtm.control`): term, persisted GXID boundary, role and the
+//! run-alone order, sealed
 //! with the ha-common envelope and replaced atomically, so that a restart never counts
 //! from a boundary lower than one that was ever acknowledged.
 
@@ -20,7 +21,12 @@ const ENVELOPE: Envelope = Envelope {
     what: "GTM control",
 };
 
-const PAYLOAD_LEN: usize = 8 + 8 + 1;
+/// term | boundary | role | flags. Files written before the flags byte existed (17
+/// bytes) read as flags 0.
+const PAYLOAD_LEN: usize = 8 + 8 + 1 + 1;
+const OLD_PAYLOAD_LEN: usize = 8 + 8 + 1;
+/// Flags bit: the primary was ordered to run alone.
+const FLAG_RUN_ALONE: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -53,6 +59,9 @@ pub struct ControlData {
     /// that synced it here).
     pub boundary: u64,
     pub role: Option<PersistedRole>,
+    /// The last run-alone order (a restarted primary keeps obeying it, so that the
+    /// CMServer's record of it stays true).
+    pub run_alone: bool,
 }
 
 impl ControlData {
@@ -61,6 +70,7 @@ impl ControlData {
             term: 0,
             boundary: FIRST_GXID,
             role,
+            run_alone: false,
         }
     }
 
@@ -73,6 +83,7 @@ impl ControlData {
             Some(PersistedRole::Primary) => 1,
             Some(PersistedRole::Standby) => 2,
         });
+        out.push(if self.run_alone { FLAG_RUN_ALONE } else { 0 });
         out
     }
 
@@ -81,11 +92,15 @@ impl ControlData {
             path: path.to_path_buf(),
             problem,
         };
-        if payload.len() != PAYLOAD_LEN {
+        if payload.len() != PAYLOAD_LEN && payload.len() != OLD_PAYLOAD_LEN {
             return Err(bad(format!(
                 "{} bytes, expected {PAYLOAD_LEN}",
                 payload.len()
             )));
+        }
+        let flags = payload.get(17).copied().unwrap_or(0);
+        if flags & !FLAG_RUN_ALONE != 0 {
+            return Err(bad(format!("unknown flags {flags:#x}")));
         }
         let term = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
         let boundary = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
@@ -102,6 +117,7 @@ impl ControlData {
             term,
             boundary,
             role,
+            run_alone: flags & FLAG_RUN_ALONE != 0,
         })
     }
 }
@@ -210,11 +226,35 @@ mod tests {
             term: 7,
             boundary: 123_456,
             role: Some(PersistedRole::Standby),
+            run_alone: true,
         };
         cf.persist(d).unwrap();
         let again = ControlFile::open_or_create(&dir, Some(PersistedRole::Primary)).unwrap();
         assert_eq!(again.data(), d);
         assert!(!base.path().join("gtm1.init").exists());
+    }
+
+    #[test]
+    fn a_file_without_the_flags_byte_reads_as_not_alone() {
+        let d = ControlData {
+            term: 3,
+            boundary: 4001,
+            role: Some(PersistedRole::Primary),
+            run_alone: true,
+        };
+        let old = &d.encode()[..OLD_PAYLOAD_LEN];
+        let read = ControlData::decode(Path::new("x"), old).unwrap();
+        assert_eq!(
+            read,
+            ControlData {
+                run_alone: false,
+                ..d
+            }
+        );
+        let mut bad = d.encode();
+        bad[17] = 0x80;
+        let e = ControlData::decode(Path::new("x"), &bad).unwrap_err();
+        assert!(e.to_string().contains("unknown flags"), "{e}");
     }
 
     #[test]

@@ -75,6 +75,10 @@ type Job = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 /// Decisions in memory plus their durable log.
 pub struct DecisionStore {
     map: Mutex<HashMap<u64, Decision>>,
+    /// Claimed by a RecordDecision that has not finished making them durable (on
+    /// both members): in `map` so that a conflicting decision is refused, but not
+    /// answered by `get` (a failover could still forget them).
+    pending: Mutex<std::collections::HashSet<u64>>,
     writer: Mutex<std_mpsc::Sender<Job>>,
 }
 
@@ -177,12 +181,26 @@ impl DecisionStore {
             .map_err(io_err("spawn writer thread"))?;
         Ok(DecisionStore {
             map: Mutex::new(map),
+            pending: Mutex::new(Default::default()),
             writer: Mutex::new(tx),
         })
     }
 
+    /// The durable decision for `gxid` (one still being recorded is not answered).
     pub fn get(&self, gxid: u64) -> Option<Decision> {
+        if self.pending_lock().contains(&gxid) {
+            return None;
+        }
         self.lock().get(&gxid).copied()
+    }
+
+    /// `gxid`'s claimed decision is durable (on both members): answer it from now on.
+    pub fn confirm(&self, gxid: u64) {
+        self.pending_lock().remove(&gxid);
+    }
+
+    fn pending_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn len(&self) -> usize {
@@ -212,7 +230,10 @@ impl DecisionStore {
                 existing,
                 requested: d,
             }),
-            _ => {
+            Some(_) => Ok(()),
+            None => {
+                // Lock order: map, then pending (as in `merge`).
+                self.pending_lock().insert(gxid);
                 map.insert(gxid, d);
                 Ok(())
             }
@@ -242,6 +263,12 @@ impl DecisionStore {
             if map.insert(gxid, d).is_none() {
                 fresh.push((gxid, d));
             }
+        }
+        // The peer made them durable (a snapshot's or push's records are on its disk,
+        // and the caller logs them here before acknowledging).
+        let mut pending = self.pending_lock();
+        for (gxid, _) in records {
+            pending.remove(gxid);
         }
         Ok(fresh)
     }
@@ -323,6 +350,12 @@ mod tests {
             s.append(&fresh).await.unwrap();
         }
         let s = DecisionStore::open(dir.path()).unwrap();
+        // Claimed but not confirmed durable: not answered, yet a conflict is refused.
+        s.claim(20, Decision::Commit).unwrap();
+        assert_eq!(s.get(20), None);
+        assert!(s.claim(20, Decision::Abort).is_err());
+        s.confirm(20);
+        assert_eq!(s.get(20), Some(Decision::Commit));
         assert_eq!(s.get(10), Some(Decision::Commit));
         assert_eq!(s.get(11), Some(Decision::Abort));
         assert_eq!(s.get(12), None);

@@ -175,7 +175,7 @@ impl Node {
                 boundary: data.boundary,
                 ready: false,
                 attached: false,
-                run_alone: false,
+                run_alone: role == Role::Primary && data.run_alone,
                 last_error: String::new(),
                 alloc,
                 epoch: 0,
@@ -466,6 +466,7 @@ impl Node {
                 tracing::error!("stepping down: {reason}");
             }
             st.role = Role::Standby;
+            st.run_alone = false;
             st.alloc = None;
             st.ready = false;
             st.attached = false;
@@ -478,6 +479,7 @@ impl Node {
             .persist(move |d| ControlData {
                 term: d.term.max(term),
                 role: Some(PersistedRole::Standby),
+                run_alone: false,
                 ..d
             })
             .await
@@ -510,6 +512,8 @@ impl Node {
         let (pushed, logged) = tokio::join!(push, local);
         pushed?;
         logged?;
+        // Only now may GetDecision answer it: before, a failover could forget it.
+        self.decisions.confirm(gxid);
         Ok(term)
     }
 
@@ -799,6 +803,7 @@ impl Node {
             .persist(move |d| ControlData {
                 term: new_term,
                 role: Some(PersistedRole::Primary),
+                run_alone: d.run_alone || run_alone,
                 ..d
             })
             .await?;
@@ -839,18 +844,24 @@ impl Node {
         Ok(self.status())
     }
 
-    pub fn set_run_alone(&self, term: u64, run_alone: bool) -> Result<pb::GtmStatus, GtmError> {
-        {
-            let mut st = lock(&self.st);
-            if term < st.term {
-                return Err(GtmError::StaleTerm {
-                    node: self.settings.name.clone(),
-                    own: st.term,
-                    got: term,
-                });
-            }
-            st.run_alone = run_alone;
+    /// The run-alone order; durable (gtm.control) before it takes effect, so that a
+    /// restarted primary keeps obeying it.
+    pub async fn set_run_alone(
+        self: &Arc<Self>,
+        term: u64,
+        run_alone: bool,
+    ) -> Result<pb::GtmStatus, GtmError> {
+        let own = self.term();
+        if term < own {
+            return Err(GtmError::StaleTerm {
+                node: self.settings.name.clone(),
+                own,
+                got: term,
+            });
         }
+        self.persist(move |d| ControlData { run_alone, ..d })
+            .await?;
+        lock(&self.st).run_alone = run_alone;
         tracing::info!(run_alone, "run-alone order");
         Ok(self.status())
     }
@@ -966,7 +977,7 @@ mod tests {
         );
         // An order from a lower term is rejected.
         assert!(matches!(
-            n.set_run_alone(2, false),
+            n.set_run_alone(2, false).await,
             Err(GtmError::StaleTerm { .. })
         ));
         // A sync from a higher term makes the primary step down and accept it.
@@ -983,6 +994,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_decision_not_durable_on_both_members_is_not_answered() {
+        let base = tempfile::tempdir().unwrap();
+        let n = node(&base.path().join("g"), Role::Primary);
+        // No standby (and not alone): the decision cannot be made durable there.
+        assert!(matches!(
+            n.record_decision(5, Decision::Commit).await,
+            Err(GtmError::StandbyUnavailable { .. })
+        ));
+        assert_eq!(
+            n.get_decision(5).unwrap().0,
+            None,
+            "answered a decision a failover could forget"
+        );
+        // The conflicting decision is still refused; a successful retry answers it.
+        assert!(matches!(
+            n.record_decision(5, Decision::Abort).await,
+            Err(GtmError::Conflict(_))
+        ));
+        n.set_run_alone(0, true).await.unwrap();
+        n.record_decision(5, Decision::Commit).await.unwrap();
+        assert_eq!(n.get_decision(5).unwrap().0, Some(Decision::Commit));
+    }
+
+    #[tokio::test]
     async fn primary_without_standby_waits_then_refuses_unless_alone() {
         let base = tempfile::tempdir().unwrap();
         let dir = base.path().join("g");
@@ -993,7 +1028,7 @@ mod tests {
             n.record_decision(3, Decision::Abort).await,
             Err(GtmError::StandbyUnavailable { .. })
         ));
-        n.set_run_alone(0, true).unwrap();
+        n.set_run_alone(0, true).await.unwrap();
         let (r, _) = n.next_gxid(10).await.unwrap();
         assert_eq!(r, 1..11);
         n.record_decision(11, Decision::Commit).await.unwrap();
@@ -1005,9 +1040,10 @@ mod tests {
         let boundary = n.status().boundary;
         assert!(boundary >= 11);
         drop(n);
-        // Restarted: continues from the persisted boundary, above everything handed out.
+        // Restarted: still alone (the order is durable), continues from the persisted
+        // boundary, above everything handed out.
         let n = node(&dir, Role::Primary);
-        n.set_run_alone(0, true).unwrap();
+        assert!(n.status().run_alone, "run-alone did not survive a restart");
         let (r, _) = n.next_gxid(1).await.unwrap();
         assert_eq!(r.start, boundary);
         assert_eq!(n.get_decision(11).unwrap().0, Some(Decision::Commit));

@@ -160,6 +160,7 @@ impl Gtm for GtmService {
         let s = self
             .node
             .set_run_alone(r.term, r.run_alone)
+            .await
             .map_err(|e| self.err(e))?;
         Ok(Response::new(s))
     }

@@ -188,6 +188,43 @@ async fn agent_postgres_primary_standby_probe_and_crash_detection() -> Result<()
     .await?;
     assert!(primary.is_running());
 
+    // Issue 9 §5.1: a former primary is never rewound against a source that is not
+    // primary yet (caught between the failover decision and the promotion it would
+    // see the old timeline, "no rewind required", and then write past the fork).
+    primary.stop().await?;
+    let s_up = Upstream {
+        host: standby.address.clone(),
+        port: standby.port,
+    };
+    let e = primary
+        .rewind(&s_up)
+        .await
+        .expect_err("rewound against a standby")
+        .to_string();
+    assert!(e.contains("still a standby"), "{e}");
+    let marker = primary.instance_dir.join(cm_agent::postgres::REWIND_MARKER);
+    assert!(!marker.exists(), "no rewind was started");
+
+    // §5.2: a rewind interrupted (agent killed, marker left, no tool running) is
+    // not run again on the half-rewound data dir: it is rebuilt from the new primary.
+    standby.promote().await?;
+    std::fs::write(&marker, "pg_rewind\n")?;
+    let out = primary.rewind(&s_up).await?;
+    assert!(out.contains("rebuilt"), "{out}");
+    assert!(!marker.exists());
+    assert!(primary.instance_dir.join("data.old").exists());
+    let settings = PgSettings::for_member(&cfg, group, "dn1_h1", Some(s_up.clone()))?;
+    primary.configure(&settings)?;
+    primary.start().await?;
+    let c = primary.connect(PROBE).await?;
+    let row = c.query_one("SELECT v FROM t WHERE id = 1", &[]).await?;
+    assert_eq!(row.get::<_, String>(0), "hello");
+    assert!(
+        primary.probe(PROBE).await?.in_recovery,
+        "rejoined as a standby"
+    );
+    drop(c);
+
     standby.stop().await?;
     primary.stop().await?;
     assert!(!standby.is_running() && !primary.is_running());
