@@ -12,4 +12,14 @@ for b in initdb pg_ctl postgres pg_basebackup pg_rewind; do
   [ -x "$PG_BIN/$b" ] || { echo "missing: $PG_BIN/$b (apt-get install postgresql-15)" >&2; missing=1; }
 done
 id postgres >/dev/null 2>&1 || { echo "missing: OS user 'postgres' (created by the postgresql package)" >&2; missing=1; }
+# The partition tests cut links with ip (iproute2) and nftables, as root.
+need ip "apt-get install iproute2"
+if ! command -v nft >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing nftables (the partition tests need nft)" >&2
+    apt-get install -y nftables >/dev/null || { echo "missing: nft (apt-get install nftables failed)" >&2; missing=1; }
+  else
+    echo "missing: nft (apt-get install nftables; the partition tests need it and root)" >&2; missing=1
+  fi
+fi
 exit $missing

@@ -136,7 +136,7 @@ pub async fn run_until(
                     if !reporter.take_prompt() {
                         break;
                     }
-                    reporter.cycle(&handles, &mut outcome_rx).await;
+                    reporter.prompt_cycle(&handles, &mut outcome_rx).await;
                 }
                 if let Some(soon) = reporter.next_report.take() {
                     ticker.reset_after(soon);

@@ -7,6 +7,8 @@
 //! agent granted) are ignored or rejected, so a deposed primary is not obeyed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ha_common::config::ClusterConfig;
@@ -136,6 +138,12 @@ pub struct Reporter {
     prompt: bool,
     /// The primary asked for the next report sooner than a heartbeat (orders in flight).
     pub next_report: Option<Duration>,
+    /// Per CMServer: gave no answer at all to its last report (cut off or dead). The
+    /// cycle does not wait for a silent one (its report goes out in the background
+    /// and clears the flag when answered) and a prompt report skips it, so that an
+    /// unreachable CMServer does not delay a lease grant to the other by its RPC
+    /// timeout.
+    silent: Arc<Vec<AtomicBool>>,
 }
 
 impl Reporter {
@@ -150,6 +158,7 @@ impl Reporter {
                 .connect_lazy();
             servers.push((ep, CmServerClient::new(channel)));
         }
+        let silent = Arc::new(servers.iter().map(|_| AtomicBool::new(false)).collect());
         Ok(Reporter {
             host: host.to_owned(),
             servers,
@@ -157,7 +166,18 @@ impl Reporter {
             lease,
             prompt: false,
             next_report: None,
+            silent,
         })
+    }
+
+    /// A report sent right after a grant (see `take_prompt`): only to the CMServers
+    /// that answered the last one.
+    pub async fn prompt_cycle(
+        &mut self,
+        instances: &[InstanceHandle],
+        outcomes: &mut mpsc::UnboundedReceiver<OrderOutcome>,
+    ) -> bool {
+        self.cycle_to(instances, outcomes, true).await
     }
 
     /// Whether the next report should go out now rather than at the next tick.
@@ -170,6 +190,15 @@ impl Reporter {
         &mut self,
         instances: &[InstanceHandle],
         outcomes: &mut mpsc::UnboundedReceiver<OrderOutcome>,
+    ) -> bool {
+        self.cycle_to(instances, outcomes, false).await
+    }
+
+    async fn cycle_to(
+        &mut self,
+        instances: &[InstanceHandle],
+        outcomes: &mut mpsc::UnboundedReceiver<OrderOutcome>,
+        skip_silent: bool,
     ) -> bool {
         while let Ok(o) = outcomes.try_recv() {
             self.state.finished(o);
@@ -186,14 +215,30 @@ impl Reporter {
             lease: Some(self.lease.to_proto(now)),
             state_version: self.lease.newest_version(),
         };
-        let calls = self.servers.iter().map(|(ep, client)| {
+        let was_silent: Vec<bool> = self
+            .silent
+            .iter()
+            .map(|f| f.load(Ordering::Relaxed))
+            .collect();
+        let (awaited, background) = report_targets(&was_silent, skip_silent);
+        for i in background {
+            let mut client = self.servers[i].1.clone();
+            let (req, silent) = (report.clone(), self.silent.clone());
+            tokio::spawn(async move {
+                let r = client.report(req).await;
+                silent[i].store(no_answer(&r), Ordering::Relaxed);
+            });
+        }
+        let calls = awaited.iter().map(|&i| {
+            let (ep, client) = &self.servers[i];
             let mut client = client.clone();
             let req = report.clone();
-            async move { (ep.clone(), client.report(req).await) }
+            async move { (i, ep.clone(), client.report(req).await) }
         });
         let results = futures::future::join_all(calls).await;
         let mut replies = Vec::new();
-        for (ep, r) in results {
+        for (i, ep, r) in results {
+            self.silent[i].store(no_answer(&r), Ordering::Relaxed);
             match r {
                 Ok(reply) => replies.push(reply.into_inner()),
                 Err(status) => {
@@ -254,6 +299,30 @@ impl Reporter {
     }
 }
 
+/// Which CMServers (by index; `silent` per CMServer) a report waits for, and which get
+/// it in the background without being waited for: the silent ones, unless every one
+/// is silent; a prompt report does not go to the silent ones at all.
+fn report_targets(silent: &[bool], prompt: bool) -> (Vec<usize>, Vec<usize>) {
+    let all: Vec<usize> = (0..silent.len()).collect();
+    let (answering, quiet): (Vec<usize>, Vec<usize>) = all.iter().partition(|&&i| !silent[i]);
+    if answering.is_empty() {
+        return (all, Vec::new());
+    }
+    if prompt {
+        (answering, Vec::new())
+    } else {
+        (answering, quiet)
+    }
+}
+
+/// Whether a report got no answer at all (refused, unreachable, timed out), as
+/// opposed to a reply or a refusal.
+fn no_answer<T>(r: &Result<T, tonic::Status>) -> bool {
+    matches!(r, Err(s) if matches!(s.code(), tonic::Code::Unavailable
+        | tonic::Code::Cancelled
+        | tonic::Code::DeadlineExceeded))
+}
+
 /// Takes every CMServer's reply to one report: first every lease request (a lease
 /// granted in a term raises the agent's term, so a deposed primary's replies are too
 /// old from then on), then picks the reply to apply: the highest-term one from a
@@ -305,6 +374,40 @@ pub fn absorb_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_cmserver_is_not_waited_for() {
+        let none: Vec<usize> = Vec::new();
+        assert_eq!(
+            report_targets(&[false, false], false),
+            (vec![0, 1], none.clone())
+        );
+        assert_eq!(report_targets(&[true, false], false), (vec![1], vec![0]));
+        assert_eq!(
+            report_targets(&[true, false], true),
+            (vec![1], none.clone())
+        );
+        assert_eq!(
+            report_targets(&[false, false], true),
+            (vec![0, 1], none.clone())
+        );
+        // Nobody answered: wait for everyone rather than no one.
+        assert_eq!(
+            report_targets(&[true, true], true),
+            (vec![0, 1], none.clone())
+        );
+        assert_eq!(report_targets(&[true, true], false), (vec![0, 1], none));
+    }
+
+    #[test]
+    fn only_transport_failures_count_as_no_answer() {
+        assert!(no_answer::<()>(&Err(tonic::Status::unavailable("refused"))));
+        assert!(no_answer::<()>(&Err(tonic::Status::cancelled("timeout"))));
+        assert!(!no_answer::<()>(&Err(tonic::Status::failed_precondition(
+            "not primary"
+        ))));
+        assert!(!no_answer(&Ok(())));
+    }
     use ha_common::proto::cm::{Assignment, OrderKind};
 
     fn order(id: u64, term: u64, instance: &str) -> Order {

@@ -85,12 +85,22 @@ pub enum LocalAction {
         /// Seconds to wait until every instance is normal.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Run each host in its own network namespace PREFIX-<host>, its config
+        /// address on eth0, joined by bridge PREFIXbr (address .254 of the hosts'
+        /// /24), created when missing. Needs root and `ip`; the hosts need distinct
+        /// addresses in one /24 (configs/local-netns.toml).
+        #[arg(long, value_name = "PREFIX")]
+        netns: Option<String>,
     },
     /// Stops every instance, agent and CMServer `local up` started.
     Down {
         /// Seconds to wait for the agents to stop the instances.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Also remove the network namespaces and bridge `local up --netns PREFIX`
+        /// made.
+        #[arg(long, value_name = "PREFIX")]
+        netns: Option<String>,
     },
 }
 

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod error;
+pub mod netns;
 pub mod processes;
 pub mod progress;
 

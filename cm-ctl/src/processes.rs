@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 pub use ha_common::process::{alive, cmdline, cwd, program_name};
 
 use crate::error::CtlError;
+use crate::netns::Namespace;
 
 /// One of our daemons as `cm_ctl local` starts it: `<bin> --config C --node N --base-dir B`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,8 @@ pub struct Daemon {
     pub program: &'static str,
     /// CMServer name or host name.
     pub node: String,
+    /// The host it runs on (for an agent, `node` itself).
+    pub host: String,
 }
 
 impl Daemon {
@@ -61,8 +64,14 @@ fn arg_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 /// Starts `bin args` in its own session (setsid), stdin from /dev/null, stdout and
-/// stderr appended to `log`; returns its pid without waiting for it.
-pub fn spawn_detached(bin: &Path, args: &[String], log: &Path) -> Result<u32, CtlError> {
+/// stderr appended to `log`, inside network namespace `netns` if given; returns its
+/// pid without waiting for it.
+pub fn spawn_detached(
+    bin: &Path,
+    args: &[String],
+    log: &Path,
+    netns: Option<&Namespace>,
+) -> Result<u32, CtlError> {
     let io = |e| CtlError::io("open log", log, e);
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir).map_err(|e| CtlError::io("create directory", dir, e))?;
@@ -80,9 +89,14 @@ pub fn spawn_detached(bin: &Path, args: &[String], log: &Path) -> Result<u32, Ct
         .stderr(err)
         // The output goes to a log file: no terminal colour codes in it.
         .env("NO_COLOR", "1");
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    // SAFETY: setsid and setns are async-signal-safe system calls and touch no
+    // memory of the parent (the namespace file was opened before the fork).
+    let ns_fd = netns.map(Namespace::raw_fd);
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            if let Some(fd) = ns_fd {
+                crate::netns::enter_fd(fd)?;
+            }
             nix::unistd::setsid()
                 .map(|_| ())
                 .map_err(std::io::Error::from)
@@ -267,6 +281,7 @@ mod tests {
         let d = Daemon {
             program: "cm_agent",
             node: "h1".into(),
+            host: "h1".into(),
         };
         assert!(
             !d.is(me, Path::new("/tmp/x")),

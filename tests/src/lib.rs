@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod netns;
+
 /// The `configs/local.toml` shipped with the project.
 pub const LOCAL_CONFIG: &str = include_str!("../../configs/local.toml");
 
@@ -42,9 +44,18 @@ pub fn bin(name: &str) -> PathBuf {
 /// Connects to a DN member on loopback as the superuser; connecting is bounded by
 /// `timeout`.
 pub async fn connect(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
+    connect_at("127.0.0.1", port, timeout).await
+}
+
+/// Connects to a DN member at `address` as the superuser (bounded by `timeout`).
+pub async fn connect_at(
+    address: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client> {
     let mut config = tokio_postgres::Config::new();
     config
-        .host("127.0.0.1")
+        .host(address)
         .port(port)
         .user("postgres")
         .dbname("postgres")
@@ -52,8 +63,8 @@ pub async fn connect(port: u16, timeout: Duration) -> Result<tokio_postgres::Cli
         .connect_timeout(timeout);
     let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
         .await
-        .with_context(|| format!("connect to 127.0.0.1:{port} timed out"))?
-        .with_context(|| format!("connect to 127.0.0.1:{port}"))?;
+        .with_context(|| format!("connect to {address}:{port} timed out"))?
+        .with_context(|| format!("connect to {address}:{port}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -335,6 +346,8 @@ pub struct LocalCluster {
     pub dir: TestDir,
     pub config: PathBuf,
     pub cfg: ha_common::ClusterConfig,
+    /// In netns mode (see [`LocalCluster::netns`]): the hosts' namespaces and bridge.
+    pub net: Option<netns::Network>,
 }
 
 impl LocalCluster {
@@ -354,7 +367,56 @@ impl LocalCluster {
         let base = dir.path().join("cluster");
         let config = write_config(&dir, &edit(local_config_text(port_base, &base)));
         let cfg = ha_common::ClusterConfig::load(&config).expect("test config is valid");
-        LocalCluster { dir, config, cfg }
+        LocalCluster {
+            dir,
+            config,
+            cfg,
+            net: None,
+        }
+    }
+
+    /// A cluster in netns mode: each host gets its own address in a /24 of its own
+    /// and `up` runs it with `cm_ctl local up --netns <fresh prefix>`; dropping the
+    /// cluster removes the namespaces and bridge (leftovers of dead runs are swept
+    /// first). Ports may repeat those of other netns tests.
+    pub fn netns(name: &str, port_base: u16, edit: impl FnOnce(String) -> String) -> LocalCluster {
+        netns::sweep_leftovers();
+        let (prefix, [a, b, c]) = netns::fresh_prefix();
+        let mut host = 0;
+        let mut c_ = Self::with_config_edit(name, port_base, |text| {
+            let text: String = text
+                .lines()
+                .map(|l| {
+                    if l.trim_start().starts_with("address = ") {
+                        host += 1;
+                        format!("address = \"{a}.{b}.{c}.{host}\"\n")
+                    } else {
+                        format!("{l}\n")
+                    }
+                })
+                .collect();
+            edit(text)
+        });
+        let net = netns::Network::plan(&prefix, &c_.cfg).expect("netns test network");
+        c_.net = Some(net);
+        c_
+    }
+
+    /// The address of `host`.
+    pub fn address(&self, host: &str) -> String {
+        self.cfg
+            .host(host)
+            .map(|h| h.address.clone())
+            .unwrap_or_else(|| panic!("host {host} not in config"))
+    }
+
+    /// The address of the host `instance` runs on.
+    pub fn address_of(&self, instance: &str) -> String {
+        let r = self
+            .cfg
+            .find(instance)
+            .unwrap_or_else(|| panic!("{instance} not in config"));
+        self.cfg.address_of(r.instance).to_owned()
     }
 
     pub fn base_dir(&self) -> &Path {
@@ -372,7 +434,11 @@ impl LocalCluster {
     /// `cm_ctl local up`; fails with its output and the daemons' log tails.
     pub fn up(&self, timeout_s: u64) -> Result<CmdOutput> {
         let t = timeout_s.to_string();
-        let out = self.cm_ctl(&["local", "up", "--timeout", &t]);
+        let mut args = vec!["local", "up", "--timeout", &t];
+        if let Some(n) = &self.net {
+            args.extend(["--netns", n.prefix.as_str()]);
+        }
+        let out = self.cm_ctl(&args);
         if !out.success {
             bail!(
                 "cm_ctl local up failed:\n{}\n{}\n{}",
@@ -386,7 +452,11 @@ impl LocalCluster {
 
     /// `cm_ctl local down`.
     pub fn down(&self) -> CmdOutput {
-        self.cm_ctl(&["local", "down", "--timeout", "30"])
+        let mut args = vec!["local", "down", "--timeout", "30"];
+        if let Some(n) = &self.net {
+            args.extend(["--netns", n.prefix.as_str()]);
+        }
+        self.cm_ctl(&args)
     }
 
     /// `cm_ctl status --json`, parsed.
@@ -495,6 +565,18 @@ impl Drop for LocalCluster {
         for (pid, _) in processes_under(self.base_dir()) {
             kill9(pid);
         }
+        if let Some(n) = &self.net {
+            // `local down` removed it unless it failed half-way.
+            n.remove();
+        }
+    }
+}
+
+impl netns::Faults for LocalCluster {
+    fn net(&self) -> &netns::Network {
+        self.net
+            .as_ref()
+            .expect("network faults need LocalCluster::netns")
     }
 }
 

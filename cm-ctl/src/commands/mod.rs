@@ -24,8 +24,12 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Failover { instance, force } => failover::run(&cfg, instance, *force).await,
         Command::Build(op) => build::run(&cfg, op).await,
         Command::Local { action } => match action {
-            LocalAction::Up { timeout } => local::up::run(&cfg, &cli, *timeout).await,
-            LocalAction::Down { timeout } => local::down::run(&cfg, *timeout).await,
+            LocalAction::Up { timeout, netns } => {
+                local::up::run(&cfg, &cli, *timeout, netns.as_deref()).await
+            }
+            LocalAction::Down { timeout, netns } => {
+                local::down::run(&cfg, *timeout, netns.as_deref()).await
+            }
         },
     }
 }

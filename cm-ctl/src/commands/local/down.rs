@@ -1,7 +1,8 @@
 //! `cm_ctl local down`: stops everything `local up` started. First the agents stop
 //! the instances (cleanly, through the CMServer); then the agents and CMServers are
 //! stopped by recorded pid; finally any postmaster or server of ours still running
-//! from a dir under the base dir is stopped by its pid file. Leaves no process behind.
+//! from a dir under the base dir is stopped by its pid file. Leaves no process behind;
+//! with `--netns` it then removes the hosts' namespaces and bridge.
 
 use std::time::Duration;
 
@@ -11,12 +12,14 @@ use nix::sys::signal::Signal;
 use super::{absolute_base_dir, daemons};
 use crate::client::Primary;
 use crate::error::CtlError;
+use crate::netns::Network;
 use crate::processes::{leftover_instances, stop_all, PidFile};
 use crate::progress::{wait_for, Goal};
 
 const GRACE: Duration = Duration::from_secs(15);
 
-pub async fn run(cfg: &ClusterConfig, timeout_s: u64) -> Result<(), CtlError> {
+pub async fn run(cfg: &ClusterConfig, timeout_s: u64, netns: Option<&str>) -> Result<(), CtlError> {
+    let network = netns.map(|p| Network::plan(p, cfg)).transpose()?;
     let base = absolute_base_dir(cfg)?;
     let pids = PidFile::in_base_dir(&base);
     let recorded = pids.read();
@@ -88,6 +91,16 @@ pub async fn run(cfg: &ClusterConfig, timeout_s: u64) -> Result<(), CtlError> {
         return Err(CtlError::Other(format!(
             "processes survived SIGKILL: {survivors:?}"
         )));
+    }
+    if let Some(n) = &network {
+        let failed = n.remove();
+        if !failed.is_empty() {
+            return Err(CtlError::Other(format!(
+                "could not remove the network: {}",
+                failed.join("; ")
+            )));
+        }
+        eprintln!("removed bridge {} and the hosts' namespaces", n.bridge());
     }
     pids.remove();
     println!("local cluster {:?} is down", cfg.cluster.name);

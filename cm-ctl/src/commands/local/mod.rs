@@ -16,10 +16,12 @@ pub fn daemons(cfg: &ClusterConfig) -> Vec<Daemon> {
     let cms = cfg.cm_servers.iter().map(|s| Daemon {
         program: "cm_server",
         node: s.name.clone(),
+        host: s.host.clone(),
     });
     let agents = cfg.hosts.iter().map(|h| Daemon {
         program: "cm_agent",
         node: h.name.clone(),
+        host: h.name.clone(),
     });
     cms.chain(agents).collect()
 }

@@ -1,6 +1,7 @@
 //! `cm_ctl local up`: starts whatever of the local cluster is not running (CMServers,
 //! one agent per host), records their pids, asks for every instance to run and waits
-//! until every instance the project can run is normal.
+//! until every instance the project can run is normal. With `--netns` each host's
+//! daemons run in that host's network namespace (see `crate::netns`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -12,10 +13,16 @@ use super::{absolute, absolute_base_dir, daemons, log_path};
 use crate::cli::Cli;
 use crate::client::Primary;
 use crate::error::CtlError;
+use crate::netns::{Namespace, Network};
 use crate::processes::{spawn_detached, Daemon, PidFile};
 use crate::progress::{wait_for, Goal};
 
-pub async fn run(cfg: &ClusterConfig, cli: &Cli, timeout_s: u64) -> Result<(), CtlError> {
+pub async fn run(
+    cfg: &ClusterConfig,
+    cli: &Cli,
+    timeout_s: u64,
+    netns: Option<&str>,
+) -> Result<(), CtlError> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(timeout_s);
     let base = absolute_base_dir(cfg)?;
@@ -25,6 +32,27 @@ pub async fn run(cfg: &ClusterConfig, cli: &Cli, timeout_s: u64) -> Result<(), C
     let config =
         std::fs::canonicalize(&cli.config).map_err(|e| CtlError::io("resolve", &cli.config, e))?;
     let bin_dir = absolute(&cfg.bin_dir())?;
+
+    let network = match netns {
+        Some(prefix) => {
+            let n = Network::plan(prefix, cfg)?;
+            n.create()?;
+            eprintln!(
+                "network: bridge {} ({}), namespaces {}",
+                n.bridge(),
+                n.bridge_address()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+                n.hosts
+                    .iter()
+                    .map(|(h, a)| format!("{} ({a})", n.namespace(h)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Some(n)
+        }
+        None => None,
+    };
 
     let pids = PidFile::in_base_dir(&base);
     let mut recorded = Vec::new();
@@ -53,7 +81,11 @@ pub async fn run(cfg: &ClusterConfig, cli: &Cli, timeout_s: u64) -> Result<(), C
                     "--base-dir".to_owned(),
                     base.display().to_string(),
                 ];
-                let pid = spawn_detached(&bin, &args, &log)?;
+                let ns = match &network {
+                    Some(n) => Some(Namespace::open(&n.namespace_path(&d.host))?),
+                    None => None,
+                };
+                let pid = spawn_detached(&bin, &args, &log, ns.as_ref())?;
                 eprintln!(
                     "started {} {} (pid {pid}, log {})",
                     d.program,
@@ -110,15 +142,22 @@ pub async fn run(cfg: &ClusterConfig, cli: &Cli, timeout_s: u64) -> Result<(), C
             );
         }
     }
+    if let Some(n) = &network {
+        println!(
+            "  a client inside host h's namespace: ip netns exec {}-<h> psql ...",
+            n.prefix
+        );
+    }
     let mut status_cmd = format!("cm_ctl status --config {}", config.display());
     if cli.base_dir.is_some() {
         status_cmd.push_str(&format!(" --base-dir {}", base.display()));
     }
     println!("  status: {status_cmd}");
-    println!(
-        "  stop:   {}",
-        status_cmd.replacen(" status ", " local down ", 1)
-    );
+    let mut stop_cmd = status_cmd.replacen(" status ", " local down ", 1);
+    if let Some(n) = &network {
+        stop_cmd.push_str(&format!(" --netns {}", n.prefix));
+    }
+    println!("  stop:   {stop_cmd}");
     Ok(())
 }
 
