@@ -12,7 +12,11 @@ use ha_common::proto::replicator::ReadWalRequest;
 pub fn serve(config: &Path, node: &str, base_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     ha_common::logging::init("dn_replicator");
     let rt = tokio::runtime::Runtime::new().context("start the tokio runtime")?;
-    rt.block_on(crate::service::serve(config, node, base_dir.map(Path::to_owned)))?;
+    rt.block_on(crate::service::serve(
+        config,
+        node,
+        base_dir.map(Path::to_owned),
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -45,7 +49,11 @@ pub fn restore_wal(from: &str, file: &str, path: &Path) -> anyhow::Result<ExitCo
             Err(st) => anyhow::bail!("read {file} from {from}: {}", st.message()),
         };
         let mut data = Vec::new();
-        while let Some(chunk) = s.message().await.with_context(|| format!("read {file} from {from}"))? {
+        while let Some(chunk) = s
+            .message()
+            .await
+            .with_context(|| format!("read {file} from {from}"))?
+        {
             data.extend_from_slice(&chunk.data);
         }
         // Written whole, then renamed: PostgreSQL must never see half a file.

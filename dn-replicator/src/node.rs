@@ -54,12 +54,13 @@ impl Node {
         let state_path = dir.join(STATE_FILE);
         let durable = match std::fs::read(&state_path) {
             Ok(bytes) => {
-                let payload = STATE_ENVELOPE
-                    .open(&state_path, &bytes)
-                    .map_err(|e| NodeError::State {
-                        path: state_path.clone(),
-                        message: e.to_string(),
-                    })?;
+                let payload =
+                    STATE_ENVELOPE
+                        .open(&state_path, &bytes)
+                        .map_err(|e| NodeError::State {
+                            path: state_path.clone(),
+                            message: e.to_string(),
+                        })?;
                 serde_json::from_slice(payload).map_err(|e| NodeError::State {
                     path: state_path.clone(),
                     message: e.to_string(),
@@ -172,7 +173,11 @@ impl Node {
             start_lsn: store.start_lsn(),
             flush_lsn: store.flushed(),
             bytes_kept: store.bytes_kept().unwrap_or(0),
-            last_error: if streaming { live.last_error } else { String::new() },
+            last_error: if streaming {
+                live.last_error
+            } else {
+                String::new()
+            },
         }
     }
 

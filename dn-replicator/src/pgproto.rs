@@ -19,9 +19,15 @@ const MAX_MESSAGE: usize = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
     #[error("connect {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("connection to {addr}: {source}")]
-    Io { addr: String, source: std::io::Error },
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{addr}: server error {code}: {message}")]
     Server {
         addr: String,
@@ -306,7 +312,8 @@ impl Connection {
                             let s = scram
                                 .as_mut()
                                 .ok_or_else(|| self.violation("SASL continue without start"))?;
-                            s.update(&b).map_err(|e| self.violation(format!("SCRAM: {e}")))?;
+                            s.update(&b)
+                                .map_err(|e| self.violation(format!("SCRAM: {e}")))?;
                             let next = s.message().to_vec();
                             self.send(b'p', &next).await?;
                         }
@@ -314,19 +321,23 @@ impl Connection {
                             let s = scram
                                 .as_mut()
                                 .ok_or_else(|| self.violation("SASL final without start"))?;
-                            s.finish(&b).map_err(|e| self.violation(format!("SCRAM: {e}")))?;
+                            s.finish(&b)
+                                .map_err(|e| self.violation(format!("SCRAM: {e}")))?;
                         }
                         other => {
-                            return Err(self.violation(format!(
-                                "unsupported authentication method {other}"
-                            )))
+                            return Err(self
+                                .violation(format!("unsupported authentication method {other}")))
                         }
                     }
                 }
                 b'Z' => return Ok(()),
                 b'S' | b'K' | b'N' => {}
                 b'E' => return Err(self.server_error(m.body)),
-                t => return Err(self.violation(format!("unexpected message {:?} at startup", t as char))),
+                t => {
+                    return Err(
+                        self.violation(format!("unexpected message {:?} at startup", t as char))
+                    )
+                }
             }
         }
     }
@@ -370,7 +381,10 @@ impl Connection {
             return Err(self.violation(format!("message {:?} with length {len}", tag as char)));
         }
         let mut body = vec![0u8; len as usize - 4];
-        self.rd.read_exact(&mut body).await.map_err(|e| self.io(e))?;
+        self.rd
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| self.io(e))?;
         Ok(BackendMessage {
             tag,
             body: Bytes::from(body),
@@ -400,7 +414,11 @@ impl Connection {
                 b'D' => rows.push(decode_data_row(m.body)?),
                 b'E' => err = Some(self.server_error(m.body)),
                 b'Z' => break,
-                t => return Err(self.violation(format!("unexpected message {:?} in a query", t as char))),
+                t => {
+                    return Err(
+                        self.violation(format!("unexpected message {:?} in a query", t as char))
+                    )
+                }
             }
         }
         match err {
@@ -426,7 +444,12 @@ impl Connection {
                     // Drain to ReadyForQuery so that the error is the whole story.
                     return Err(e);
                 }
-                t => return Err(self.violation(format!("unexpected message {:?} after START_REPLICATION", t as char))),
+                t => {
+                    return Err(self.violation(format!(
+                        "unexpected message {:?} after START_REPLICATION",
+                        t as char
+                    )))
+                }
             }
         }
     }
@@ -516,8 +539,10 @@ mod tests {
         }
         assert!(decode_data_row(Bytes::from_static(&[0, 1, 0, 0, 0, 9, b'a'])).is_err());
         assert_eq!(
-            decode_data_row(Bytes::from_static(&[0, 2, 255, 255, 255, 255, 0, 0, 0, 1, b'x']))
-                .unwrap(),
+            decode_data_row(Bytes::from_static(&[
+                0, 2, 255, 255, 255, 255, 0, 0, 0, 1, b'x'
+            ]))
+            .unwrap(),
             vec![None, Some("x".to_owned())]
         );
     }

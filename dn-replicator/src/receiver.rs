@@ -7,8 +7,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-
-
 use crate::pgproto::{self, Connection, ProtoError, ReplicationMessage};
 use crate::wal_store::{segment_start, StoreError, WalStore};
 
@@ -310,7 +308,6 @@ async fn end_of_timeline(conn: &mut Connection) -> Result<(u32, u64), ReceiveErr
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,7 +343,10 @@ mod tests {
         );
         assert_eq!(s.end(), 2 * SEG + 40);
         // An upstream whose history does not know our timeline: start afresh.
-        assert_eq!(prepare(&mut s, 3 * SEG, SEG, 5, &[(4, SEG)]).unwrap(), (3 * SEG, 5));
+        assert_eq!(
+            prepare(&mut s, 3 * SEG, SEG, 5, &[(4, SEG)]).unwrap(),
+            (3 * SEG, 5)
+        );
         assert_eq!(s.end(), 3 * SEG);
         // A start before what is kept: start afresh there.
         assert_eq!(prepare(&mut s, 0, SEG, 5, &[(4, SEG)]).unwrap(), (0, 4));

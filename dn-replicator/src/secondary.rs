@@ -123,7 +123,11 @@ pub fn transition(cur: &Durable, order: &Order) -> Result<(Durable, Effects), Re
         // stream and what it kept; only the term moves up.
         (
             SecondaryState::Streaming {
-                upstream, host, port, start_lsn, ..
+                upstream,
+                host,
+                port,
+                start_lsn,
+                ..
             },
             Order::Stream { upstream: up, .. },
         ) if *upstream == up.name && *host == up.host && *port == up.port => (
@@ -136,11 +140,14 @@ pub fn transition(cur: &Durable, order: &Order) -> Result<(Durable, Effects), Re
             },
             NOTHING,
         ),
-        (_, Order::Stream {
-            upstream,
-            start_lsn,
-            ..
-        }) => (
+        (
+            _,
+            Order::Stream {
+                upstream,
+                start_lsn,
+                ..
+            },
+        ) => (
             SecondaryState::Streaming {
                 term,
                 upstream: upstream.name.clone(),
@@ -198,7 +205,9 @@ mod tests {
     }
 
     fn streaming(term: u64, name: &str) -> Durable {
-        transition(&Durable::default(), &stream(term, name)).unwrap().0
+        transition(&Durable::default(), &stream(term, name))
+            .unwrap()
+            .0
     }
 
     #[test]
@@ -242,7 +251,14 @@ mod tests {
                 accepted: 5
             })
         );
-        assert!(transition(&cur, &Order::Stop { term: 4, discard: true }).is_err());
+        assert!(transition(
+            &cur,
+            &Order::Stop {
+                term: 4,
+                discard: true
+            }
+        )
+        .is_err());
     }
 
     #[test]
@@ -279,7 +295,14 @@ mod tests {
             term: 3,
             state: SecondaryState::Holding { term: 3 },
         };
-        let (_, e) = transition(&hold, &Order::Stop { term: 3, discard: true }).unwrap();
+        let (_, e) = transition(
+            &hold,
+            &Order::Stop {
+                term: 3,
+                discard: true,
+            },
+        )
+        .unwrap();
         assert!(e.discard && !e.cut_upstream);
         let (d, e) = transition(&hold, &stream(4, "dn1_h2")).unwrap();
         assert!(e.start_upstream && !e.cut_upstream && !e.discard);
@@ -289,7 +312,8 @@ mod tests {
     #[test]
     fn idle_stays_idle() {
         for discard in [true, false] {
-            let (d, e) = transition(&Durable::default(), &Order::Stop { term: 1, discard }).unwrap();
+            let (d, e) =
+                transition(&Durable::default(), &Order::Stop { term: 1, discard }).unwrap();
             assert_eq!(d.state, SecondaryState::Idle);
             assert_eq!(e, NOTHING);
         }

@@ -58,9 +58,13 @@ impl Replicator for Service {
         let port = u16::try_from(r.upstream_port)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| Status::invalid_argument(format!("bad upstream port {}", r.upstream_port)))?;
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("bad upstream port {}", r.upstream_port))
+            })?;
         if r.upstream_host.is_empty() || r.upstream_name.is_empty() {
-            return Err(Status::invalid_argument("upstream name and host are required"));
+            return Err(Status::invalid_argument(
+                "upstream name and host are required",
+            ));
         }
         let order = Order::Stream {
             term: r.term,
@@ -71,7 +75,11 @@ impl Replicator for Service {
             },
             start_lsn: r.start_lsn,
         };
-        self.node.apply(order).await.map(Response::new).map_err(to_status)
+        self.node
+            .apply(order)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn stop(
@@ -83,7 +91,11 @@ impl Replicator for Service {
             term: r.term,
             discard: r.discard,
         };
-        self.node.apply(order).await.map(Response::new).map_err(to_status)
+        self.node
+            .apply(order)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn status(

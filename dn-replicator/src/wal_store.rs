@@ -71,7 +71,8 @@ pub fn parse_segment_name(name: &str, seg_size: u64) -> Option<(u32, u64)> {
     let hi = u64::from_str_radix(&name[8..16], 16).ok()?;
     let lo = u64::from_str_radix(&name[16..24], 16).ok()?;
     let per_id = 0x1_0000_0000u64 / seg_size;
-    (lo < per_id).then_some(hi * per_id + lo)
+    (lo < per_id)
+        .then_some(hi * per_id + lo)
         .map(|segno| (tli, segno))
 }
 
@@ -274,9 +275,7 @@ impl WalStore {
 
     fn file(&mut self, tli: u32, segno: u64) -> Result<&File, StoreError> {
         if !self.open.contains_key(&(tli, segno)) {
-            let path = self
-                .dir
-                .join(segment_name(tli, segno, self.meta.seg_size));
+            let path = self.dir.join(segment_name(tli, segno, self.meta.seg_size));
             let existed = path.exists();
             let f = OpenOptions::new()
                 .create(true)
@@ -358,7 +357,9 @@ impl WalStore {
     /// Keeps a timeline history file as the upstream sent it.
     pub fn put_history(&mut self, name: &str, content: &[u8]) -> Result<(), StoreError> {
         if !valid_history_name(name) {
-            return Err(StoreError::Corrupt(format!("bad history file name {name:?}")));
+            return Err(StoreError::Corrupt(format!(
+                "bad history file name {name:?}"
+            )));
         }
         let path = self.dir.join(name);
         write_atomic(&path, content).map_err(io_err("write", &path))
@@ -368,8 +369,7 @@ impl WalStore {
     /// segment padded with zeros to the segment size, or a history file. None when
     /// not kept.
     pub fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let is_segment = !self.is_empty()
-            && parse_segment_name(name, self.meta.seg_size).is_some();
+        let is_segment = !self.is_empty() && parse_segment_name(name, self.meta.seg_size).is_some();
         if !is_segment && !valid_history_name(name) {
             return Ok(None);
         }
@@ -407,7 +407,10 @@ mod tests {
         assert_eq!(parse_segment_name(&n, 16 << 20), Some((1, 3)));
         assert_eq!(segment_name(2, 256, 16 << 20), "000000020000000100000000");
         assert_eq!(parse_segment_name("00000002.history", 16 << 20), None);
-        assert_eq!(parse_segment_name("zz0000010000000000000003", 16 << 20), None);
+        assert_eq!(
+            parse_segment_name("zz0000010000000000000003", 16 << 20),
+            None
+        );
     }
 
     #[test]
@@ -448,7 +451,10 @@ mod tests {
         assert!(matches!(s.write(1, 0, b"x"), Err(StoreError::NotStarted)));
         s.begin(2, 0, SEG).unwrap();
         assert!(matches!(s.write(2, 10, b"x"), Err(StoreError::Gap { .. })));
-        assert!(matches!(s.write(1, 0, b"x"), Err(StoreError::OldTimeline { .. })));
+        assert!(matches!(
+            s.write(1, 0, b"x"),
+            Err(StoreError::OldTimeline { .. })
+        ));
         // Overlap (re-sent after a reconnect) is fine.
         s.write(2, 0, b"abcdef").unwrap();
         s.write(2, 3, b"def").unwrap();
@@ -467,7 +473,11 @@ mod tests {
         let old = s.read_file(&segment_name(1, 1, SEG)).unwrap().unwrap();
         assert_eq!(old[199], 1);
         assert_eq!(old[200], 0, "truncated past the fork point");
-        assert_eq!(s.end(), SEG, "the new timeline's segment is re-sent from its start");
+        assert_eq!(
+            s.end(),
+            SEG,
+            "the new timeline's segment is re-sent from its start"
+        );
         s.write(2, SEG, &vec![2u8; 400]).unwrap();
         assert_eq!(s.flush().unwrap(), SEG + 400);
         assert_eq!(s.history(), &[(1, SEG + 200)]);
@@ -483,7 +493,8 @@ mod tests {
         let mut s = WalStore::open(d.path()).unwrap();
         s.begin(1, 0, SEG).unwrap();
         s.write(1, 0, b"hello").unwrap();
-        s.put_history("00000002.history", b"1\t0/5\tno reason\n").unwrap();
+        s.put_history("00000002.history", b"1\t0/5\tno reason\n")
+            .unwrap();
         assert_eq!(
             s.read_file("00000002.history").unwrap().unwrap(),
             b"1\t0/5\tno reason\n"
