@@ -62,6 +62,7 @@ use ha_common::config::{ClusterConfig, DnGroup, Instance, Role};
 use ha_common::proto::cm::{InstanceReport, MemberRole, OrderKind};
 
 use crate::reports::Reports;
+use crate::secondary;
 use crate::state::{AssignedRole, ClusterState};
 
 /// The status note key of the GTM pair (DN groups use their name).
@@ -75,6 +76,9 @@ pub struct Memory {
     pub healthy_at: HashMap<String, Instant>,
     /// Instances last seen responding as primary.
     pub seen_as_primary: HashSet<String>,
+    /// Per DN group: the standby's last flush LSN its primary showed (where a
+    /// secondary must start from when the standby is lost).
+    pub standby_flush: HashMap<String, u64>,
 }
 
 /// One order to send (the term is the plan's state's term).
@@ -308,6 +312,7 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
                 cx.next.last_sync_standby.remove(&g.name);
             }
         }
+        secondary_while_healthy(cx, g, &p.name, rep, standby);
         // Former primaries (assigned standby, still or again primary): DEMOTE.
         for m in &g.members {
             if m.name == p.name || state.role_of(&m.name) != Some(AssignedRole::Standby) {
@@ -365,7 +370,31 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
         );
         return;
     };
-    if let Some(reason) = unsafe_candidate(cx, g, s) {
+    let sec_name = s_name_of_secondary(g);
+    let sec_latest = cx.input.reports.latest(&sec_name).map(|o| o.report.clone());
+    let sec_fresh = cx.fresh(&sec_name).cloned();
+    let s_fresh = cx.fresh(&s.name).cloned();
+    let gate = secondary::before_promote(
+        &mut cx.next,
+        g,
+        &p.name,
+        &s.name,
+        sec_latest.as_ref(),
+        sec_fresh.as_ref(),
+        s_fresh.as_ref(),
+    );
+    let problem = match &gate {
+        secondary::Gate::Wait(why) => Some(match unsafe_candidate(cx, g, s) {
+            Some(usual) => format!("{usual}; {why}"),
+            None => why.clone(),
+        }),
+        // The fenced secondary's WAL, replayed by the standby, covers what was acknowledged.
+        secondary::Gate::CaughtUp { .. } => {
+            liveness_problem(cx.input.state, cx.fresh(&s.name), &s.name)
+        }
+        secondary::Gate::Usual => unsafe_candidate(cx, g, s),
+    };
+    if let Some(reason) = problem {
         cx.note(
             &g.name,
             format!(
@@ -377,6 +406,7 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
     }
     cx.swap_roles(&p.name, &s.name);
     cx.next.last_sync_standby.remove(&g.name);
+    secondary::after_promote(&mut cx.next, g, &s.name, &gate, s_fresh.as_ref());
     cx.order(&s.name, OrderKind::Promote);
     cx.note(
         &g.name,
@@ -385,6 +415,47 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
             p.name, s.name, cx.next.term
         ),
     );
+}
+
+/// The group's secondary rules while its primary `p` is healthy (see
+/// [`crate::secondary`]).
+fn secondary_while_healthy(
+    cx: &mut Ctx<'_>,
+    g: &DnGroup,
+    p: &str,
+    rep: &InstanceReport,
+    standby: Option<&Instance>,
+) {
+    if let Some(s) = standby {
+        let f = secondary::standby_flush(rep, &s.name);
+        if f != 0 {
+            cx.plan.memory.standby_flush.insert(g.name.clone(), f);
+        }
+    }
+    let last = cx
+        .plan
+        .memory
+        .standby_flush
+        .get(&g.name)
+        .copied()
+        .unwrap_or(0);
+    if let Some(note) = secondary::while_primary_healthy(
+        &mut cx.next,
+        g,
+        p,
+        rep,
+        standby.map(|s| s.name.as_str()),
+        last,
+    ) {
+        cx.note(&g.name, note);
+    }
+}
+
+/// The name of the group's secondary ("" if none).
+fn s_name_of_secondary(g: &DnGroup) -> String {
+    secondary::secondary_of(g)
+        .map(|m| m.name.clone())
+        .unwrap_or_default()
 }
 
 /// Whether a report says the agent is (re)starting a process that is not up yet.

@@ -9,6 +9,7 @@ pub mod operations;
 pub mod order_book;
 pub mod pair;
 pub mod reports;
+pub mod secondary;
 pub mod service;
 pub mod state;
 pub mod status;

@@ -107,6 +107,24 @@ pub struct ClusterState {
     /// replicas, and a new CMServer primary must know it too, so it is durable.
     #[serde(default)]
     pub last_sync_standby: BTreeMap<String, String>,
+    /// Per DN group: what its secondary (dn_replicator) must do (see
+    /// [`crate::secondary`]); absent = idle. Durable: after a CMServer failover the
+    /// new primary must not let a fenced secondary stream from an old primary again.
+    #[serde(default)]
+    pub secondary: BTreeMap<String, SecondaryPlan>,
+}
+
+/// What a DN group's secondary is told to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum SecondaryPlan {
+    /// Connected to nobody, holding nothing.
+    Idle,
+    /// The synchronous partner of `upstream` (the group's primary), keeping WAL from
+    /// no later than `start_lsn`.
+    Stream { upstream: String, start_lsn: u64 },
+    /// Fenced: cut from every upstream, keeping its WAL for a standby's catch-up.
+    Hold,
 }
 
 impl ClusterState {
@@ -116,6 +134,7 @@ impl ClusterState {
             term: Term(1),
             instances: BTreeMap::new(),
             last_sync_standby: BTreeMap::new(),
+            secondary: BTreeMap::new(),
         };
         s.reconcile(cfg);
         s
