@@ -14,7 +14,16 @@ use ha_common::proto::replicator::{ReplicatorState, StatusRequest, StopOrder, St
 use ha_common::ClusterConfig;
 use mpp_ha_tests::{bin, local_config_text, run_bin, wait_for, write_config, Proc, TestDir};
 
-const PORT_BASE: u16 = 11000;
+/// The config's layout at base 10000, but dn1_h1 and dn1_h3 (the only two ports
+/// this test listens on) moved to 10901/10903: above what a cluster at base 10000
+/// uses, so this test runs beside `cluster_secondary`.
+const PORT_BASE: u16 = 10000;
+
+fn config_text(dir: &TestDir) -> String {
+    local_config_text(PORT_BASE, dir.path())
+        .replace("port = 10101\n", "port = 10901\n")
+        .replace("port = 10103\n", "port = 10903\n")
+}
 const PROBE: Duration = Duration::from_secs(5);
 
 struct StopOnDrop(PgInstance);
@@ -61,7 +70,7 @@ async fn current_lsn(c: &tokio_postgres::Client) -> Result<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicator_streams_as_the_synchronous_partner_and_is_fenced_by_term() -> Result<()> {
     let dir = TestDir::new("replicator-stream");
-    let path = write_config(&dir, &local_config_text(PORT_BASE, dir.path()));
+    let path = write_config(&dir, &config_text(&dir));
     let cfg = ClusterConfig::load(&path)?;
     let user = OsUser::resolve(&cfg.cluster.os_user)?;
     let group = cfg
@@ -75,6 +84,7 @@ async fn replicator_streams_as_the_synchronous_partner_and_is_fenced_by_term() -
     primary.configure(&PgSettings::for_member(&cfg, group, "dn1_h1", None)?)?;
     primary.start().await?;
     let sec_port = cfg.find("dn1_h3").context("dn1_h3")?.instance.port();
+    assert_eq!((primary.port, sec_port), (10901, 10903));
     let cfg_s = path.display().to_string();
     let args = ["serve", "--config", &cfg_s, "--node", "dn1_h3"];
     let mut rep = Proc::spawn("dn1_h3", &bin("dn_replicator"), &args, dir.path())?;
