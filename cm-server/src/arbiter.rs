@@ -374,15 +374,21 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup) {
     let sec_latest = cx.input.reports.latest(&sec_name).map(|o| o.report.clone());
     let sec_fresh = cx.fresh(&sec_name).cloned();
     let s_fresh = cx.fresh(&s.name).cloned();
-    let gate = secondary::before_promote(
-        &mut cx.next,
-        g,
-        &p.name,
-        &s.name,
-        sec_latest.as_ref(),
-        sec_fresh.as_ref(),
-        s_fresh.as_ref(),
-    );
+    // A standby that cannot be promoted anyway (silent, down, held stopped) does not
+    // fence the secondary: that would only cost the running group its second copy.
+    let gate = if liveness_problem(cx.input.state, s_fresh.as_ref(), &s.name).is_some() {
+        secondary::Gate::Usual
+    } else {
+        secondary::before_promote(
+            &mut cx.next,
+            g,
+            &p.name,
+            &s.name,
+            sec_latest.as_ref(),
+            sec_fresh.as_ref(),
+            s_fresh.as_ref(),
+        )
+    };
     let problem = match &gate {
         secondary::Gate::Wait(why) => Some(match unsafe_candidate(cx, g, s) {
             Some(usual) => format!("{usual}; {why}"),
@@ -785,6 +791,97 @@ mod tests {
 
     fn has(p: &Plan, name: &str, kind: OrderKind) -> bool {
         orders(p).contains(&(name.to_owned(), kind))
+    }
+
+    fn secondary_report(state: &str, term: u64, flush: u64) -> InstanceReport {
+        let mut r = dn("dn1_h3", MemberRole::Secondary);
+        r.kind = Kind::DnSecondary as i32;
+        r.secondary = Some(ha_common::proto::cm::SecondaryFacts {
+            state: state.into(),
+            term,
+            flush_lsn: flush,
+            bytes_kept: u64::from(flush > 0) * 1000,
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn a_lost_standby_starts_the_secondary_and_an_unpromotable_one_does_not_fence_it() {
+        use crate::state::SecondaryPlan;
+        let mut w = World::new();
+        let mut p = dn1_primary();
+        p.replicas.clear(); // the standby is gone
+        p.current_lsn = 0x5000000;
+        w.report("h1", vec![p], w.t0);
+        w.tick(w.t0);
+        assert_eq!(
+            w.state.secondary["dn1"],
+            SecondaryPlan::Stream {
+                upstream: "dn1_h1".into(),
+                start_lsn: 0x5000000
+            }
+        );
+        // The primary goes silent too, the standby's agent is silent: no promotion
+        // possible, so the secondary keeps streaming (no pointless fence).
+        let plan = w.tick(w.at(5000));
+        assert!(plan.orders.is_empty());
+        assert!(matches!(
+            w.state.secondary["dn1"],
+            SecondaryPlan::Stream { .. }
+        ));
+    }
+
+    #[test]
+    fn the_standby_catches_up_from_the_fenced_secondary_then_is_promoted() {
+        use crate::state::SecondaryPlan;
+        let mut w = World::new();
+        let mut p = dn1_primary();
+        p.replicas = vec![sync_row("dn1_h3")]; // the secondary carries the commits
+        w.report("h1", vec![p], w.t0);
+        w.report(
+            "h3",
+            vec![secondary_report("streaming", 1, 0x4000000)],
+            w.t0,
+        );
+        w.tick(w.t0);
+        assert_eq!(w.state.last_sync_standby["dn1"], "dn1_h3");
+        // The primary is lost; the standby is started again (behind).
+        let at = w.at(5000);
+        let mut sb = dn("dn1_h2", MemberRole::Standby);
+        sb.replay_lsn = 0x1000000;
+        w.report("h2", vec![sb.clone()], at);
+        w.report("h3", vec![secondary_report("streaming", 1, 0x5000000)], at);
+        let plan = w.tick(at);
+        assert!(plan.orders.is_empty(), "fence first: {:?}", plan.orders);
+        assert_eq!(w.state.secondary["dn1"], SecondaryPlan::Hold);
+        // Fenced, but the standby lacks part of the secondary's WAL: wait.
+        let at = w.at(6000);
+        w.report("h2", vec![sb.clone()], at);
+        w.report("h3", vec![secondary_report("holding", 1, 0x5000000)], at);
+        let plan = w.tick(at);
+        assert!(plan.orders.is_empty());
+        assert!(
+            plan.notes["dn1"].contains("catching up"),
+            "{:?}",
+            plan.notes
+        );
+        // It replayed everything the secondary kept: promoted, and the secondary
+        // becomes the new primary's synchronous partner.
+        let at = w.at(7000);
+        sb.replay_lsn = 0x5000000;
+        w.report("h2", vec![sb], at);
+        w.report("h3", vec![secondary_report("holding", 1, 0x5000000)], at);
+        let plan = w.tick(at);
+        assert!(has(&plan, "dn1_h2", OrderKind::Promote), "{:?}", plan.notes);
+        assert_eq!(w.state.term, Term(2));
+        assert_eq!(
+            w.state.secondary["dn1"],
+            SecondaryPlan::Stream {
+                upstream: "dn1_h2".into(),
+                start_lsn: 0x5000000
+            }
+        );
     }
 
     #[test]
