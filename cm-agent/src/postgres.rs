@@ -100,8 +100,10 @@ pub fn restore_from_secondary(cfg: &ClusterConfig, group: &DnGroup) -> Option<St
         .members
         .iter()
         .find(|m| m.role() == Some(Role::Secondary))?;
+    // `|| exit 1`: a missing binary (shell status 127) or any failure must read as "not
+    // available" to recovery, which treats 127 and above as fatal.
     Some(format!(
-        "{} restore-wal --from {} %f %p",
+        "{} restore-wal --from {} %f %p || exit 1",
         cfg.bin_dir().join("dn_replicator").display(),
         cfg.endpoint(sec)
     ))
@@ -811,7 +813,7 @@ mod tests {
         );
         assert!(text.contains("port = 6502"), "{text}");
         assert!(
-            text.contains("dn_replicator restore-wal --from 127.0.0.1:6503 %f %p'"),
+            text.contains("dn_replicator restore-wal --from 127.0.0.1:6503 %f %p || exit 1'"),
             "the standby fetches what it lacks from the secondary: {text}"
         );
         let p = PgSettings::for_member(&cfg, group(&cfg, "dn1"), "dn1_h1", None).unwrap();

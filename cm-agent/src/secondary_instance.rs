@@ -375,6 +375,29 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn missing_binary_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../../configs/local.toml")
+            .replace(
+                "base_dir = \"/tmp/mpp-ha\"",
+                &format!("base_dir = {:?}", dir.path().display().to_string()),
+            )
+            .replace(
+                "# bin_dir = \"/usr/local/bin\"",
+                &format!(
+                    "bin_dir = {:?}",
+                    dir.path().join("nobin").display().to_string()
+                ),
+            );
+        let cfg = ClusterConfig::parse(&text, Path::new("t.toml")).unwrap();
+        let mut s = SecondaryInstance::from_config(&cfg, "dn1_h3", Path::new("t.toml")).unwrap();
+        let e = s.start().await.unwrap_err().to_string();
+        assert!(e.contains("dn_replicator binary not found"), "{e}");
+        assert!(s.pid().is_none());
+        assert_eq!(s.url, "http://127.0.0.1:6503");
+    }
+
     #[test]
     fn describes_what_it_does() {
         let mut s = status(ReplicatorState::Streaming, 3, "dn1_h1", 3 << 20);
