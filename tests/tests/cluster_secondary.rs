@@ -138,8 +138,8 @@ async fn secondary_carries_commits_while_the_standby_is_away_and_serves_its_catc
     .await?;
     // The standby starts again with no primary to stream from: it must fetch what it
     // lacks from the secondary before the CMServer promotes it.
-    cm_ctl_ok(&c, &["start", "--instance", "dn1_h2"])?;
     let t = Instant::now();
+    cm_ctl_ok(&c, &["start", "--instance", "dn1_h2"])?;
     wait_layout(
         &c,
         &[("dn1_h2", "primary", "normal")],
@@ -147,7 +147,7 @@ async fn secondary_carries_commits_while_the_standby_is_away_and_serves_its_catc
     )
     .await?;
     eprintln!(
-        "standby started -> promoted after catching up from the secondary: {:.1} s",
+        "`cm_ctl start` of the standby -> promoted after catching up from the secondary: {:.1} s",
         t.elapsed().as_secs_f64()
     );
     assert_eq!(
