@@ -1,7 +1,12 @@
 //! Compiles `proto/*.proto` with protox, so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/gtm.proto", "proto/cm.proto", "proto/cn.proto"];
+    let protos = [
+        "proto/gtm.proto",
+        "proto/cm.proto",
+        "proto/cn.proto",
+        "proto/replicator.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -5,10 +5,11 @@
 //! then repeats: lose the host of dn1's primary (kill -9 its agent, its postmasters and
 //! its GTM), and time
 //!   * kill → the promoted standby commits (with `synchronous_commit = local`: the new
-//!     primary is writable; a two-copy commit needs a synchronous partner, which until
-//!     the dn_replicator secondary exists is the old primary rejoining), and
-//!   * kill → the first two-copy (synchronous) commit, when the lost host comes back at
-//!     once (`cm_ctl local up` restarts its agent; the old primary is rewound and rejoins).
+//!     primary is writable), and
+//!   * kill → the first two-copy (synchronous) commit on the new primary while the lost
+//!     host is still down: its synchronous partner is the group's secondary
+//!     (dn_replicator). Then the host comes back (`cm_ctl local up` restarts its agent;
+//!     the old primary is rewound and rejoins, the secondary goes idle) before the next run.
 //!
 //! It also freezes dn1's primary (SIGSTOP of the postmaster and its children: a hung
 //! primary, which Patroni does not fail over at all) and times kill → the standby
@@ -119,6 +120,11 @@ fn lose_host(cluster: &LocalCluster, host: &str) -> Result<Instant> {
         if let Some(pid) = cluster.gtm_pid(name).filter(|&p| pid_alive(p)) {
             pids.push(pid);
         }
+        let replicator = cluster.base_dir().join(format!("{name}.replicator.pid"));
+        if let Some(pid) = ha_common::process::read_pid_file(&replicator).filter(|&p| pid_alive(p))
+        {
+            pids.push(pid);
+        }
     }
     let t0 = Instant::now();
     for pid in pids {
@@ -175,6 +181,12 @@ async fn one_freeze(cluster: &LocalCluster) -> Result<Duration> {
     signal_all(&family, nix::sys::signal::Signal::SIGCONT);
     let writable = writable?;
     // The cluster repairs itself: the resumed old primary is demoted and rejoins.
+    wait_dn1_normal(cluster).await?;
+    Ok(writable - t0)
+}
+
+/// Waits until dn1 is normal again (the standby synchronous).
+async fn wait_dn1_normal(cluster: &LocalCluster) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let normal = cluster.status().ok().is_some_and(|s| {
@@ -187,11 +199,11 @@ async fn one_freeze(cluster: &LocalCluster) -> Result<Duration> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("dn1 did not return to normal after the freeze");
+            bail!("dn1 did not return to normal");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(writable - t0)
+    Ok(())
 }
 
 struct Run {
@@ -214,14 +226,17 @@ async fn one_failover(cluster: &LocalCluster) -> Result<Run> {
         .ok_or_else(|| anyhow!("{primary} not in config"))?;
     let t0 = lose_host(cluster, &host)?;
     let deadline = t0 + Duration::from_secs(90);
-    let durable = tokio::spawn(first_commit(sport, false, deadline));
-    let writable = first_commit(sport, true, deadline).await?;
-    // The lost host comes back at once: its agent restarts, the old primary rejoins.
+    let writable = tokio::spawn(first_commit(sport, true, deadline));
+    // The host stays down: the two copies are the new primary and the secondary.
+    let durable = first_commit(sport, false, deadline).await?;
+    let writable = writable.await.context("writable probe")??;
+    // The lost host comes back: its agent restarts, the old primary rejoins, and the
+    // group is normal again (secondary idle) before the next run.
     let up = cluster.cm_ctl(&["local", "up", "--timeout", "120"]);
     if !up.success {
         bail!("local up after the failover failed: {}", up.stderr.trim());
     }
-    let durable = durable.await.context("durable probe")??;
+    wait_dn1_normal(cluster).await?;
     Ok(Run {
         writable: writable - t0,
         durable: durable - t0,
@@ -346,7 +361,10 @@ async fn profile(p: &Profile, runs: usize, port_base: u16) -> Result<()> {
     );
     println!(
         "{}",
-        summary("  host loss: kill -> two-copy commit (host back)", durable)
+        summary(
+            "  host loss: kill -> two-copy commit (host still down; the secondary is the partner)",
+            durable
+        )
     );
     println!(
         "{}",

@@ -12,6 +12,7 @@ pub mod os_user;
 pub mod postgres;
 pub mod process;
 pub mod report;
+pub mod secondary_instance;
 pub mod supervisor;
 
 pub use agent::{run, AgentOptions};

@@ -41,6 +41,9 @@ pub struct PgSettings {
     pub sync_standbys: Vec<String>,
     /// Some for a standby: its primary.
     pub upstream: Option<Upstream>,
+    /// A standby's `restore_command`: fetch WAL from the group's secondary (what it
+    /// lacks when its primary is gone, the partial last segment included).
+    pub restore_command: Option<String>,
 }
 
 impl PgSettings {
@@ -66,6 +69,9 @@ impl PgSettings {
             listen_address: cfg.address_of(me).to_owned(),
             port: me.port(),
             sync_standbys: sync_standby_order(group, instance),
+            restore_command: upstream
+                .as_ref()
+                .and_then(|_| restore_from_secondary(cfg, group)),
             upstream,
         })
     }
@@ -86,6 +92,21 @@ pub fn sync_standby_order(group: &DnGroup, me: &str) -> Vec<String> {
         .chain(others().filter(|m| m.role() == Some(Role::Secondary)))
         .map(|m| m.name.clone())
         .collect()
+}
+
+/// `dn_replicator restore-wal` from the group's secondary, if it has one.
+pub fn restore_from_secondary(cfg: &ClusterConfig, group: &DnGroup) -> Option<String> {
+    let sec = group
+        .members
+        .iter()
+        .find(|m| m.role() == Some(Role::Secondary))?;
+    // `|| exit 1`: a missing binary (shell status 127) or any failure must read as "not
+    // available" to recovery, which treats 127 and above as fatal.
+    Some(format!(
+        "{} restore-wal --from {} %f %p || exit 1",
+        cfg.bin_dir().join("dn_replicator").display(),
+        cfg.endpoint(sec)
+    ))
 }
 
 /// Quotes a value for postgresql.conf.
@@ -142,6 +163,9 @@ pub fn render_settings(s: &PgSettings) -> String {
             "primary_conninfo = {}\nrecovery_target_timeline = 'latest'\n",
             conf_quote(&primary_conninfo(up, &s.instance))
         ));
+        if let Some(rc) = &s.restore_command {
+            out.push_str(&format!("restore_command = {}\n", conf_quote(rc)));
+        }
     }
     out
 }
@@ -986,6 +1010,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("port = 6502"), "{text}");
+        assert!(
+            text.contains("dn_replicator restore-wal --from 127.0.0.1:6503 %f %p || exit 1'"),
+            "the standby fetches what it lacks from the secondary: {text}"
+        );
+        let p = PgSettings::for_member(&cfg, group(&cfg, "dn1"), "dn1_h1", None).unwrap();
+        assert!(!render_settings(&p).contains("restore_command"));
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::gtm_instance::{self, GtmInstance};
 use crate::lifecycle::{Lifecycle, LifecycleEvent, LifecycleState};
 use crate::os_user::OsUser;
 use crate::postgres::{PgInstance, PgSettings, Upstream};
+use crate::secondary_instance::{self, SecondaryInstance};
+use ha_common::proto::replicator::ReplicatorStatus;
 
 /// What the CMServer wants of one instance, with the term of the reply it came in.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +36,13 @@ pub enum Managed {
         group: DnGroup,
     },
     Gtm(GtmInstance),
-    /// CN and DN secondary: their binaries are not implemented yet.
+    /// DN secondary: `dn_replicator serve`, its last status (for relaying orders).
+    Secondary {
+        inst: SecondaryInstance,
+        group: String,
+        last: Option<ReplicatorStatus>,
+    },
+    /// CN: its binary is not implemented yet.
     Unsupported {
         reason: String,
     },
@@ -129,8 +137,10 @@ impl InstanceSupervisor {
         let (kind, managed) = match (r.kind, config_role) {
             (ConfigKind::DnMember, Some(Role::Secondary)) => (
                 InstanceKind::DnSecondary,
-                Managed::Unsupported {
-                    reason: "DN secondary (dn_replicator) not implemented yet".into(),
+                Managed::Secondary {
+                    inst: SecondaryInstance::from_config(&cfg, &name, config_path)?,
+                    group: r.group.map(|g| g.name.clone()).unwrap_or_default(),
+                    last: None,
                 },
             ),
             (ConfigKind::DnMember, _) => {
@@ -246,6 +256,7 @@ impl InstanceSupervisor {
         match &mut self.managed {
             Managed::Postgres { pg, .. } => pg.postmaster_pid(),
             Managed::Gtm(g) => g.pid(),
+            Managed::Secondary { inst, .. } => inst.pid(),
             Managed::Unsupported { .. } => None,
         }
     }
@@ -306,6 +317,7 @@ impl InstanceSupervisor {
             if let Err(e) = self.sync_running_config().await {
                 tracing::warn!(instance = %self.name, "reconfiguring: {e}");
             }
+            self.relay_secondary_order().await;
             return;
         }
         if !self.lifecycle.backoff.ready(Instant::now()) {
@@ -331,6 +343,15 @@ impl InstanceSupervisor {
                 self.event(LifecycleEvent::StartRequested);
                 if let Managed::Gtm(g) = &mut self.managed {
                     g.start().await?;
+                }
+                self.started();
+                Ok(())
+            }
+            Managed::Secondary { .. } => {
+                self.event(LifecycleEvent::StartRequested);
+                if let Managed::Secondary { inst, last, .. } = &mut self.managed {
+                    *last = None;
+                    inst.start().await?;
                 }
                 self.started();
                 Ok(())
@@ -410,6 +431,7 @@ impl InstanceSupervisor {
         match &mut self.managed {
             Managed::Postgres { pg, .. } => pg.stop().await,
             Managed::Gtm(g) => g.stop(GTM_STOP_GRACE).await,
+            Managed::Secondary { inst, .. } => inst.stop(GTM_STOP_GRACE).await,
             Managed::Unsupported { .. } => Ok(()),
         }
     }
@@ -440,6 +462,38 @@ impl InstanceSupervisor {
             pg.reload().await?;
         }
         Ok(())
+    }
+
+    /// A running secondary gets the CMServer's secondary assignment as a Replicator
+    /// order (in the assignment's term) when its last status differs from it.
+    async fn relay_secondary_order(&mut self) {
+        let Some(d) = self.desired.clone() else {
+            return;
+        };
+        let timeout = self.probe_timeout;
+        let Managed::Secondary { inst, last, .. } = &mut self.managed else {
+            return;
+        };
+        let current = match last.clone() {
+            Some(s) => s,
+            None => match inst.probe(timeout).await {
+                Ok(s) => s,
+                Err(_) => return, // not answering yet: the next tick tries again
+            },
+        };
+        match inst.relay(d.term, &d.assignment, &current, timeout).await {
+            Ok(Some(s)) => {
+                tracing::info!(instance = %self.name, term = d.term, "secondary: {}", secondary_instance::describe(&s));
+                *last = Some(s);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // Refused (older term) or unreachable: probe afresh next time.
+                *last = None;
+                tracing::warn!(instance = %self.name, "secondary order: {e}");
+                self.last_error = e.to_string();
+            }
+        }
     }
 
     fn base_report(&self) -> InstanceReport {
@@ -517,6 +571,23 @@ impl InstanceSupervisor {
                         r.flush_lsn = p.flush_lsn;
                         r.replay_lsn = p.replay_lsn;
                         r.replicas = p.replicas;
+                    }
+                    Err(e) => facts = e.to_string(),
+                }
+            }
+            Managed::Secondary { inst, .. } if pid.is_some() => {
+                match inst.probe(self.probe_timeout).await {
+                    Ok(st) => {
+                        self.observed_role = Some(Role::Secondary);
+                        r.responding = true;
+                        r.role = MemberRole::Secondary as i32;
+                        r.flush_lsn = st.flush_lsn;
+                        r.timeline = st.timeline;
+                        r.secondary = Some(secondary_instance::facts(&st));
+                        facts = secondary_instance::describe(&st);
+                        if let Managed::Secondary { last, .. } = &mut self.managed {
+                            *last = Some(st);
+                        }
                     }
                     Err(e) => facts = e.to_string(),
                 }
@@ -621,6 +692,7 @@ mod tests {
                 role: role as i32,
                 primary_address: addr.into(),
                 primary_port: port,
+                ..Assignment::default()
             },
         })
     }
@@ -702,7 +774,8 @@ mod tests {
             r.last_error
         );
         let r = sup("dn1_h3").observe().await;
-        assert!(r.unsupported);
+        assert!(!r.unsupported, "the secondary is supervised");
+        assert!(!r.process_alive);
         assert_eq!(r.role, MemberRole::Secondary as i32);
         assert_eq!(r.kind, InstanceKind::DnSecondary as i32);
     }

@@ -69,6 +69,7 @@ use ha_common::config::{ClusterConfig, DnGroup, Instance, Role};
 use ha_common::proto::cm::{GtmFacts, InstanceReport, MemberRole, OrderKind};
 
 use crate::reports::Reports;
+use crate::secondary;
 use crate::state::{AssignedRole, ClusterState, GtmAlone};
 
 /// The status note key of the GTM pair (DN groups use their name).
@@ -82,6 +83,9 @@ pub struct Memory {
     pub healthy_at: HashMap<String, Instant>,
     /// Instances last seen responding as primary.
     pub seen_as_primary: HashSet<String>,
+    /// Per DN group: the standby's last flush LSN its primary showed (where a
+    /// secondary must start from when the standby is lost).
+    pub standby_flush: HashMap<String, u64>,
 }
 
 /// The CMServer's own successful probe of an instance whose agent is silent: when it
@@ -372,6 +376,9 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
                 cx.next.last_sync_standby.remove(&g.name);
             }
         }
+        // The secondary follows the standby's health even while an operation runs on
+        // the group (a standby being rebuilt is not in sync: commits need the secondary).
+        secondary_while_healthy(cx, g, &p.name, rep, standby);
         if busy {
             return;
         }
@@ -432,7 +439,37 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
         );
         return;
     };
-    if let Some(reason) = unsafe_candidate(cx, g, s) {
+    let sec_name = s_name_of_secondary(g);
+    let sec_latest = cx.input.reports.latest(&sec_name).map(|o| o.report.clone());
+    let sec_fresh = cx.fresh(&sec_name).cloned();
+    let s_fresh = cx.fresh(&s.name).cloned();
+    // A standby that cannot be promoted anyway (silent, down, held stopped) does not
+    // fence the secondary: that would only cost the running group its second copy.
+    let gate = if liveness_problem(cx.input.state, s_fresh.as_ref(), &s.name).is_some() {
+        secondary::Gate::Usual
+    } else {
+        secondary::before_promote(
+            &mut cx.next,
+            g,
+            &p.name,
+            &s.name,
+            sec_latest.as_ref(),
+            sec_fresh.as_ref(),
+            s_fresh.as_ref(),
+        )
+    };
+    let problem = match &gate {
+        secondary::Gate::Wait(why) => Some(match unsafe_candidate(cx, g, s) {
+            Some(usual) => format!("{usual}; {why}"),
+            None => why.clone(),
+        }),
+        // The fenced secondary's WAL, replayed by the standby, covers what was acknowledged.
+        secondary::Gate::CaughtUp { .. } => {
+            liveness_problem(cx.input.state, cx.fresh(&s.name), &s.name)
+        }
+        secondary::Gate::Usual => unsafe_candidate(cx, g, s),
+    };
+    if let Some(reason) = problem {
         cx.note(
             &g.name,
             format!(
@@ -447,6 +484,7 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
     if busy {
         cx.plan.preempted.insert(g.name.clone());
     }
+    secondary::after_promote(&mut cx.next, g, &s.name, &gate, s_fresh.as_ref());
     cx.order(&s.name, OrderKind::Promote);
     cx.note(
         &g.name,
@@ -455,6 +493,47 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
             p.name, s.name, cx.next.term
         ),
     );
+}
+
+/// The group's secondary rules while its primary `p` is healthy (see
+/// [`crate::secondary`]).
+fn secondary_while_healthy(
+    cx: &mut Ctx<'_>,
+    g: &DnGroup,
+    p: &str,
+    rep: &InstanceReport,
+    standby: Option<&Instance>,
+) {
+    if let Some(s) = standby {
+        let f = secondary::standby_flush(rep, &s.name);
+        if f != 0 {
+            cx.plan.memory.standby_flush.insert(g.name.clone(), f);
+        }
+    }
+    let last = cx
+        .plan
+        .memory
+        .standby_flush
+        .get(&g.name)
+        .copied()
+        .unwrap_or(0);
+    if let Some(note) = secondary::while_primary_healthy(
+        &mut cx.next,
+        g,
+        p,
+        rep,
+        standby.map(|s| s.name.as_str()),
+        last,
+    ) {
+        cx.note(&g.name, note);
+    }
+}
+
+/// The name of the group's secondary ("" if none).
+fn s_name_of_secondary(g: &DnGroup) -> String {
+    secondary::secondary_of(g)
+        .map(|m| m.name.clone())
+        .unwrap_or_default()
 }
 
 /// Whether a report says the agent is (re)starting a process that is not up yet.
@@ -865,6 +944,97 @@ mod tests {
 
     fn has(p: &Plan, name: &str, kind: OrderKind) -> bool {
         orders(p).contains(&(name.to_owned(), kind))
+    }
+
+    fn secondary_report(state: &str, term: u64, flush: u64) -> InstanceReport {
+        let mut r = dn("dn1_h3", MemberRole::Secondary);
+        r.kind = Kind::DnSecondary as i32;
+        r.secondary = Some(ha_common::proto::cm::SecondaryFacts {
+            state: state.into(),
+            term,
+            flush_lsn: flush,
+            bytes_kept: u64::from(flush > 0) * 1000,
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn a_lost_standby_starts_the_secondary_and_an_unpromotable_one_does_not_fence_it() {
+        use crate::state::SecondaryPlan;
+        let mut w = World::new();
+        let mut p = dn1_primary();
+        p.replicas.clear(); // the standby is gone
+        p.current_lsn = 0x5000000;
+        w.report("h1", vec![p], w.t0);
+        w.tick(w.t0);
+        assert_eq!(
+            w.state.secondary["dn1"],
+            SecondaryPlan::Stream {
+                upstream: "dn1_h1".into(),
+                start_lsn: 0x5000000
+            }
+        );
+        // The primary goes silent too, the standby's agent is silent: no promotion
+        // possible, so the secondary keeps streaming (no pointless fence).
+        let plan = w.tick(w.at(5000));
+        assert!(plan.orders.is_empty());
+        assert!(matches!(
+            w.state.secondary["dn1"],
+            SecondaryPlan::Stream { .. }
+        ));
+    }
+
+    #[test]
+    fn the_standby_catches_up_from_the_fenced_secondary_then_is_promoted() {
+        use crate::state::SecondaryPlan;
+        let mut w = World::new();
+        let mut p = dn1_primary();
+        p.replicas = vec![sync_row("dn1_h3")]; // the secondary carries the commits
+        w.report("h1", vec![p], w.t0);
+        w.report(
+            "h3",
+            vec![secondary_report("streaming", 1, 0x4000000)],
+            w.t0,
+        );
+        w.tick(w.t0);
+        assert_eq!(w.state.last_sync_standby["dn1"], "dn1_h3");
+        // The primary is lost; the standby is started again (behind).
+        let at = w.at(5000);
+        let mut sb = dn("dn1_h2", MemberRole::Standby);
+        sb.replay_lsn = 0x1000000;
+        w.report("h2", vec![sb.clone()], at);
+        w.report("h3", vec![secondary_report("streaming", 1, 0x5000000)], at);
+        let plan = w.tick(at);
+        assert!(plan.orders.is_empty(), "fence first: {:?}", plan.orders);
+        assert_eq!(w.state.secondary["dn1"], SecondaryPlan::Hold);
+        // Fenced, but the standby lacks part of the secondary's WAL: wait.
+        let at = w.at(6000);
+        w.report("h2", vec![sb.clone()], at);
+        w.report("h3", vec![secondary_report("holding", 1, 0x5000000)], at);
+        let plan = w.tick(at);
+        assert!(plan.orders.is_empty());
+        assert!(
+            plan.notes["dn1"].contains("catching up"),
+            "{:?}",
+            plan.notes
+        );
+        // It replayed everything the secondary kept: promoted, and the secondary
+        // becomes the new primary's synchronous partner.
+        let at = w.at(7000);
+        sb.replay_lsn = 0x5000000;
+        w.report("h2", vec![sb], at);
+        w.report("h3", vec![secondary_report("holding", 1, 0x5000000)], at);
+        let plan = w.tick(at);
+        assert!(has(&plan, "dn1_h2", OrderKind::Promote), "{:?}", plan.notes);
+        assert_eq!(w.state.term, Term(2));
+        assert_eq!(
+            w.state.secondary["dn1"],
+            SecondaryPlan::Stream {
+                upstream: "dn1_h2".into(),
+                start_lsn: 0x5000000
+            }
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use ha_common::config::{ClusterConfig, InstanceKind, InstanceRef};
 use ha_common::proto::cm::{Assignment, MemberRole};
 
-use crate::state::{AssignedRole, ClusterState};
+use crate::state::{AssignedRole, ClusterState, SecondaryPlan};
+use ha_common::proto::cm::SecondaryMode;
 
 /// The assignments for every agent-run instance on `host`.
 pub fn for_host(cfg: &ClusterConfig, state: &ClusterState, host: &str) -> Vec<Assignment> {
@@ -25,14 +26,45 @@ fn assignment(cfg: &ClusterConfig, state: &ClusterState, r: InstanceRef<'_>) -> 
         role: role.map_or(MemberRole::RoleUnspecified, AssignedRole::to_proto) as i32,
         primary_address: String::new(),
         primary_port: 0,
+        ..Assignment::default()
     };
-    if matches!(role, Some(AssignedRole::Standby | AssignedRole::Secondary)) {
+    if role == Some(AssignedRole::Secondary) {
+        secondary_assignment(cfg, state, r, &mut a);
+    } else if role == Some(AssignedRole::Standby) {
         if let Some(primary) = current_primary(cfg, state, r) {
             a.primary_address = cfg.address_of(primary).to_owned();
             a.primary_port = u32::from(primary.port());
         }
     }
     a
+}
+
+/// A secondary's mode and upstream from its group's [`SecondaryPlan`].
+fn secondary_assignment(
+    cfg: &ClusterConfig,
+    state: &ClusterState,
+    r: InstanceRef<'_>,
+    a: &mut Assignment,
+) {
+    let Some(g) = r.group else { return };
+    match state.secondary.get(&g.name) {
+        None | Some(SecondaryPlan::Idle) => a.set_secondary_mode(SecondaryMode::SecondaryIdle),
+        Some(SecondaryPlan::Hold) => a.set_secondary_mode(SecondaryMode::SecondaryHold),
+        Some(SecondaryPlan::Stream {
+            upstream,
+            start_lsn,
+        }) => {
+            let Some(up) = g.members.iter().find(|m| &m.name == upstream) else {
+                a.set_secondary_mode(SecondaryMode::SecondaryHold);
+                return;
+            };
+            a.set_secondary_mode(SecondaryMode::SecondaryStream);
+            a.secondary_upstream = upstream.clone();
+            a.secondary_start_lsn = *start_lsn;
+            a.primary_address = cfg.address_of(up).to_owned();
+            a.primary_port = u32::from(up.port());
+        }
+    }
 }
 
 /// The member that currently holds the primary role in `r`'s pair (GTM) or group (DN).
@@ -74,6 +106,36 @@ mod tests {
         assert_eq!(dn2_h2.primary_port, 0);
         assert_eq!(h2[0].primary_port, 7101, "GTM standby points at gtm1");
         assert_eq!(h2[1].role, MemberRole::RoleUnspecified as i32);
+    }
+
+    #[test]
+    fn the_secondary_is_told_its_plan() {
+        let cfg = local_config();
+        let mut state = ClusterState::initial(&cfg);
+        state.set_run(None, true).unwrap();
+        let sec = |state: &ClusterState| {
+            for_host(&cfg, state, "h3")
+                .into_iter()
+                .find(|a| a.instance == "dn1_h3")
+                .unwrap()
+        };
+        assert_eq!(sec(&state).secondary_mode(), SecondaryMode::SecondaryIdle);
+        state.secondary.insert(
+            "dn1".into(),
+            SecondaryPlan::Stream {
+                upstream: "dn1_h1".into(),
+                start_lsn: 0x3000000,
+            },
+        );
+        let a = sec(&state);
+        assert_eq!(a.secondary_mode(), SecondaryMode::SecondaryStream);
+        assert_eq!(
+            (a.secondary_upstream.as_str(), a.primary_port),
+            ("dn1_h1", 6501)
+        );
+        assert_eq!(a.secondary_start_lsn, 0x3000000);
+        state.secondary.insert("dn1".into(), SecondaryPlan::Hold);
+        assert_eq!(sec(&state).secondary_mode(), SecondaryMode::SecondaryHold);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod order_book;
 pub mod outside;
 pub mod pair;
 pub mod reports;
+pub mod secondary;
 pub mod service;
 pub mod state;
 pub mod status;

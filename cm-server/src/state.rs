@@ -125,6 +125,11 @@ pub struct ClusterState {
     /// its standby (see [`GtmAlone`]).
     #[serde(default)]
     pub gtm: GtmAlone,
+    /// Per DN group: what its secondary (dn_replicator) must do (see
+    /// [`crate::secondary`]); absent = idle. Durable: after a CMServer failover the
+    /// new primary must not let a fenced secondary stream from an old primary again.
+    #[serde(default)]
+    pub secondary: BTreeMap<String, SecondaryPlan>,
 }
 
 /// The GTM pair's run-alone record. A GTM primary running alone reserves blocks its
@@ -142,6 +147,19 @@ pub struct GtmAlone {
     pub primary_boundary: u64,
 }
 
+/// What a DN group's secondary is told to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum SecondaryPlan {
+    /// Connected to nobody, holding nothing.
+    Idle,
+    /// The synchronous partner of `upstream` (the group's primary), keeping WAL from
+    /// no later than `start_lsn`.
+    Stream { upstream: String, start_lsn: u64 },
+    /// Fenced: cut from every upstream, keeping its WAL for a standby's catch-up.
+    Hold,
+}
+
 impl ClusterState {
     /// A new cluster: term 1, the config's roles, nothing running until `cm_ctl start`.
     pub fn initial(cfg: &ClusterConfig) -> ClusterState {
@@ -152,6 +170,7 @@ impl ClusterState {
             instances: BTreeMap::new(),
             last_sync_standby: BTreeMap::new(),
             gtm: GtmAlone::default(),
+            secondary: BTreeMap::new(),
         };
         s.reconcile(cfg);
         s

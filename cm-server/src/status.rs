@@ -162,7 +162,9 @@ fn instance_status(input: &StatusInput<'_>, r: InstanceRef<'_>) -> InstanceStatu
     let (state, detail) = judge(input, r, rep);
     row.state = state.into();
     row.detail = detail;
-    if rep.process_alive && rep.responding && r.kind == InstanceKind::DnMember {
+    if let Some(f) = rep.secondary.as_ref().filter(|_| rep.responding) {
+        fill_secondary(input, r, f, &mut row);
+    } else if rep.process_alive && rep.responding && r.kind == InstanceKind::DnMember {
         fill_replication(input, r, rep, &mut row);
     } else if row.detail.is_empty() {
         row.detail = rep.detail.clone();
@@ -269,6 +271,39 @@ fn replica_row<'a>(primary: &'a InstanceReport, standby: &str) -> Option<&'a Rep
         .find(|r| r.application_name == standby)
 }
 
+/// A DN secondary: idle or streaming (from whom), flush LSN, bytes kept, and whether
+/// its primary counts it as the synchronous partner.
+fn fill_secondary(
+    input: &StatusInput<'_>,
+    r: InstanceRef<'_>,
+    f: &ha_common::proto::cm::SecondaryFacts,
+    row: &mut InstanceStatus,
+) {
+    let mut detail = match f.state.as_str() {
+        "streaming" if f.connected => format!("streaming from {}", f.upstream),
+        "streaming" => format!("connecting to {}", f.upstream),
+        other => other.to_owned(),
+    };
+    if f.state != "idle" || f.bytes_kept > 0 {
+        detail.push_str(&format!(
+            ", flush {}, {} bytes kept",
+            format_lsn(f.flush_lsn),
+            f.bytes_kept
+        ));
+    }
+    if f.flush_lsn != 0 {
+        row.lsn = format_lsn(f.flush_lsn);
+    }
+    row.detail = detail;
+    if let Some(prep) =
+        current_primary(input.cfg, input.state, r).and_then(|p| input.fresh(&p.name))
+    {
+        if let Some(rr) = replica_row(prep, &r.instance.name) {
+            row.sync_state = rr.sync_state.clone();
+        }
+    }
+}
+
 /// LSN, lag and sync state of a responding DN member.
 fn fill_replication(
     input: &StatusInput<'_>,
@@ -361,6 +396,15 @@ fn group_state(members: &[InstanceStatus]) -> (&'static str, String) {
         problems.push(format!(
             "standby {} is not synchronous (sync_state {sync})",
             s.name
+        ));
+    }
+    if let Some(sec) = members
+        .iter()
+        .find(|m| m.role == "secondary" && m.sync_state == "sync")
+    {
+        problems.push(format!(
+            "commits go on with two copies through the secondary {}",
+            sec.name
         ));
     }
     if problems.is_empty() {

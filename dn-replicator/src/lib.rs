@@ -1,2 +1,9 @@
 //! DN secondary (`dn_replicator`): WAL-only keeper and data-unit build channel.
-//! Not implemented yet: a later issue fills this crate.
+
+pub mod cli;
+pub mod node;
+pub mod pgproto;
+pub mod receiver;
+pub mod secondary;
+pub mod service;
+pub mod wal_store;

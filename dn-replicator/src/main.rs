@@ -1,6 +1,66 @@
-//! `dn_replicator`: not implemented yet. It exits with an error rather than pretend to work.
+//! The `dn_replicator` binary: parses the command line and hands over to the library.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dn_replicator",
+    about = "DN secondary: keeps a DN group's WAL (a synchronous partner that holds no data files)",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one secondary (gRPC control service on its configured port). Its WAL lives in
+    /// <base_dir>/<node>; it streams only when the CMServer orders it to.
+    Serve {
+        /// Cluster config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// This secondary's member name (a [[dn_group.member]] with role = "secondary").
+        #[arg(long)]
+        node: String,
+        /// Overrides cluster.base_dir.
+        #[arg(long)]
+        base_dir: Option<PathBuf>,
+    },
+    /// Copy one WAL file from a secondary's store to PATH (usable as PostgreSQL's
+    /// `restore_command`, the partial last segment included). Exit 1 if it has no such file.
+    RestoreWal {
+        /// The secondary's control address (host:port).
+        #[arg(long)]
+        from: String,
+        /// WAL file name as PostgreSQL asks for it (%f).
+        file: String,
+        /// Where to write it (%p).
+        path: PathBuf,
+    },
+}
 
 fn main() -> std::process::ExitCode {
-    eprintln!("dn_replicator: the DN secondary is not implemented yet (a later issue builds it); refusing to start");
-    std::process::ExitCode::from(2)
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            node,
+            base_dir,
+        } => dn_replicator::cli::serve(&config, &node, base_dir.as_deref()),
+        Command::RestoreWal { from, file, path } => {
+            dn_replicator::cli::restore_wal(&from, &file, &path)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One clear line; the library's messages carry their causes.
+            eprintln!("dn_replicator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -27,4 +27,8 @@ pub mod proto {
     pub mod cn {
         tonic::include_proto!("mpp_ha.cn");
     }
+    /// DN secondary (dn_replicator): orders, status, WAL served for catch-up.
+    pub mod replicator {
+        tonic::include_proto!("mpp_ha.replicator");
+    }
 }

@@ -65,8 +65,15 @@ async fn cluster_local_up_replicates_and_local_down_leaves_nothing() -> Result<(
     }
     assert_eq!(member_state(&status, "cms1"), "normal");
     assert_eq!(status_member(&status, "cms2").unwrap()["role"], "standby");
-    for name in ["cn1", "dn1_h3"] {
-        assert_eq!(member_state(&status, name), "not_implemented");
+    assert_eq!(member_state(&status, "cn1"), "not_implemented");
+    // The DN secondaries run (dn_replicator) and report themselves.
+    for name in ["dn1_h3", "dn2_h1"] {
+        let m = status_member(&status, name).unwrap();
+        assert_eq!(
+            (m["role"].as_str(), m["state"].as_str()),
+            (Some("secondary"), Some("normal")),
+            "{m}"
+        );
     }
 
     let table = c.cm_ctl(&["status"]);

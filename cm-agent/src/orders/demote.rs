@@ -53,6 +53,9 @@ pub async fn apply(sup: &mut InstanceSupervisor, _order: &Order) -> Result<Strin
                 up.host, up.port
             ))
         }
+        Managed::Secondary { .. } => Err(AgentError::Instance(format!(
+            "{name}: a DN secondary is never demoted (it holds WAL only)"
+        ))),
         Managed::Unsupported { reason } => Err(AgentError::Instance(format!("{name}: {reason}"))),
     }
 }

@@ -51,6 +51,9 @@ pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String
                 crate::gtm_instance::describe(&s)
             ))
         }
+        Managed::Secondary { .. } => Err(AgentError::Instance(format!(
+            "{name}: a DN secondary is never promoted (it holds WAL only)"
+        ))),
         Managed::Unsupported { reason } => Err(AgentError::Instance(format!("{name}: {reason}"))),
     }
 }

@@ -1,0 +1,178 @@
+//! `dn_replicator serve`: the Replicator gRPC service on the member's configured port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use ha_common::config::{ClusterConfig, InstanceKind, Role};
+use ha_common::proto::replicator as pb;
+use pb::replicator_server::{Replicator, ReplicatorServer};
+use tonic::{Request, Response, Status};
+
+use crate::node::{Node, NodeError};
+use crate::receiver::Upstream;
+use crate::secondary::Order;
+
+/// Chunk size of ReadWal (below gRPC's default 4 MiB message limit).
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ha_common::ConfigError),
+    #[error("config {config}: {node:?} is not a DN member with role = \"secondary\"")]
+    NotSecondary { config: PathBuf, node: String },
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+struct Service {
+    node: Arc<Node>,
+}
+
+fn to_status(e: NodeError) -> Status {
+    match e {
+        NodeError::Refused(r) => Status::failed_precondition(r.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::WalChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Replicator for Service {
+    async fn stream(
+        &self,
+        req: Request<pb::StreamOrder>,
+    ) -> Result<Response<pb::ReplicatorStatus>, Status> {
+        let r = req.into_inner();
+        let port = u16::try_from(r.upstream_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("bad upstream port {}", r.upstream_port))
+            })?;
+        if r.upstream_host.is_empty() || r.upstream_name.is_empty() {
+            return Err(Status::invalid_argument(
+                "upstream name and host are required",
+            ));
+        }
+        let order = Order::Stream {
+            term: r.term,
+            upstream: Upstream {
+                name: r.upstream_name,
+                host: r.upstream_host,
+                port,
+            },
+            start_lsn: r.start_lsn,
+        };
+        self.node
+            .apply(order)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn stop(
+        &self,
+        req: Request<pb::StopOrder>,
+    ) -> Result<Response<pb::ReplicatorStatus>, Status> {
+        let r = req.into_inner();
+        let order = Order::Stop {
+            term: r.term,
+            discard: r.discard,
+        };
+        self.node
+            .apply(order)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::ReplicatorStatus>, Status> {
+        Ok(Response::new(self.node.status().await))
+    }
+
+    type ReadWalStream = ChunkStream;
+
+    async fn read_wal(
+        &self,
+        req: Request<pb::ReadWalRequest>,
+    ) -> Result<Response<Self::ReadWalStream>, Status> {
+        let name = req.into_inner().file_name;
+        let node = self.node.clone();
+        let data = tokio::task::spawn_blocking(move || node.read_wal(&name).map(|d| (name, d)))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (name, Some(data)) = data else {
+            return Err(Status::not_found(format!("{} is not kept here", data.0)));
+        };
+        tracing::info!(file = %name, bytes = data.len(), "serving WAL for catch-up");
+        let chunks: Vec<Result<pb::WalChunk, Status>> = data
+            .chunks(CHUNK)
+            .map(|c| Ok(pb::WalChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+}
+
+/// Runs secondary `node` of `config` until SIGINT/SIGTERM.
+pub async fn serve(
+    config: &std::path::Path,
+    node: &str,
+    base_dir: Option<PathBuf>,
+) -> Result<(), ServeError> {
+    let cfg = ClusterConfig::load(config)?.with_base_dir(base_dir);
+    let me = cfg
+        .find(node)
+        .filter(|r| r.kind == InstanceKind::DnMember && r.instance.role() == Some(Role::Secondary))
+        .ok_or_else(|| ServeError::NotSecondary {
+            config: config.to_owned(),
+            node: node.to_owned(),
+        })?
+        .instance
+        .clone();
+    let dir = cfg.instance_dir(&me.name);
+    let n = Arc::new(Node::open(&me.name, &dir)?);
+    let addr_text = format!("{}:{}", cfg.address_of(&me), me.port());
+    let addr: SocketAddr = tokio::net::lookup_host(&addr_text)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr_text.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ServeError::Bind {
+            addr: addr_text.clone(),
+            source: std::io::Error::other("no address"),
+        })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr_text.clone(),
+            source,
+        })?;
+    n.resume().await;
+    let st = n.status().await;
+    tracing::info!(node = %me.name, addr = %addr_text, dir = %dir.display(), term = st.term, state = ?st.state(), "dn_replicator serving");
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(ReplicatorServer::new(Service { node: n }))
+        .serve_with_incoming_shutdown(incoming, ha_common::shutdown::signal())
+        .await?;
+    tracing::info!("dn_replicator stopped");
+    Ok(())
+}
