@@ -1,2 +1,7 @@
-//! DN secondary (`dn_replicator`): WAL-only keeper and data-unit build channel.
-//! Not implemented yet: a later issue fills this crate.
+//! DN secondary (`dn_replicator`): WAL-only keeper and the 8 KiB data-unit build channel.
+
+pub mod build_sink;
+pub mod build_source;
+pub mod data_unit;
+pub mod framing;
+pub mod manifest;
