@@ -191,6 +191,15 @@ fn save_progress(cfg: &SinkConfig, p: Progress) -> Result<(), SinkError> {
     write_atomic(&path, &PROGRESS.seal(&p.to_bytes())).map_err(io("write", &path))
 }
 
+/// The saved progress of an interrupted build in `state_dir`: (session, data units
+/// durable, WAL durable up to). None when there is none or it cannot be read.
+pub fn saved_progress(state_dir: &Path) -> Option<(u64, u64, u64)> {
+    let path = state_dir.join("build.progress");
+    let bytes = fs::read(&path).ok()?;
+    let p = Progress::from_bytes(PROGRESS.open(&path, &bytes).ok()?)?;
+    Some((p.session, p.data_acked, p.wal_acked))
+}
+
 /// Runs a build into `cfg.data_dir`, resuming saved progress, reconnecting after lost
 /// connections for up to `retry_for`.
 pub async fn run(cfg: &SinkConfig) -> Result<SinkReport, SinkError> {

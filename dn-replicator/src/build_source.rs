@@ -41,6 +41,9 @@ pub struct SourceConfig {
     pub resume_window: Duration,
     /// How long the source waits for the first sink.
     pub first_wait: Duration,
+    /// Bytes per second of data units at most (None: as fast as it can), like
+    /// pg_basebackup's --max-rate: spares a busy primary's disks.
+    pub max_rate: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,7 @@ struct Session {
     sums: Arc<HashMap<u32, Vec<u32>>>,
     stop: Option<(u64, String, String)>,
     report: SourceReport,
+    max_rate: Option<u64>,
 }
 
 /// Binds the source's listener (port 0 picks a free port).
@@ -338,6 +342,7 @@ async fn start_session(cfg: &SourceConfig) -> Result<Session, SourceError> {
         segment_size: segment_size as u32,
         sums: Arc::new(HashMap::new()),
         stop: None,
+        max_rate: cfg.max_rate,
     })
 }
 
@@ -356,8 +361,11 @@ fn spawn_data_producer(
     from: u64,
     tx: mpsc::Sender<(Vec<u8>, u64, u64)>,
     stop: Arc<AtomicBool>,
+    max_rate: Option<u64>,
 ) {
     tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut shipped = 0u64;
         let mut open: Option<(u32, Option<File>)> = None;
         let mut offset = from;
         let units = manifest.units();
@@ -393,6 +401,13 @@ fn spawn_data_producer(
                 encode(&Message::Unit(unit), &mut batch);
                 sent += 1;
                 offset += 1;
+            }
+            shipped += batch.len() as u64;
+            if let Some(rate) = max_rate.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(shipped as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
             }
             if tx.blocking_send((batch, sent, same)).is_err() {
                 return;
@@ -517,6 +532,7 @@ async fn stream_session(
         }
     });
     let _reader_guard = AbortOnDrop(reader);
+    let max_rate = s.max_rate;
     let start_data = |from: u64| {
         let (tx, rx) = mpsc::channel(8);
         let stop = Arc::new(AtomicBool::new(false));
@@ -527,6 +543,7 @@ async fn stream_session(
             from,
             tx,
             stop.clone(),
+            max_rate,
         );
         (rx, StopOnDrop(stop))
     };

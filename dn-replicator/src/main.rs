@@ -43,6 +43,9 @@ enum Command {
         /// Seconds to keep the backup open for a sink that lost its connection.
         #[arg(long, default_value_t = 120)]
         resume_window: u64,
+        /// Ship data units at most this many MB/s (0: no limit), like pg_basebackup's --max-rate.
+        #[arg(long, default_value_t = 0)]
+        max_rate_mb: u64,
     },
     /// Build (or rebuild) a data dir from a build source; resumes from its saved
     /// progress after any interruption.
@@ -100,6 +103,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
             pg_port,
             pg_user,
             resume_window,
+            max_rate_mb,
         } => {
             let listener = build_source::bind(listen)
                 .await
@@ -115,6 +119,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
                 },
                 resume_window: Duration::from_secs(resume_window),
                 first_wait: Duration::from_secs(resume_window),
+                max_rate: (max_rate_mb > 0).then_some(max_rate_mb << 20),
             };
             let r = build_source::serve_one(&listener, &cfg).await?;
             println!(

@@ -192,10 +192,8 @@ fn excluded(rel: &str, is_dir: bool) -> bool {
             return true;
         }
         // WAL travels as WAL chunks; only timeline history files go as files.
-        if parent == "pg_wal"
-            && !(name.ends_with(".history") && !is_dir)
-            && name != "archive_status"
-        {
+        let history = !is_dir && name.ends_with(".history");
+        if parent == "pg_wal" && !history && name != "archive_status" {
             return true;
         }
         if parent == "pg_wal/archive_status" {
