@@ -189,6 +189,7 @@ mod tests {
                 ok: true,
                 message: "promoted".into(),
                 lsn: 0,
+                ..OrderOutcome::default()
             }],
             t0,
         );
