@@ -53,7 +53,8 @@ enum Command {
         /// The build source (host:port).
         #[arg(long)]
         source: String,
-        /// The data dir to build.
+        /// The data dir to build. A full build replaces its contents (refused while a
+        /// postmaster runs on it); --incremental keeps the blocks that match.
         #[arg(long)]
         data_dir: PathBuf,
         /// Where the progress files live (default: the data dir's parent).
