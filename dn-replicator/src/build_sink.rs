@@ -529,6 +529,8 @@ fn read_at_most(f: &File, buf: &mut [u8], at: u64) -> usize {
     done
 }
 
+type SyncJob = tokio::task::JoinHandle<Result<(), SinkError>>;
+
 /// Open files and what must be fsynced before the next acknowledgement.
 struct Writer<'a> {
     cfg: &'a SinkConfig,
@@ -673,6 +675,36 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
+    /// Hands everything written so far to a blocking fsync job, so that receiving goes
+    /// on while the disk flushes (the acknowledgement waits for the job).
+    fn begin_sync(&mut self) -> Result<SyncJob, SinkError> {
+        let dup = |f: &File| f.try_clone().map_err(io("dup", &self.cfg.data_dir));
+        let mut files = Vec::new();
+        for k in std::mem::take(&mut self.dirty) {
+            if let Some(f) = self.files.get(&k) {
+                files.push(dup(f)?);
+            }
+        }
+        files.append(&mut self.closed_dirty);
+        if self.wal_dirty {
+            if let Some((_, f)) = &self.wal {
+                files.push(dup(f)?);
+            }
+            self.wal_dirty = false;
+        }
+        let dirs: Vec<PathBuf> = self.dirty_dirs.drain().collect();
+        let data_dir = self.cfg.data_dir.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            for f in files {
+                f.sync_data().map_err(io("fsync", &data_dir))?;
+            }
+            for d in dirs {
+                ha_common::durable::fsync_dir(&d).map_err(io("fsync", &d))?;
+            }
+            Ok(())
+        }))
+    }
+
     /// Makes everything written so far durable.
     fn sync(&mut self) -> Result<(), SinkError> {
         for k in std::mem::take(&mut self.dirty) {
@@ -706,12 +738,30 @@ async fn receive(
     let mut waiting_resend = false;
     let mut unsynced = 0u64;
     let mut last_sync = Instant::now();
+    // The fsync in flight and the offsets it makes durable.
+    let mut inflight: Option<(SyncJob, u64, u64)> = None;
     loop {
         let msg = tokio::select! {
             m = frames.next() => m?,
+            r = async { (&mut inflight.as_mut().expect("guarded").0).await }, if inflight.is_some() => {
+                let (_, data, wal) = inflight.take().expect("guarded");
+                r.map_err(|e| SinkError::Refused(format!("fsync job: {e}")))??;
+                progress.data_acked = data;
+                progress.wal_acked = wal;
+                save_progress(cfg, *progress)?;
+                wr.write_all(&frame(&Message::Ack { data, wal }))
+                    .await
+                    .map_err(FrameError::Io)?;
+                if next_data == units && next_data != progress.data_acked {
+                    // Everything is here: the source waits for this to end the backup.
+                    inflight = Some((w.begin_sync()?, next_data, next_wal));
+                }
+                continue;
+            }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                if unsynced > 0 || next_data != progress.data_acked || next_wal != progress.wal_acked {
-                    ack(cfg, &mut w, progress, next_data, next_wal, wr).await?;
+                let behind = next_data != progress.data_acked || next_wal != progress.wal_acked;
+                if inflight.is_none() && behind {
+                    inflight = Some((w.begin_sync()?, next_data, next_wal));
                     unsynced = 0;
                     last_sync = Instant::now();
                 }
@@ -786,6 +836,10 @@ async fn receive(
                         "finish before everything arrived (unit {next_data} of {units}, WAL {next_wal:#x} of {stop_lsn:#x})"
                     )));
                 }
+                if let Some((job, _, _)) = inflight.take() {
+                    job.await
+                        .map_err(|e| SinkError::Refused(format!("fsync job: {e}")))??;
+                }
                 ack(cfg, &mut w, progress, next_data, next_wal, wr).await?;
                 finish(cfg, manifest, &backup_label, &tablespace_map)?;
                 wr.write_all(&frame(&Message::Ack {
@@ -803,11 +857,12 @@ async fn receive(
             }
             None => return Err(FrameError::Truncated(0).into()),
         }
-        if unsynced >= cfg.batch_bytes
-            || (next_data == units && next_data != progress.data_acked)
-            || last_sync.elapsed() > Duration::from_millis(500)
+        if inflight.is_none()
+            && (unsynced >= cfg.batch_bytes
+                || (next_data == units && next_data != progress.data_acked)
+                || last_sync.elapsed() > Duration::from_millis(500))
         {
-            ack(cfg, &mut w, progress, next_data, next_wal, wr).await?;
+            inflight = Some((w.begin_sync()?, next_data, next_wal));
             unsynced = 0;
             last_sync = Instant::now();
         }
