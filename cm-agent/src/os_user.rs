@@ -59,6 +59,11 @@ impl OsUser {
         OsUser { name, ids: None }
     }
 
+    /// The uid/gid files made for this user get (None: the agent's own).
+    pub fn ids(&self) -> Option<(u32, u32)> {
+        self.ids.map(|(u, g)| (u.as_raw(), g.as_raw()))
+    }
+
     /// Whether commands run under another uid than the agent's.
     pub fn switches(&self) -> bool {
         self.ids.is_some()

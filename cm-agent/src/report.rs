@@ -94,6 +94,7 @@ impl ReportState {
                 ok: false,
                 message,
                 lsn: 0,
+                ..OrderOutcome::default()
             };
             if !self.term.accepts(Term(o.term)) {
                 plan.refused.push(refuse(format!(
@@ -287,6 +288,7 @@ impl Reporter {
                         ok: false,
                         message: format!("{}: too many orders queued ({e})", o.instance),
                         lsn: 0,
+                        ..OrderOutcome::default()
                     });
                 }
             }
@@ -557,6 +559,7 @@ mod tests {
             ok: true,
             message: "done".into(),
             lsn: 0,
+            ..OrderOutcome::default()
         });
         s.pending.clear(); // delivered once
         let p = s

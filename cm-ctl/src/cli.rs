@@ -49,8 +49,9 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Rebuilds the named standby from its primary (fresh copy).
-    Build(Operation),
+    /// Rebuilds the named standby from its primary over the data-unit build channel:
+    /// incremental (only blocks that differ travel) when it has data, else a full copy.
+    Build(BuildArgs),
     /// A whole cluster as background processes on this machine.
     Local {
         #[command(subcommand)]
@@ -76,6 +77,15 @@ pub struct Operation {
     /// Seconds to wait for the result.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub op: Operation,
+    /// Copy everything afresh (the old data dir is moved aside to data.old).
+    #[arg(long)]
+    pub full: bool,
 }
 
 #[derive(Subcommand, Debug)]

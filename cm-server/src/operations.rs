@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ha_common::config::{InstanceKind, Role};
 use ha_common::lsn::format_lsn;
 use ha_common::proto::cm::{
-    BuildRequest, FailoverRequest, InstanceReport, MemberRole, OperationReply, OrderKind,
+    BuildRequest, FailoverRequest, InstanceReport, MemberRole, OperationReply, Order, OrderKind,
     OrderOutcome, SwitchoverRequest,
 };
 use tonic::Status;
@@ -99,10 +99,21 @@ async fn run_order(
     min_lsn: u64,
     timeout: Duration,
 ) -> Result<OrderOutcome, String> {
+    run_order_with(cx, instance, kind, timeout, |o| o.min_lsn = min_lsn).await
+}
+
+/// Issues an order (`set` fills its kind-specific fields) and waits for its outcome.
+async fn run_order_with(
+    cx: &Ctx<'_>,
+    instance: &str,
+    kind: OrderKind,
+    timeout: Duration,
+    set: impl FnOnce(&mut Order),
+) -> Result<OrderOutcome, String> {
     let term = cx.state.lock().await.term.0;
     let host = host_of(cx.cfg, instance).ok_or_else(|| format!("{instance} has no host"))?;
     let mut o = order(term, instance, kind);
-    o.min_lsn = min_lsn;
+    set(&mut o);
     let group = group_of(cx, instance);
     if let Some(why) = stopped(cx, &group) {
         return Err(why);
@@ -499,7 +510,9 @@ async fn gtm_failover(
     promote_gtm(cx, t, "failover", &risk).await
 }
 
-/// Rebuilds a DN standby from its primary (REBUILD order).
+/// Rebuilds a DN standby from its primary over the data-unit build channel: the
+/// primary's agent serves the build (BUILD_SOURCE, answers with its address), then the
+/// standby's agent copies from it (REBUILD; incremental unless `full`).
 pub async fn build(cx: &Ctx<'_>, req: BuildRequest) -> Result<OperationReply, Status> {
     let state = cx.state.lock().await.clone();
     let t = resolve(cx, &req.instance, &state)?;
@@ -521,7 +534,18 @@ pub async fn build(cx: &Ctx<'_>, req: BuildRequest) -> Result<OperationReply, St
         &t.group,
         format!("rebuilding {} from {}", t.standby, t.primary),
     );
-    let result = run_order(cx, &t.standby, OrderKind::Rebuild, 0, BUILD_TIMEOUT).await;
+    let full = req.full;
+    let result = match run_order(cx, &t.primary, OrderKind::BuildSource, 0, ORDER_TIMEOUT).await {
+        Ok(src) if !src.address.is_empty() => {
+            run_order_with(cx, &t.standby, OrderKind::Rebuild, BUILD_TIMEOUT, |o| {
+                o.build_source = src.address.clone();
+                o.full = full;
+            })
+            .await
+        }
+        Ok(_) => Err(format!("{} served no build source address", t.primary)),
+        Err(e) => Err(format!("{} cannot serve the build: {e}", t.primary)),
+    };
     cx.engine.note(&t.group, String::new());
     let term = cx.state.lock().await.term.0;
     match result {

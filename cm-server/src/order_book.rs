@@ -216,6 +216,7 @@ mod tests {
                 ok: true,
                 message: "promoted".into(),
                 lsn: 0,
+                ..OrderOutcome::default()
             }],
             t0,
         );

@@ -1,6 +1,11 @@
-//! DN secondary (`dn_replicator`): WAL-only keeper and data-unit build channel.
+//! DN secondary (`dn_replicator`): WAL-only keeper and the 8 KiB data-unit build channel.
 
+pub mod build_sink;
+pub mod build_source;
 pub mod cli;
+pub mod data_unit;
+pub mod framing;
+pub mod manifest;
 pub mod node;
 pub mod pgproto;
 pub mod receiver;

@@ -125,7 +125,7 @@ async fn switchover_there_and_back_and_failover_refusals() -> Result<()> {
     let out = c.cm_ctl(&["build", "--instance", "dn1_h2", "--timeout", "120"]);
     ensure!(out.success, "build: {}\n{}", out.stderr, c.logs());
     eprintln!("{}", out.stdout.trim());
-    ensure!(out.stdout.contains("rebuilt from"), "{}", out.stdout);
+    ensure!(out.stdout.contains("built from"), "{}", out.stdout);
     one_line_error(
         &c.cm_ctl(&["build", "--instance", "dn1_h1"]),
         "not a standby",

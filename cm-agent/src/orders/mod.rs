@@ -2,6 +2,7 @@
 //! new file and one match arm. Term checks happen before an order gets here (see
 //! [`crate::report`]); each order's outcome goes back in the next report.
 
+mod build_source;
 mod demote;
 mod promote;
 mod rebuild;
@@ -18,6 +19,7 @@ use crate::supervisor::{InstanceSupervisor, Managed};
 pub async fn execute(sup: &mut InstanceSupervisor, order: &Order) -> OrderOutcome {
     let kind = OrderKind::try_from(order.kind).unwrap_or(OrderKind::OrderUnspecified);
     tracing::info!(instance = %sup.name, id = order.id, term = order.term, kind = kind.as_str_name(), "order");
+    let mut address = String::new();
     let result = match kind {
         OrderKind::Start => start::apply(sup, order).await,
         OrderKind::Stop => stop::apply(sup, order).await,
@@ -25,6 +27,10 @@ pub async fn execute(sup: &mut InstanceSupervisor, order: &Order) -> OrderOutcom
         OrderKind::Demote => demote::apply(sup, order).await,
         OrderKind::Rebuild => rebuild::apply(sup, order).await,
         OrderKind::RunAlone => run_alone::apply(sup, order).await,
+        OrderKind::BuildSource => build_source::apply(sup, order).await.map(|addr| {
+            address = addr.clone();
+            format!("{} serves a build on {addr}", sup.name)
+        }),
         OrderKind::OrderUnspecified => Err(AgentError::Instance(format!(
             "unknown order kind {}",
             order.kind
@@ -51,6 +57,7 @@ pub async fn execute(sup: &mut InstanceSupervisor, order: &Order) -> OrderOutcom
         ok,
         message,
         lsn,
+        address,
     }
 }
 

@@ -1,16 +1,18 @@
-//! `cm_ctl build --instance NAME`: rebuilds a DN standby from its primary (its data
-//! dir is moved aside to `data.old`, then copied afresh); answers when done.
+//! `cm_ctl build --instance NAME [--full]`: rebuilds a DN standby from its primary over
+//! the data-unit build channel (incremental unless --full, which moves the old data dir
+//! aside to `data.old` and copies afresh); answers when done.
 
 use std::time::{Duration, Instant};
 
 use ha_common::proto::cm::BuildRequest;
 use ha_common::ClusterConfig;
 
-use crate::cli::Operation;
+use crate::cli::BuildArgs;
 use crate::client::Primary;
 use crate::error::CtlError;
 
-pub async fn run(cfg: &ClusterConfig, op: &Operation) -> Result<(), CtlError> {
+pub async fn run(cfg: &ClusterConfig, args: &BuildArgs) -> Result<(), CtlError> {
+    let op = &args.op;
     super::check_instance(cfg, &op.instance)?;
     let started = Instant::now();
     let primary = Primary::find(cfg).await?;
@@ -18,6 +20,7 @@ pub async fn run(cfg: &ClusterConfig, op: &Operation) -> Result<(), CtlError> {
     let reply = client
         .build(BuildRequest {
             instance: op.instance.clone(),
+            full: args.full,
         })
         .await
         .map_err(|s| primary.operation_error("build", s))?
