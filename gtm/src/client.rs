@@ -176,8 +176,7 @@ impl GtmClient {
                 r.count, r.first
             )));
         }
-        let seen = self.inner.max_term.fetch_max(r.term, Ordering::Relaxed);
-        if r.term < seen {
+        if let Err(seen) = gxid_stream::fence(&self.inner.max_term, r.term) {
             return Err(ClientError::Rpc {
                 endpoint: self.primary().unwrap_or_default(),
                 code: tonic::Code::FailedPrecondition,

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -162,6 +162,17 @@ impl Pipeline {
             b.fail(e);
         }
     }
+}
+
+/// The client-side fence: an answer of a term older than the highest one this client
+/// has seen comes from a deposed primary, and its GXIDs are not used. `Err` carries
+/// the newer term seen.
+pub(crate) fn fence(seen: &AtomicU64, term: u64) -> Result<(), u64> {
+    let newest = seen.fetch_max(term, Ordering::Relaxed);
+    if term < newest {
+        return Err(newest);
+    }
+    Ok(())
 }
 
 /// Takes what callers queued without waiting: one message's worth at most.
@@ -349,8 +360,7 @@ async fn serve(
                     if method == Method::Gxid {
                         // Fence: an answer from a term older than one this client has
                         // seen comes from a deposed primary; its GXIDs are not used.
-                        let seen = inner.max_term.fetch_max(a.term, Ordering::Relaxed);
-                        if a.term < seen {
+                        if let Err(seen) = fence(&inner.max_term, a.term) {
                             return Stop::Broken {
                                 refused: None,
                                 err: transport(
@@ -551,6 +561,20 @@ mod tests {
         assert!(ra[0].try_recv().unwrap().is_err());
         assert!(rb[0].try_recv().unwrap().is_err());
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn answers_of_an_older_term_are_fenced() {
+        let seen = AtomicU64::new(0);
+        assert_eq!(fence(&seen, 0), Ok(()));
+        assert_eq!(fence(&seen, 2), Ok(()));
+        assert_eq!(fence(&seen, 2), Ok(()), "the same term again is fine");
+        assert_eq!(fence(&seen, 1), Err(2), "a deposed primary's answer");
+        assert_eq!(
+            seen.load(Ordering::Relaxed),
+            2,
+            "a refused answer lowers nothing"
+        );
     }
 
     #[test]
