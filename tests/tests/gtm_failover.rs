@@ -186,7 +186,7 @@ async fn gtm_failover_keeps_gxids_unique_and_decisions() -> Result<()> {
 /// it stays a standby of the new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gtm_old_primary_is_fenced_by_the_new_term() -> Result<()> {
-    let mut pair = Pair::new("gtm_fencing", 21300, 50, 1000);
+    let mut pair = Pair::new("gtm_fencing", 8400, 50, 1000);
     let client = pair.client().await;
     pair.start_both(&client).await?;
     // A client that only knows the old primary: it keeps asking it.

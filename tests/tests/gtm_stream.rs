@@ -17,7 +17,7 @@ use ha_common::proto::gtm as pb;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-const PORT_BASE: u16 = 9300;
+const PORT_BASE: u16 = 8300;
 const CALLERS: usize = 64;
 
 struct Alloc {
