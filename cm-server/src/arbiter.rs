@@ -84,6 +84,9 @@ pub struct Memory {
     pub seen_as_primary: HashSet<String>,
     /// Standbys first seen unable to follow their primary (see [`stuck_standby`]).
     pub stuck_since: HashMap<String, Instant>,
+    /// Primaries last seen being restarted by their agent, until seen healthy: one
+    /// just started again may not answer its first probe yet.
+    pub was_restarting: HashSet<String>,
 }
 
 /// The CMServer's own successful probe of an instance whose agent is silent: when it
@@ -397,6 +400,7 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
         if let Some(s) = standby {
             stuck_standby(cx, g, rep, s);
         }
+        cx.plan.memory.was_restarting.remove(&p.name);
         return;
     }
     if !state.should_run(&p.name) {
@@ -409,12 +413,21 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
         );
         return;
     }
+    let rep = cx.fresh(&p.name).cloned();
+    if rep.as_ref().is_some_and(restarting) {
+        cx.plan.memory.was_restarting.insert(p.name.clone());
+    }
     if lost < timeout {
         return;
     }
     // A crashed postmaster its agent is restarting (crash recovery included) is
-    // restartable: it gets a second timeout before it counts as lost.
-    if lost < timeout * 2 && cx.fresh(&p.name).is_some_and(restarting) {
+    // restartable: it gets a second timeout before it counts as lost; so does one
+    // just started again that has not answered a probe yet.
+    let just_restarted = rep
+        .as_ref()
+        .is_some_and(|r| r.process_alive && !r.responding)
+        && cx.plan.memory.was_restarting.contains(&p.name);
+    if lost < timeout * 2 && (rep.as_ref().is_some_and(restarting) || just_restarted) {
         cx.note(
             &g.name,
             format!(
@@ -1170,6 +1183,15 @@ mod tests {
             assert!(p.orders.is_empty(), "{ms}: {:?}", p.orders);
             assert!(p.notes["dn1"].contains("restarting it"));
         }
+        // Started again, not answering its first probe yet: still within the grace.
+        let mut started = dn("dn1_h1", MemberRole::Primary);
+        started.responding = false;
+        started.detail = "running".into();
+        let at = w.at(5800);
+        w.report("h1", vec![started], at);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(p.orders.is_empty(), "just restarted: {:?}", p.orders);
         let at = w.at(6100);
         w.report("h1", vec![restarting.clone()], at);
         w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
