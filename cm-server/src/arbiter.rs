@@ -86,6 +86,11 @@ pub struct Memory {
     /// Per DN group: the standby's last flush LSN its primary showed (where a
     /// secondary must start from when the standby is lost).
     pub standby_flush: HashMap<String, u64>,
+    /// Standbys first seen unable to follow their primary (see [`stuck_standby`]).
+    pub stuck_since: HashMap<String, Instant>,
+    /// Primaries last seen being restarted by their agent, until seen healthy: one
+    /// just started again may not answer its first probe yet.
+    pub was_restarting: HashSet<String>,
 }
 
 /// The CMServer's own successful probe of an instance whose agent is silent: when it
@@ -399,6 +404,10 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
                 cx.note(&g.name, format!("demoting the former primary {}", m.name));
             }
         }
+        if let Some(s) = standby {
+            stuck_standby(cx, g, rep, s);
+        }
+        cx.plan.memory.was_restarting.remove(&p.name);
         return;
     }
     if !state.should_run(&p.name) {
@@ -411,12 +420,21 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
         );
         return;
     }
+    let rep = cx.fresh(&p.name).cloned();
+    if rep.as_ref().is_some_and(restarting) {
+        cx.plan.memory.was_restarting.insert(p.name.clone());
+    }
     if lost < timeout {
         return;
     }
     // A crashed postmaster its agent is restarting (crash recovery included) is
-    // restartable: it gets a second timeout before it counts as lost.
-    if lost < timeout * 2 && cx.fresh(&p.name).is_some_and(restarting) {
+    // restartable: it gets a second timeout before it counts as lost; so does one
+    // just started again that has not answered a probe yet.
+    let just_restarted = rep
+        .as_ref()
+        .is_some_and(|r| r.process_alive && !r.responding)
+        && cx.plan.memory.was_restarting.contains(&p.name);
+    if lost < timeout * 2 && (rep.as_ref().is_some_and(restarting) || just_restarted) {
         cx.note(
             &g.name,
             format!(
@@ -534,6 +552,49 @@ fn s_name_of_secondary(g: &DnGroup) -> String {
     secondary::secondary_of(g)
         .map(|m| m.name.clone())
         .unwrap_or_default()
+}
+
+/// A standby that cannot follow its primary (issue 9 §5.1: e.g. it was rewound
+/// against a source still on the old timeline and then wrote past the fork point) is
+/// rebuilt: it runs as a standby on an older timeline than the primary and does not
+/// appear among the primary's replicas for four failover timeouts, with no order for
+/// it in flight (a demotion or rebuild takes its time).
+fn stuck_standby(cx: &mut Ctx<'_>, g: &DnGroup, primary: &InstanceReport, s: &Instance) {
+    let connected = primary
+        .replicas
+        .iter()
+        .any(|r| r.application_name == s.name);
+    let behind = cx
+        .healthy_as(&s.name, MemberRole::Standby)
+        .is_some_and(|r| r.timeline > 0 && primary.timeline > r.timeline);
+    let in_hand = [OrderKind::Demote, OrderKind::Rebuild, OrderKind::Promote]
+        .iter()
+        .any(|k| cx.recently_ordered(&s.name, *k));
+    if !behind || connected || in_hand {
+        cx.plan.memory.stuck_since.remove(&s.name);
+        return;
+    }
+    let now = cx.input.now;
+    let since = *cx
+        .plan
+        .memory
+        .stuck_since
+        .entry(s.name.clone())
+        .or_insert(now);
+    let stuck = now.saturating_duration_since(since);
+    if stuck >= cx.input.cfg.timing.dn_failover_timeout() * 4 {
+        cx.order(&s.name, OrderKind::Rebuild);
+        cx.plan.memory.stuck_since.remove(&s.name);
+        cx.note(
+            &g.name,
+            format!(
+                "{} cannot follow the primary (timeline {} behind, not streaming for {} s): rebuilding it",
+                s.name,
+                primary.timeline,
+                stuck.as_secs()
+            ),
+        );
+    }
 }
 
 /// Whether a report says the agent is (re)starting a process that is not up yet.
@@ -1292,6 +1353,15 @@ mod tests {
             assert!(p.orders.is_empty(), "{ms}: {:?}", p.orders);
             assert!(p.notes["dn1"].contains("restarting it"));
         }
+        // Started again, not answering its first probe yet: still within the grace.
+        let mut started = dn("dn1_h1", MemberRole::Primary);
+        started.responding = false;
+        started.detail = "running".into();
+        let at = w.at(5800);
+        w.report("h1", vec![started], at);
+        w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
+        let p = w.tick(at);
+        assert!(p.orders.is_empty(), "just restarted: {:?}", p.orders);
         let at = w.at(6100);
         w.report("h1", vec![restarting.clone()], at);
         w.report("h2", vec![dn("dn1_h2", MemberRole::Standby)], at);
@@ -1671,6 +1741,52 @@ mod tests {
                 "{ms} ms: {:?}",
                 p.orders
             );
+        }
+    }
+
+    #[test]
+    fn a_standby_that_cannot_follow_the_new_timeline_is_rebuilt() {
+        let mut w = World::new();
+        w.state.set_role("dn1_h1", AssignedRole::Standby).unwrap();
+        w.state.set_role("dn1_h2", AssignedRole::Primary).unwrap();
+        let primary = |replicas: Vec<ReplicaState>| {
+            let mut p = dn("dn1_h2", MemberRole::Primary);
+            p.timeline = 2;
+            p.replicas = replicas;
+            p
+        };
+        let standby = |tl: u32| {
+            let mut s = dn("dn1_h1", MemberRole::Standby);
+            s.timeline = tl;
+            s
+        };
+        // Still on timeline 1, not streaming: rebuilt after 4 failover timeouts.
+        for ms in (0..=12000u64).step_by(1000) {
+            let at = w.at(ms);
+            w.report("h2", vec![primary(vec![])], at);
+            w.report("h1", vec![standby(1)], at);
+            let p = w.tick(at);
+            assert_eq!(
+                has(&p, "dn1_h1", OrderKind::Rebuild),
+                ms == 12000,
+                "{ms}: {:?}",
+                p.orders
+            );
+            if ms == 12000 {
+                assert!(p.notes["dn1"].contains("cannot follow"), "{:?}", p.notes);
+            }
+        }
+        // Streaming (catching up after a rewind), or on the same timeline: left alone.
+        let mut w2 = World::new();
+        w2.state = w.state.clone();
+        for ms in (0..=20000u64).step_by(1000) {
+            let at = w2.at(ms);
+            w2.report("h2", vec![primary(vec![sync_row("dn1_h1")])], at);
+            w2.report("h1", vec![standby(1)], at);
+            assert!(w2.tick(at).orders.is_empty(), "{ms}");
+            w2.report("h2", vec![primary(vec![])], at);
+            w2.report("h1", vec![standby(2)], at);
+            assert!(w2.tick(at).orders.is_empty(), "{ms}");
         }
     }
 
