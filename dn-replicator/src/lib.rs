@@ -1,5 +1,6 @@
 //! DN secondary (`dn_replicator`): WAL-only keeper and the 8 KiB data-unit build channel.
 
+pub mod build_cli;
 pub mod build_sink;
 pub mod build_source;
 pub mod cli;
