@@ -660,7 +660,12 @@ fn to_response(o: Outcome, described: Option<(&[FieldInfo], &Format)>) -> Respon
             let fields = Arc::new(fields);
             let data = encode_rows(fields.clone(), rows);
             let mut qr = QueryResponse::new(fields, futures::stream::iter(data));
-            qr.set_command_tag(&tag);
+            // pgwire appends the number of rows it sent.
+            let head = match tag.rsplit_once(' ') {
+                Some((h, n)) if n.chars().all(|c| c.is_ascii_digit()) => h.to_owned(),
+                _ => tag.clone(),
+            };
+            qr.set_command_tag(&head);
             Response::Query(qr)
         }
         Outcome::Command(tag) => Response::Execution(tag_of(&tag)),

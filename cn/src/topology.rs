@@ -97,6 +97,43 @@ pub async fn copy_catalog_from(node: &Node, peers: &[Peer]) -> Result<bool, Stri
     Ok(true)
 }
 
+/// A cluster manager without CnSync: the DN primaries from its status (highest term).
+async fn follow_status(node: &Node) {
+    let mut best: Option<ha_common::proto::cm::ClusterStatus> = None;
+    for cms in &node.cfg.cm_servers {
+        let url = format!("http://{}", node.cfg.endpoint(cms));
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(url) else { continue };
+        let ep = ep
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(node.cfg.timing.probe_timeout());
+        let Ok(ch) = ep.connect().await else { continue };
+        let req = ha_common::proto::cm::ClusterStatusRequest::default();
+        if let Ok(r) = CmServerClient::new(ch).get_cluster_status(req).await {
+            let r = r.into_inner();
+            if best.as_ref().is_none_or(|b| r.term > b.term) {
+                best = Some(r);
+            }
+        }
+    }
+    let Some(status) = best else { return };
+    let primaries: Vec<Target> = status
+        .dn_groups
+        .iter()
+        .filter_map(|g| {
+            let p = g.members.iter().find(|m| m.role == "primary")?;
+            let host = node.cfg.host(&p.host)?;
+            Some(Target {
+                group: g.name.clone(),
+                host: host.address.clone(),
+                port: p.port as u16,
+                // A dead primary fails the connection; a merely slow report must not.
+                available: true,
+            })
+        })
+        .collect();
+    node.set_primaries(&primaries);
+}
+
 fn apply(node: &Node, r: &CnSyncReply) {
     node.cm_term.fetch_max(r.term, Ordering::SeqCst);
     let primaries: Vec<Target> = r
@@ -154,7 +191,15 @@ pub async fn run(node: Arc<Node>) {
                     }
                 }
             }
-            SyncResult::Unimplemented | SyncResult::Unreachable if !node.is_accepting() => {
+            SyncResult::Unimplemented => {
+                follow_status(&node).await;
+                if !node.is_accepting() {
+                    let _ = copy_catalog_from(&node, &node.config_peers()).await;
+                    node.set_accepting(true);
+                    phase = CnPhase::CnReady;
+                }
+            }
+            SyncResult::Unreachable if !node.is_accepting() => {
                 // No CMServer to admit us: catch up from the config's peers and serve.
                 let _ = copy_catalog_from(&node, &node.config_peers()).await;
                 node.set_accepting(true);
