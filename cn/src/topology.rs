@@ -102,7 +102,9 @@ async fn follow_status(node: &Node) {
     let mut best: Option<ha_common::proto::cm::ClusterStatus> = None;
     for cms in &node.cfg.cm_servers {
         let url = format!("http://{}", node.cfg.endpoint(cms));
-        let Ok(ep) = tonic::transport::Endpoint::from_shared(url) else { continue };
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(url) else {
+            continue;
+        };
         let ep = ep
             .connect_timeout(Duration::from_millis(500))
             .timeout(node.cfg.timing.probe_timeout());

@@ -142,6 +142,10 @@ async fn prepare_ddl_on(
         let _ = c.run(&name, "ROLLBACK").await;
         return Err((Some(c), e));
     }
+    if node.fault.as_deref() == Some("pause_before_prepare") {
+        // Test-only: a window in which a test kills a DN primary during phase one.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
     if let Err(e) = c.run(&name, &format!("PREPARE TRANSACTION '{gid}'")).await {
         let _ = c.run(&name, "ROLLBACK").await;
         return Err((Some(c), e));
