@@ -262,13 +262,17 @@ pub fn annotate(
     memory: &Memory,
     notes: &BTreeMap<String, String>,
 ) {
-    use crate::status::states::{CATCHING_UP, NORMAL};
+    use crate::status::states::{CATCHING_UP, NORMAL, STARTING};
     for row in &mut status.cn {
         let seen = memory.seen.get(&row.name);
         row.catalog_version = seen.map_or(0, |s| s.catalog_version);
         row.in_ddl_set = set.contains(&row.name);
+        // Serving means: a member of the set that says it is READY.
+        let ready = seen.is_some_and(CnSeen::ready);
         if row.state == NORMAL && !row.in_ddl_set {
             row.state = CATCHING_UP.into();
+        } else if row.state == NORMAL && !ready {
+            row.state = STARTING.into();
         }
         if let Some(n) = notes.get(&row.name) {
             if !row.detail.contains(n.as_str()) {
@@ -548,5 +552,13 @@ mod tests {
             ("catching_up", 1, false)
         );
         assert!(cn2.detail.contains("copying the catalog"), "{}", cn2.detail);
+        // A member that restarted and is not READY yet does not serve.
+        w.sync("cn1", 1.0, CnPhase::CnStarting, 2, false);
+        let mut status = ClusterStatus {
+            cn: vec![row("cn1")],
+            ..Default::default()
+        };
+        annotate(&mut status, &w.set, &w.memory, &plan.notes);
+        assert_eq!(status.cn[0].state, "starting");
     }
 }
