@@ -67,6 +67,8 @@ pub struct Memory {
     pub watched_since: HashMap<String, Instant>,
     /// Since when each CN's agent has continuously reported it dead or not answering.
     pub agent_bad_since: HashMap<String, Instant>,
+    /// Why each CN this CMServer took out is out (until it is admitted again).
+    pub taken_out: HashMap<String, String>,
 }
 
 /// Everything the rules decide from.
@@ -162,6 +164,7 @@ pub fn decide(input: &Input<'_>) -> Plan {
         if let Some(why) = why {
             set.members.remove(&m);
             memory.watched_since.remove(&m);
+            memory.taken_out.insert(m.clone(), why.clone());
             notes.insert(m.clone(), why);
             removed.push(m);
         }
@@ -202,8 +205,13 @@ pub fn decide(input: &Input<'_>) -> Plan {
             set.catalog_version = set.catalog_version.max(s.catalog_version);
             set.members.insert(cn.clone());
             memory.watched_since.insert(cn.clone(), now);
+            memory.taken_out.remove(cn);
             admitted.push(cn.clone());
             continue;
+        };
+        let note = match memory.taken_out.get(cn) {
+            Some(why) if !notes.contains_key(cn) => format!("{why}; {note}"),
+            _ => note,
         };
         notes.entry(cn.clone()).or_insert(note);
     }
@@ -380,6 +388,12 @@ mod tests {
         assert_eq!(plan.removed, ["cn2"]);
         assert!(plan.notes["cn2"].contains("not serving for 3.2 s"));
         assert_eq!(w.members(), ["cn1"]);
+        let plan = w.tick(4.0);
+        assert!(
+            plan.notes["cn2"].starts_with("taken out of the DDL set: not serving for 3.2 s; "),
+            "status keeps saying why: {:?}",
+            plan.notes
+        );
         assert_eq!(w.set.catalog_version, 4);
     }
 
