@@ -118,6 +118,84 @@ mod tests {
         );
     }
 
+    /// An in-process stand-in for a CN's Coordinator service (unit test only).
+    struct FakeCoordinator;
+
+    #[tonic::async_trait]
+    impl ha_common::proto::cn::coordinator_server::Coordinator for FakeCoordinator {
+        async fn status(
+            &self,
+            _: tonic::Request<CnStatusRequest>,
+        ) -> std::result::Result<tonic::Response<CnStatusReply>, tonic::Status> {
+            Ok(tonic::Response::new(CnStatusReply {
+                name: "cn1".into(),
+                accepting: true,
+                catalog_version: 7,
+                detail: String::new(),
+            }))
+        }
+        async fn prepare_catalog(
+            &self,
+            _: tonic::Request<ha_common::proto::cn::PrepareCatalogRequest>,
+        ) -> std::result::Result<tonic::Response<ha_common::proto::cn::CatalogReply>, tonic::Status>
+        {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn finish_catalog(
+            &self,
+            _: tonic::Request<ha_common::proto::cn::FinishCatalogRequest>,
+        ) -> std::result::Result<tonic::Response<ha_common::proto::cn::CatalogReply>, tonic::Status>
+        {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn get_catalog(
+            &self,
+            _: tonic::Request<ha_common::proto::cn::GetCatalogRequest>,
+        ) -> std::result::Result<
+            tonic::Response<ha_common::proto::cn::GetCatalogReply>,
+            tonic::Status,
+        > {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_asks_the_coordinator_service_and_fails_fast_when_nobody_answers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    ha_common::proto::cn::coordinator_server::CoordinatorServer::new(
+                        FakeCoordinator,
+                    ),
+                )
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let cfg = ClusterConfig::parse(
+            include_str!("../../configs/local.toml"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let mut cn = CnInstance::from_config(&cfg, "cn1", Path::new("t.toml")).unwrap();
+        cn.rpc_url = format!("http://{addr}");
+        let s = cn.probe(Duration::from_secs(2)).await.unwrap();
+        assert_eq!((s.accepting, s.catalog_version), (true, 7));
+        server.abort();
+        let _ = server.await;
+        let t = std::time::Instant::now();
+        let e = cn
+            .probe(Duration::from_millis(500))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cn1: "), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "bounded by the probe timeout"
+        );
+    }
+
     #[tokio::test]
     async fn missing_binary_is_a_clear_error_and_nothing_runs() {
         let dir = tempfile::tempdir().unwrap();
