@@ -98,6 +98,13 @@ pub async fn run(cfg: &ClusterConfig, cli: &Cli, timeout_s: u64) -> Result<(), C
         cfg.cluster.name,
         started.elapsed().as_secs_f64()
     );
+    for cn in status.cn.iter().filter(|c| c.state == "normal") {
+        let address = cfg
+            .find(&cn.name)
+            .map(|r| cfg.address_of(r.instance).to_owned())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        println!("{}", cn_psql_line(&cn.name, &address, cn.port));
+    }
     for g in &status.dn_groups {
         for m in g.members.iter().filter(|m| m.role == "primary") {
             let address = cfg
@@ -109,13 +116,6 @@ pub async fn run(cfg: &ClusterConfig, cli: &Cli, timeout_s: u64) -> Result<(), C
                 g.name, m.name, m.port
             );
         }
-    }
-    for cn in status.cn.iter().filter(|c| c.state == "normal") {
-        let address = cfg
-            .find(&cn.name)
-            .map(|r| cfg.address_of(r.instance).to_owned())
-            .unwrap_or_else(|| "127.0.0.1".into());
-        println!("{}", cn_psql_line(&cn.name, &address, cn.port));
     }
     let mut status_cmd = format!("cm_ctl status --config {}", config.display());
     if cli.base_dir.is_some() {
