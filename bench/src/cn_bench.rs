@@ -143,24 +143,7 @@ fn tps(out: &str) -> Result<f64> {
 }
 
 async fn connect(port: u16) -> Result<tokio_postgres::Client> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("127.0.0.1")
-        .port(port)
-        .user("postgres")
-        .password("postgres")
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(2));
-    let (client, conn) = tokio::time::timeout(
-        Duration::from_secs(5),
-        config.connect(tokio_postgres::NoTls),
-    )
-    .await
-    .with_context(|| format!("connect to {port} timed out"))??;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    mpp_ha_tests::connect_cn(port, Duration::from_secs(5)).await
 }
 
 /// p50 and p99 of `n` CREATE TABLE and `n` DROP TABLE statements.
