@@ -120,10 +120,9 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
     let mut out = String::new();
     for line in LOCAL_CONFIG.lines() {
         let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix("port = ") {
-            let port: u16 = rest.trim().parse().expect("port in local.toml");
+        if let Some((key, port)) = port_line(trimmed) {
             // local.toml uses 6401..=7102; map them onto the test's range.
-            out.push_str(&format!("port = {}\n", port_base + (port - 6400)));
+            out.push_str(&format!("{key} = {}\n", port_base + (port - 6400)));
         } else if trimmed.starts_with("base_dir = ") {
             out.push_str(&format!(
                 "base_dir = {:?}\n",
@@ -135,6 +134,16 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
         }
     }
     out
+}
+
+/// `(key, port)` of a line `<something>port = N` (port, rpc_port, ...).
+fn port_line(line: &str) -> Option<(&str, u16)> {
+    let (key, value) = line.split_once('=')?;
+    let key = key.trim();
+    if !key.ends_with("port") || key.contains(' ') {
+        return None;
+    }
+    Some((key, value.trim().parse().expect("port in local.toml")))
 }
 
 /// Writes a config file for a test cluster into its dir and returns its path.
