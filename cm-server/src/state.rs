@@ -107,6 +107,10 @@ pub struct ClusterState {
     /// replicas, and a new CMServer primary must know it too, so it is durable.
     #[serde(default)]
     pub last_sync_standby: BTreeMap<String, String>,
+    /// The CNs that take part in DDL and the catalog version they hold
+    /// (see [`crate::ddl_set`]).
+    #[serde(default)]
+    pub ddl_set: crate::ddl_set::DdlSet,
 }
 
 impl ClusterState {
@@ -116,6 +120,7 @@ impl ClusterState {
             term: Term(1),
             instances: BTreeMap::new(),
             last_sync_standby: BTreeMap::new(),
+            ddl_set: Default::default(),
         };
         s.reconcile(cfg);
         s

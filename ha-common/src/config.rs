@@ -107,6 +107,11 @@ pub struct TimingSection {
     /// run alone).
     #[serde(default = "default_failover_timeout_ms")]
     pub gtm_failover_timeout_ms: u64,
+    /// A CN of the DDL set that is down (it stops calling CnSync, or its agent reports
+    /// it dead or not answering) for this long is taken out of the DDL set, so that DDL
+    /// goes on without it; it copies the catalog before it is admitted again.
+    #[serde(default = "default_failover_timeout_ms")]
+    pub cn_failover_timeout_ms: u64,
     /// How long an agent's lease to a CMServer lasts. A CMServer is primary only while a
     /// majority of agents hold an unexpired lease for it; a restarted agent grants
     /// nothing for this long, so two CMServers can never both hold a majority.
@@ -138,6 +143,7 @@ impl Default for TimingSection {
             probe_timeout_ms: default_probe_timeout_ms(),
             dn_failover_timeout_ms: default_failover_timeout_ms(),
             gtm_failover_timeout_ms: default_failover_timeout_ms(),
+            cn_failover_timeout_ms: default_failover_timeout_ms(),
             cm_lease_ms: default_cm_lease_ms(),
         }
     }
@@ -158,6 +164,9 @@ impl TimingSection {
     }
     pub fn gtm_failover_timeout(&self) -> Duration {
         Duration::from_millis(self.gtm_failover_timeout_ms)
+    }
+    pub fn cn_failover_timeout(&self) -> Duration {
+        Duration::from_millis(self.cn_failover_timeout_ms)
     }
     pub fn cm_lease(&self) -> Duration {
         Duration::from_millis(self.cm_lease_ms)
@@ -351,6 +360,10 @@ impl ClusterConfig {
             (
                 "timing.gtm_failover_timeout_ms",
                 self.timing.gtm_failover_timeout_ms,
+            ),
+            (
+                "timing.cn_failover_timeout_ms",
+                self.timing.cn_failover_timeout_ms,
             ),
             ("timing.cm_lease_ms", self.timing.cm_lease_ms),
         ] {
@@ -794,6 +807,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/x.toml"), "{e}");
+    }
+
+    #[test]
+    fn cn_failover_timeout_defaults_and_is_validated() {
+        let cfg = parse(LOCAL).unwrap();
+        assert_eq!(cfg.timing.cn_failover_timeout_ms, 3000);
+        let without = LOCAL.replacen("cn_failover_timeout_ms = 3000", "", 1);
+        assert_eq!(parse(&without).unwrap().timing.cn_failover_timeout_ms, 3000);
+        let e = err(&LOCAL.replacen(
+            "cn_failover_timeout_ms = 3000",
+            "cn_failover_timeout_ms = 1500",
+            1,
+        ));
+        assert!(
+            e.contains("timing.cn_failover_timeout_ms") && e.contains("two heartbeats"),
+            "{e}"
+        );
     }
 
     #[test]

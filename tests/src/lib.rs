@@ -42,6 +42,20 @@ pub fn bin(name: &str) -> PathBuf {
 /// Connects to a DN member on loopback as the superuser; connecting is bounded by
 /// `timeout`.
 pub async fn connect(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
+    connect_with(port, None, timeout).await
+}
+
+/// Connects to a CN on loopback as `postgres` with the password of configs/local.toml
+/// (`[[user]]`); connecting is bounded by `timeout`.
+pub async fn connect_cn(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
+    connect_with(port, Some("postgres"), timeout).await
+}
+
+async fn connect_with(
+    port: u16,
+    password: Option<&str>,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client> {
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")
@@ -50,6 +64,9 @@ pub async fn connect(port: u16, timeout: Duration) -> Result<tokio_postgres::Cli
         .dbname("postgres")
         .application_name("mpp-ha-test")
         .connect_timeout(timeout);
+    if let Some(p) = password {
+        config.password(p);
+    }
     let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
         .await
         .with_context(|| format!("connect to 127.0.0.1:{port} timed out"))?
