@@ -198,8 +198,8 @@ pub fn ddl_peers(cfg: &ClusterConfig, set: &DdlSet, memory: &ddl_set::Memory) ->
 }
 
 /// The CN's Coordinator service port (`[[cn]].rpc_port`, added with the `cn` crate).
-fn rpc_port(_cn: &Instance) -> u32 {
-    0
+fn rpc_port(cn: &Instance) -> u32 {
+    cn.rpc_port() as u32
 }
 
 #[cfg(test)]

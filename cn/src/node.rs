@@ -89,7 +89,7 @@ pub struct Node {
     /// When the resolver first saw another CN's prepared catalog change.
     pub seen_prepared: Mutex<HashMap<String, Instant>>,
     /// Test-only fault point (`MPP_CN_FAULT`), read at start.
-    pub fault: Option<String>,
+    fault: Option<String>,
 }
 
 impl Node {
@@ -134,6 +134,20 @@ impl Node {
             fault: std::env::var("MPP_CN_FAULT").ok().filter(|s| !s.is_empty()),
             cfg,
         }
+    }
+
+    /// Test-only fault point for the next DDL: `MPP_CN_FAULT` (read at start), or the
+    /// file `<state_dir>/test_fault` (read once and removed, so that a CN restarted by
+    /// its agent does not repeat it).
+    pub fn take_fault(&self) -> Option<String> {
+        if self.fault.is_some() {
+            return self.fault.clone();
+        }
+        let path = self.state_dir.join("test_fault");
+        let text = std::fs::read_to_string(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        let f = text.trim().to_owned();
+        (!f.is_empty()).then_some(f)
     }
 
     pub fn catalog_read(&self) -> RwLockReadGuard<'_, Catalog> {

@@ -40,7 +40,7 @@ async fn cn_sync(node: &Node, phase: CnPhase) -> SyncResult {
             phase: phase as i32,
             catalog_version: node.catalog_read().version,
             term: node.cm_term.load(Ordering::SeqCst),
-            ..Default::default()
+            catalog_prepared: !node.catalog_read().prepared.is_empty(),
         };
         match CmServerClient::new(ch).cn_sync(req).await {
             Ok(r) => {
@@ -153,13 +153,35 @@ fn apply(node: &Node, r: &CnSyncReply) {
         .ddl_set
         .iter()
         .filter(|p| p.name != node.name)
-        .map(|p| Peer {
-            name: p.name.clone(),
-            rpc: format!("http://{}:{}", p.address, p.rpc_port),
-            catalog_version: p.catalog_version,
+        .map(|p| {
+            // A CMServer that does not know rpc_port yet sends 0: use the config's.
+            let rpc_port = match p.rpc_port {
+                0 => node
+                    .cfg
+                    .cns
+                    .iter()
+                    .find(|c| c.name == p.name)
+                    .map(|c| c.rpc_port() as u32)
+                    .unwrap_or(0),
+                n => n,
+            };
+            Peer {
+                name: p.name.clone(),
+                rpc: format!("http://{}:{}", p.address, rpc_port),
+                catalog_version: p.catalog_version,
+            }
         })
         .collect();
     node.set_peers(peers);
+}
+
+/// One CnSync round now (a DDL coordinator calls it after preparing its own catalog
+/// change: the CMServer then admits nobody until the change is finished, so the DDL
+/// set in this reply is the one the DDL must prepare on).
+pub async fn sync_now(node: &Node) {
+    if let SyncResult::Reply(r) = cn_sync(node, CnPhase::CnReady).await {
+        apply(node, &r);
+    }
 }
 
 /// Start-up: catch up with the catalog, then open for clients; afterwards keep syncing.

@@ -131,6 +131,7 @@ async fn prepare_ddl_on(
     g: usize,
     sql: &str,
     gid: &str,
+    fault: Option<&str>,
 ) -> Result<DnConn, (Option<DnConn>, DnError)> {
     let name = group_name(node, g);
     let target = node.target(g).map_err(|e| (None, e))?;
@@ -142,7 +143,7 @@ async fn prepare_ddl_on(
         let _ = c.run(&name, "ROLLBACK").await;
         return Err((Some(c), e));
     }
-    if node.fault.as_deref() == Some("pause_before_prepare") {
+    if fault == Some("pause_before_prepare") {
         // Test-only: a window in which a test kills a DN primary during phase one.
         tokio::time::sleep(Duration::from_secs(4)).await;
     }
@@ -156,20 +157,26 @@ async fn prepare_ddl_on(
 /// A DDL statement by two-phase commit on every DN primary and every CN of the DDL set.
 pub async fn run_ddl(node: &Node, sql: &str, change: Change) -> Result<(), DnError> {
     let _one_at_a_time = node.ddl_lock.lock().await;
+    let fault = node.take_fault();
     let gxid = node.gtm.next_gxid(1).await.map_err(gtm_error)?.start;
     let gid = gid_for(gxid, &node.name);
     let _flight = InFlight::new(node, &gid);
     let base = node.catalog_read().version;
     let groups = crate::router::all_groups(&node.catalog_read());
-    let peers = node.ddl_peers();
-    let term = node.cm_term.load(std::sync::atomic::Ordering::SeqCst);
-
-    // Phase one everywhere, in parallel.
+    // Phase one everywhere: our own catalog first, then (having told the CMServer that
+    // a change is prepared, which freezes the DDL set) the DNs and the other CNs.
     let local = node
         .prepare_catalog(&gid, base, change.clone())
         .map_err(|e| DnError::new("XX000", format!("catalog: {e}")));
-    let dn_results =
-        futures::future::join_all(groups.iter().map(|g| prepare_ddl_on(node, *g, sql, &gid))).await;
+    crate::topology::sync_now(node).await;
+    let peers = node.ddl_peers();
+    let term = node.cm_term.load(std::sync::atomic::Ordering::SeqCst);
+    let dn_results = futures::future::join_all(
+        groups
+            .iter()
+            .map(|g| prepare_ddl_on(node, *g, sql, &gid, fault.as_deref())),
+    )
+    .await;
     let peer_results = futures::future::join_all(
         peers
             .iter()
@@ -227,6 +234,38 @@ pub async fn run_ddl(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
         return Err(err);
     }
 
+    // A CN admitted to the DDL set after we read it would miss this change: re-read the
+    // set just before the decision and abort if a member joined that we did not prepare on.
+    crate::topology::sync_now(node).await;
+    let joined: Vec<String> = node
+        .ddl_peers()
+        .into_iter()
+        .filter(|p| !peers.iter().any(|q| q.name == p.name))
+        .map(|p| p.name)
+        .collect();
+    if !joined.is_empty() {
+        let _ = node.gtm.record_decision(gxid, Decision::Abort).await;
+        for mut c in prepared {
+            let name = group_name(node, c.group);
+            if c.run(&name, &format!("ROLLBACK PREPARED '{gid}'"))
+                .await
+                .is_ok()
+            {
+                node.pool.put(c).await;
+            }
+        }
+        for p in &peers {
+            let _ = finish_peer(p, &gid, false).await;
+        }
+        let _ = node.finish_catalog(&gid, false);
+        return Err(DnError::new(
+            "40001",
+            format!(
+                "DDL not done: CN {} joined the DDL set meanwhile; retry",
+                joined.join(", ")
+            ),
+        ));
+    }
     if let Err(e) = node.gtm.record_decision(gxid, Decision::Commit).await {
         // The decision may or may not be recorded: the resolver finishes it either way.
         return Err(DnError::new(
@@ -234,8 +273,9 @@ pub async fn run_ddl(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
             format!("the outcome of this DDL is not known yet ({e}); the resolver will finish it"),
         ));
     }
-    if node.fault.as_deref() == Some("exit_after_decision") {
-        tracing::error!(%gid, "test fault point: exiting after the decision, before phase two");
+    if fault.as_deref() == Some("exit_after_decision") {
+        // stderr directly: the log writer may not flush before exit.
+        eprintln!("cn: test fault point: exiting after the decision of {gid}, before phase two");
         std::process::exit(3);
     }
 

@@ -8,27 +8,21 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mpp_ha_tests::{bin, connect, wait_for, LocalCluster, Proc};
+use mpp_ha_tests::{bin, connect, kill9, wait_for, LocalCluster, Proc};
 use tokio_postgres::SimpleQueryMessage;
 
 const PORT_BASE: u16 = 14000;
 
-fn start_cn(c: &LocalCluster, name: &str, fault: Option<&str>) -> Result<Proc> {
+/// Starts `cn serve` for `name`. Where the agents already run CNs, this one cannot bind
+/// the CN's ports and exits: either way one `cn serve` serves `name`.
+fn start_cn(c: &LocalCluster, name: &str) -> Result<Proc> {
     let config = c.config.display().to_string();
-    let log_dir = c.dir.path();
-    // The fault point is read by the child at start (inherited environment).
-    match fault {
-        Some(f) => std::env::set_var("MPP_CN_FAULT", f),
-        None => std::env::remove_var("MPP_CN_FAULT"),
-    }
-    let p = Proc::spawn(
+    Proc::spawn(
         name,
         &bin("cn"),
         &["serve", "--config", &config, "--node", name],
-        log_dir,
-    );
-    std::env::remove_var("MPP_CN_FAULT");
-    p
+        c.dir.path(),
+    )
 }
 
 async fn cn_client(port: u16) -> Result<tokio_postgres::Client> {
@@ -180,9 +174,8 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
     c.up(150)?;
     let cn1_port = c.port("cn1");
     let cn2_port = c.port("cn2");
-    let mut cn1 = start_cn(&c, "cn1", None)?;
-    let _cn2 = start_cn(&c, "cn2", None)?;
-    let client = wait_cn(cn1_port).await.with_context(|| cn1.log_tail())?;
+    let mut procs = vec![start_cn(&c, "cn1")?, start_cn(&c, "cn2")?];
+    let client = wait_cn(cn1_port).await.with_context(|| c.logs())?;
     let client2 = wait_cn(cn2_port).await?;
 
     // 1. A psql script: DDL, inserts, selects, a transaction, COPY.
@@ -385,42 +378,31 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
     let h = scalar(&client, "select count(*) from pgbench_history").await?;
     assert!(h.parse::<u64>()? > 0, "no history rows after the run");
 
-    // 7. A CN killed after the decision and before phase two: restarted, its resolver
-    //    commits the DDL on every DN primary.
-    drop(client);
-    cn1.kill9();
-    let mut faulty = start_cn(&c, "cn1", Some("exit_after_decision"))?;
-    let fc = wait_cn(cn1_port).await?;
-    let r = fc
+    // 7. A CN killed after the decision and before phase two: restarted by its agent,
+    //    its resolver commits the DDL on every DN primary and on both CNs' catalogs.
+    let fault = c.base_dir().join("cn1").join("test_fault");
+    std::fs::write(&fault, "exit_after_decision")?;
+    let r = client
         .simple_query("create table after_decision (id int)")
         .await;
-    assert!(r.is_err(), "the faulty CN must die before answering");
-    wait_for("the faulty CN to exit", Duration::from_secs(10), || {
-        let alive = faulty.alive();
-        async move { Ok((!alive).then_some(())) }
-    })
+    assert!(r.is_err(), "the CN must die before answering");
+    drop(client);
+    wait_for(
+        "cn1 to stop at the fault point",
+        Duration::from_secs(10),
+        || async { Ok(cn_client(cn1_port).await.is_err().then_some(())) },
+    )
     .await?;
-    let mut prepared = 0;
-    for (_, dn) in dn_primaries(&c).await {
-        prepared += scalar(
-            &dn,
-            "select count(*) from pg_prepared_xacts where gid like 'mpp\\_%\\_cn1'",
-        )
-        .await?
-        .parse::<i64>()?;
-    }
-    assert_eq!(
-        prepared as usize,
-        c.cfg.dn_groups.len(),
-        "phase one left one prepared transaction per group"
-    );
-    let _cn1 = start_cn(&c, "cn1", None)?;
-    let client = wait_cn(cn1_port).await?;
+    procs.push(start_cn(&c, "cn1")?);
     wait_for(
         "the resolver to commit on every DN",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
-            for (name, dn) in dn_primaries(&c).await {
+            let primaries = dn_primaries(&c).await;
+            if primaries.len() != c.cfg.dn_groups.len() {
+                return Ok(None);
+            }
+            for (_, dn) in primaries {
                 let left = scalar(&dn, "select count(*) from pg_prepared_xacts").await?;
                 let exists = scalar(
                     &dn,
@@ -430,13 +412,19 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
                 if left != "0" || exists != "true" {
                     return Ok(None);
                 }
-                let _ = name;
             }
             Ok(Some(()))
         },
     )
     .await?;
-    // The catalog change is committed on both CNs too.
+    // cn1's output: ours (c.dir/cn1.log) or the agent's (<base_dir>/cn1.cn.log).
+    let log = std::fs::read_to_string(c.dir.path().join("cn1.log")).unwrap_or_default()
+        + &std::fs::read_to_string(c.base_dir().join("cn1.cn.log")).unwrap_or_default();
+    assert!(
+        log.contains("test fault point"),
+        "cn1 did not stop at the fault point"
+    );
+    let client = wait_cn(cn1_port).await?;
     client
         .simple_query("insert into after_decision values (1)")
         .await?;
@@ -452,5 +440,78 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
         },
     )
     .await?;
+
+    // 8. A DN primary killed during phase one: the DDL fails, and nothing is left
+    //    prepared or created on any DN, nor in the catalog.
+    std::fs::write(&fault, "pause_before_prepare")?;
+    let ddl_client = wait_cn(cn1_port).await?;
+    let ddl = tokio::spawn(async move {
+        ddl_client
+            .simple_query("create table half_done (id int)")
+            .await
+            .map(|_| ())
+    });
+    let primaries = dn_primaries(&c).await;
+    let victim = primaries
+        .iter()
+        .find(|(name, _)| name.starts_with("dn2"))
+        .map(|(name, _)| name.clone())
+        .context("no dn2 primary")?;
+    let victim_client = &primaries
+        .iter()
+        .find(|(n, _)| *n == victim)
+        .context("victim")?
+        .1;
+    wait_for("the DDL to be open on the victim", Duration::from_secs(10), || async {
+        let n = scalar(
+            victim_client,
+            "select count(*) from pg_stat_activity where application_name = 'mpp-ha-cn' and state = 'idle in transaction'",
+        )
+        .await?;
+        Ok((n != "0").then_some(()))
+    })
+    .await?;
+    let pid = c.postmaster_pid(&victim).context("victim postmaster pid")?;
+    kill9(pid);
+    let r = tokio::time::timeout(Duration::from_secs(30), ddl).await??;
+    assert!(
+        r.is_err(),
+        "the DDL must fail when a DN primary dies in phase one"
+    );
+    wait_for(
+        "nothing prepared or created anywhere",
+        Duration::from_secs(90),
+        || async {
+            let primaries = dn_primaries(&c).await;
+            if primaries.len() != c.cfg.dn_groups.len() {
+                return Ok(None);
+            }
+            for (_, dn) in primaries {
+                let left = scalar(&dn, "select count(*) from pg_prepared_xacts").await?;
+                let exists =
+                    scalar(&dn, "select (to_regclass('half_done') is not null)::text").await?;
+                if left != "0" || exists != "false" {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    // The catalog took nothing either: the same DDL works once the group is back.
+    wait_for(
+        "the DDL to succeed after recovery",
+        Duration::from_secs(60),
+        || async {
+            let c1 = wait_cn(cn1_port).await?;
+            Ok(c1
+                .simple_query("create table half_done (id int)")
+                .await
+                .is_ok()
+                .then_some(()))
+        },
+    )
+    .await?;
+    drop(procs);
     Ok(())
 }
