@@ -137,7 +137,7 @@ impl Decimal {
             .checked_mul(10i128.checked_pow(scale.checked_sub(self.scale)?)?)
     }
 
-    pub fn add(self, other: Decimal) -> Option<Decimal> {
+    pub fn plus(self, other: Decimal) -> Option<Decimal> {
         let scale = self.scale.max(other.scale);
         Some(Decimal {
             mantissa: self.rescale(scale)?.checked_add(other.rescale(scale)?)?,
@@ -214,7 +214,7 @@ fn add_text(a: Option<String>, b: Option<&str>) -> Option<String> {
         (Some(x), None) => Some(x),
         (None, Some(y)) => Some(y.to_owned()),
         (Some(x), Some(y)) => match (Decimal::parse(&x), Decimal::parse(y)) {
-            (Some(p), Some(q)) => p.add(q).map(|d| d.to_string()),
+            (Some(p), Some(q)) => p.plus(q).map(|d| d.to_string()),
             _ => match (x.parse::<f64>(), y.parse::<f64>()) {
                 (Ok(p), Ok(q)) => Some(format_float(p + q)),
                 _ => Some(x),
@@ -252,7 +252,6 @@ fn aggregate(plan: &AggPlan, parts: Vec<Vec<Row>>) -> Vec<Row> {
                 values: vec![None; row.len()],
             }
         });
-        let first = acc.values.iter().all(|v| v.is_none());
         for out in &plan.outputs {
             match *out {
                 OutCol::Key(i) => acc.values[i] = row[i].clone(),
@@ -275,10 +274,8 @@ fn aggregate(plan: &AggPlan, parts: Vec<Vec<Row>>) -> Vec<Row> {
                         (None, Some(_)) => true,
                         (Some(cur), Some(new)) => compare_values(new, cur) == want,
                     };
-                    if replace || (first && acc.values[i].is_none()) {
-                        if row[i].is_some() {
-                            acc.values[i] = row[i].clone();
-                        }
+                    if replace {
+                        acc.values[i] = row[i].clone();
                     }
                 }
             }
@@ -374,7 +371,7 @@ mod tests {
     fn decimal_add_and_avg_are_exact() {
         let a = Decimal::parse("12.50").unwrap();
         let b = Decimal::parse("-3.1").unwrap();
-        assert_eq!(a.add(b).unwrap().to_string(), "9.40");
+        assert_eq!(a.plus(b).unwrap().to_string(), "9.40");
         assert_eq!(
             Decimal::parse("5")
                 .unwrap()

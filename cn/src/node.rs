@@ -21,6 +21,9 @@ use crate::dn::{DnError, Pool, Target};
 
 pub const SCRAM_ITERATIONS: usize = 4096;
 
+/// Parameter types and result columns of a statement.
+type Described = (Vec<Type>, Vec<FieldInfo>);
+
 /// Users from the config with their SCRAM salted passwords (computed once at start).
 #[derive(Debug)]
 pub struct UserAuth {
@@ -85,7 +88,7 @@ pub struct Node {
     peers: RwLock<Option<Vec<Peer>>>,
     accepting: AtomicBool,
     pub cm_term: AtomicU64,
-    describe_cache: Mutex<HashMap<(String, Vec<Type>), (Vec<Type>, Vec<FieldInfo>)>>,
+    describe_cache: Mutex<HashMap<(String, Vec<Type>), Described>>,
     /// When the resolver first saw another CN's prepared catalog change.
     pub seen_prepared: Mutex<HashMap<String, Instant>>,
     /// Test-only fault point (`MPP_CN_FAULT`), read at start.

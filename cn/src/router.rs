@@ -1406,12 +1406,10 @@ fn plan_aggregate(
 
 // ---------- INSERT / UPDATE / DELETE ----------
 
-fn dml_table<'a>(name: &ast::ObjectName, catalog: &'a Catalog) -> Result<&'a TableDef, Plan> {
+fn dml_table<'a>(name: &ast::ObjectName, catalog: &'a Catalog) -> Result<&'a TableDef, String> {
     let n = object_name(name);
     catalog.table(&n).ok_or_else(|| {
-        unsupported(format!(
-            "table {n} is not a distributed table of this cluster (create it through a CN)"
-        ))
+        format!("table {n} is not a distributed table of this cluster (create it through a CN)")
     })
 }
 
@@ -1421,7 +1419,7 @@ fn plan_insert(ins: &ast::Insert, sql: String, catalog: &Catalog) -> Plan {
     };
     let table = match dml_table(name, catalog) {
         Ok(t) => t,
-        Err(p) => return p,
+        Err(msg) => return unsupported(msg),
     };
     let groups = all_groups(catalog);
     let Some((dist, kind)) = table.hash_column() else {
@@ -1505,7 +1503,7 @@ fn plan_update(u: &ast::Update, sql: String, catalog: &Catalog) -> Plan {
     };
     let table = match dml_table(name, catalog) {
         Ok(t) => t,
-        Err(p) => return p,
+        Err(msg) => return unsupported(msg),
     };
     if let Some((dist, _)) = table.hash_column() {
         for a in &u.assignments {
@@ -1543,7 +1541,7 @@ fn plan_delete(d: &ast::Delete, sql: String, catalog: &Catalog) -> Plan {
     };
     let table = match dml_table(name, catalog) {
         Ok(t) => t,
-        Err(p) => return p,
+        Err(msg) => return unsupported(msg),
     };
     plan_filtered_write(
         table,
