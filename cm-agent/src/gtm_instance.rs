@@ -3,11 +3,8 @@
 //! probed and ordered over the GTM's gRPC protocol. Its output goes to
 //! `<base_dir>/<name>.gtm.log`, its pid to `<base_dir>/<name>.gtm.pid`.
 
-use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ha_common::config::ClusterConfig;
 use ha_common::proto::gtm::gtm_client::GtmClient;
@@ -16,11 +13,8 @@ use ha_common::proto::gtm::{
 };
 use tonic::transport::Endpoint;
 
+use crate::detached::Detached;
 use crate::error::{AgentError, Result};
-use crate::process;
-
-/// How long a freshly started gtm must stay up to count as started.
-const STARTUP_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 pub struct GtmInstance {
@@ -33,8 +27,8 @@ pub struct GtmInstance {
     pub binary: PathBuf,
     pub config_path: PathBuf,
     pub base_dir: PathBuf,
-    /// Set when this agent started it: reaped here so that it never lingers as a zombie.
-    child: Option<Child>,
+    /// The `gtm serve` process (pid file, adoption, start, stop).
+    process: Detached,
 }
 
 impl GtmInstance {
@@ -48,129 +42,37 @@ impl GtmInstance {
             .ok_or_else(|| {
                 AgentError::Instance(format!("{name} is not a GTM instance of the config"))
             })?;
-        let instance_dir = cfg.instance_dir(name);
-        let base_dir = cfg.cluster.base_dir.clone();
+        // The pid file and log live beside the data dir, not in it: the gtm creates
+        // its data dir itself (atomically, with its control file) and refuses to start
+        // on an existing dir without one, so the agent must not create it first.
+        let process = Detached::serve(cfg, "gtm", name, config_path);
         Ok(GtmInstance {
             name: name.to_owned(),
-            // Beside the data dir, not in it: the gtm creates its data dir itself
-            // (atomically, with its control file) and refuses to start on an existing
-            // dir without one, so the agent must not create it first.
-            pid_file: base_dir.join(format!("{name}.gtm.pid")),
-            log_file: base_dir.join(format!("{name}.gtm.log")),
-            instance_dir,
+            pid_file: process.pid_file.clone(),
+            log_file: process.log_file.clone(),
+            instance_dir: cfg.instance_dir(name),
             url: format!("http://{}", cfg.endpoint(inst)),
-            binary: cfg.bin_dir().join("gtm"),
+            binary: process.binary.clone(),
             config_path: config_path.to_owned(),
-            base_dir,
-            child: None,
+            base_dir: process.base_dir.clone(),
+            process,
         })
     }
 
     /// The pid of the running gtm of this instance, if any.
     pub fn pid(&mut self) -> Option<u32> {
-        if let Some(child) = self.child.as_mut() {
-            match child.try_wait() {
-                Ok(None) => return Some(child.id()),
-                _ => self.child = None,
-            }
-        }
-        let pid = process::read_pid_file(&self.pid_file)?;
-        process::runs(pid, "gtm", Some(&self.name)).then_some(pid)
+        self.process.pid()
     }
 
     /// Starts `gtm serve` detached: its own session, stdout/stderr appended to
     /// `<name>.gtm.log`, its pid in `<name>.gtm.pid`. Fails if the binary is missing or it exits at once.
     pub async fn start(&mut self) -> Result<()> {
-        if let Some(pid) = self.pid() {
-            return Err(AgentError::Instance(format!(
-                "{}: gtm already runs (pid {pid})",
-                self.name
-            )));
-        }
-        if !self.binary.exists() {
-            return Err(AgentError::Instance(format!(
-                "gtm binary not found at {}",
-                self.binary.display()
-            )));
-        }
-        std::fs::create_dir_all(&self.base_dir)
-            .map_err(|e| AgentError::io("create directory", &self.base_dir, e))?;
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log_file)
-            .map_err(|e| AgentError::io("open", &self.log_file, e))?;
-        let err = log
-            .try_clone()
-            .map_err(|e| AgentError::io("open", &self.log_file, e))?;
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--node")
-            .arg(&self.name)
-            .arg("--base-dir")
-            .arg(&self.base_dir)
-            .current_dir(&self.base_dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
-            program: self.binary.display().to_string(),
-            source,
-        })?;
-        let pid = child.id();
-        std::fs::write(&self.pid_file, format!("{pid}\n"))
-            .map_err(|e| AgentError::io("write", &self.pid_file, e))?;
-        let deadline = Instant::now() + STARTUP_GRACE;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                let _ = std::fs::remove_file(&self.pid_file);
-                return Err(AgentError::Instance(format!(
-                    "gtm exited at once ({status}): {}",
-                    self.log_tail(3)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.child = Some(child);
-        Ok(())
+        self.process.start().await
     }
 
     /// Stops it (SIGTERM, then SIGKILL after `grace`).
     pub async fn stop(&mut self, grace: Duration) -> Result<()> {
-        let Some(pid) = self.pid() else {
-            return Ok(());
-        };
-        let target = nix::unistd::Pid::from_raw(pid as i32);
-        let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while self.pid().is_some() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if self.pid().is_some() {
-            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.pid().is_some() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        if self.pid().is_some() {
-            return Err(AgentError::Instance(format!(
-                "{}: gtm (pid {pid}) does not stop",
-                self.name
-            )));
-        }
-        let _ = std::fs::remove_file(&self.pid_file);
-        Ok(())
+        self.process.stop(grace).await
     }
 
     async fn client(&self, timeout: Duration) -> Result<GtmClient<tonic::transport::Channel>> {
@@ -241,9 +143,7 @@ impl GtmInstance {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
-        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        all[all.len().saturating_sub(lines)..].join(" | ")
+        self.process.log_tail(lines)
     }
 }
 

@@ -1,8 +1,10 @@
 //! CMAgent: the per-host supervisor. It starts, watches and restarts the PostgreSQL
-//! DNs and GTMs the config places on its host, as the CMServer assigns, carries out
+//! DNs, GTMs and CNs the config places on its host, as the CMServer assigns, carries out
 //! the CMServer's orders, and reports every instance's state each heartbeat.
 
 pub mod agent;
+pub mod cn_instance;
+pub mod detached;
 pub mod error;
 pub mod gtm_instance;
 pub mod lease;

@@ -145,6 +145,8 @@ pub fn render_settings(s: &PgSettings) -> String {
          synchronous_commit = on\n\
          synchronous_standby_names = {sync}\n\
          max_wal_senders = 10\n\
+         # CNs commit DDL and multi-group transactions by two-phase commit.\n\
+         max_prepared_transactions = 100\n\
          max_replication_slots = 10\n\
          wal_keep_size = '256MB'\n\
          hot_standby_feedback = on\n\

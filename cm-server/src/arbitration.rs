@@ -201,9 +201,8 @@ impl Engine {
         lock(&self.inner).notes.insert(key.to_owned(), text);
     }
 
-    /// Adds the arbiter's notes to a status: DN group details, the GTM primary's row
-    /// (degraded while running alone), and CNs that are not normal: not in the DDL set
-    /// (there is none yet: CNs are not implemented).
+    /// Adds the arbiter's notes to a status: DN group details and the GTM primary's
+    /// row (degraded while running alone). CN rows: [`crate::ddl_set::annotate`].
     pub fn annotate(&self, status: &mut ClusterStatus) {
         let notes = lock(&self.inner).notes.clone();
         for g in &mut status.dn_groups {
@@ -217,14 +216,6 @@ impl Engine {
                     row.state = crate::status::states::DEGRADED.into();
                 }
                 append(&mut row.detail, n);
-            }
-        }
-        for cn in &mut status.cn {
-            if cn.state != crate::status::states::NORMAL {
-                append(
-                    &mut cn.detail,
-                    "not in the DDL set (CNs are not implemented yet)",
-                );
             }
         }
     }
@@ -377,17 +368,11 @@ mod tests {
                 state: "normal".into(),
                 ..Default::default()
             }],
-            cn: vec![InstanceStatus {
-                name: "cn1".into(),
-                state: "not_implemented".into(),
-                ..Default::default()
-            }],
             ..Default::default()
         };
         e.annotate(&mut s);
         assert!(s.dn_groups[0].detail.ends_with("no failover: x"));
         assert_eq!(s.gtm[0].state, "degraded");
-        assert!(s.cn[0].detail.contains("not in the DDL set"));
         // A new tenure forgets the earlier one's orders, timers and notes.
         let id = e.issue("h2", order(3, "dn1_h2", OrderKind::Promote));
         assert_eq!(e.orders_for("h2").len(), 1);

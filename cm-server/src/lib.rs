@@ -4,6 +4,8 @@
 pub mod arbiter;
 pub mod arbitration;
 pub mod assignments;
+pub mod cn_sync;
+pub mod ddl_set;
 pub mod election;
 pub mod operations;
 pub mod order_book;

@@ -18,9 +18,9 @@ use ha_common::config::InstanceKind;
 use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::cm_server_server::{CmServer, CmServerServer};
 use ha_common::proto::cm::{
-    AgentReport, BuildRequest, ClusterStatus, ClusterStatusRequest, FailoverRequest,
-    OperationReply, ReportReply, SetDesiredStateReply, SetDesiredStateRequest, SwitchoverRequest,
-    SyncStateReply, SyncStateRequest,
+    AgentReport, BuildRequest, ClusterStatus, ClusterStatusRequest, CnSyncReply, CnSyncRequest,
+    FailoverRequest, OperationReply, ReportReply, SetDesiredStateReply, SetDesiredStateRequest,
+    SwitchoverRequest, SyncStateReply, SyncStateRequest,
 };
 use ha_common::ClusterConfig;
 use tonic::transport::Endpoint;
@@ -72,6 +72,8 @@ struct Shared {
     peers_seen: Mutex<HashMap<String, Instant>>,
     /// Arbitration: orders in flight, timers, operations (`arbitration.rs`).
     engine: crate::arbitration::Engine,
+    /// What the CNs said in CnSync, and the DDL set's notes (`cn_sync.rs`).
+    cns: crate::cn_sync::CnBook,
 }
 
 impl Shared {
@@ -108,6 +110,7 @@ impl CmService {
                 reports: Mutex::new(Reports::new()),
                 peers_seen: Mutex::new(HashMap::new()),
                 engine: crate::arbitration::Engine::new(),
+                cns: crate::cn_sync::CnBook::default(),
             }),
         }
     }
@@ -214,6 +217,12 @@ impl CmServer for CmService {
             peers_seen: &peers,
         });
         sh.engine.annotate(&mut status);
+        crate::ddl_set::annotate(
+            &mut status,
+            &state.ddl_set,
+            &sh.cns.memory(),
+            &sh.cns.notes(),
+        );
         Ok(Response::new(status))
     }
 
@@ -332,12 +341,38 @@ impl CmServer for CmService {
 
     async fn cn_sync(
         &self,
-        _request: Request<ha_common::proto::cm::CnSyncRequest>,
-    ) -> Result<Response<ha_common::proto::cm::CnSyncReply>, Status> {
-        // The coordinator lands with issue 8; until then no CN calls this.
-        Err(Status::unimplemented(
-            "CnSync: coordinators are not implemented yet",
-        ))
+        request: Request<CnSyncRequest>,
+    ) -> Result<Response<CnSyncReply>, Status> {
+        let sh = &self.shared;
+        let req = request.into_inner();
+        // Standby too: a new primary knows the CNs the moment it is elected.
+        sh.cns
+            .record(&sh.cfg, &req, Instant::now())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !sh.is_primary() {
+            // Not authoritative: the CN asks every CMServer and acts on the primary's.
+            let term = sh.state.lock().await.term.0;
+            return Ok(Response::new(CnSyncReply {
+                term,
+                primary: false,
+                from: sh.node.clone(),
+                ..Default::default()
+            }));
+        }
+        // Admission is decided (and persisted) now: a CN that just became READY
+        // learns it is admitted in this very reply.
+        crate::cn_sync::round(&self.arbitration(), &sh.cns).await;
+        let state = sh.state.lock().await.clone();
+        let reports = lock(&sh.reports).clone();
+        let memory = sh.cns.memory();
+        Ok(Response::new(CnSyncReply {
+            term: state.term.0,
+            primary: true,
+            from: sh.node.clone(),
+            dn_primaries: crate::cn_sync::dn_primaries(&sh.cfg, &state, &reports, Instant::now()),
+            ddl_set: crate::cn_sync::ddl_peers(&sh.cfg, &state.ddl_set, &memory),
+            admitted: state.ddl_set.contains(&req.cn),
+        }))
     }
 }
 
@@ -381,6 +416,7 @@ pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
     tokio::spawn(watch_peers(service.clone()));
     tokio::spawn(arbitrate(service.clone()));
     tokio::spawn(look_from_outside(service.clone()));
+    tokio::spawn(keep_ddl_set(service.clone()));
     let pair_service = service.clone();
     tokio::spawn(async move {
         let sh = &pair_service.shared;
@@ -460,6 +496,18 @@ async fn arbitrate(service: CmService) {
         tokio::time::sleep(every).await;
         if service.is_primary() {
             crate::arbitration::tick(&service.arbitration()).await;
+        }
+    }
+}
+
+/// The DDL set's rules, every half heartbeat on the primary: members that stopped
+/// calling CnSync are taken out even though nobody calls.
+async fn keep_ddl_set(service: CmService) {
+    let every = (service.shared.cfg.timing.heartbeat_interval() / 2).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        if service.is_primary() {
+            crate::cn_sync::round(&service.arbitration(), &service.shared.cns).await;
         }
     }
 }
@@ -675,6 +723,89 @@ mod tests {
         assert_eq!(e.message(), "not primary: cms1");
         let e = svc.set_desired_state(set(true, "")).await.unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition);
+    }
+
+    fn cn_sync_req(
+        cn: &str,
+        phase: ha_common::proto::cm::CnPhase,
+        version: u64,
+    ) -> Request<CnSyncRequest> {
+        Request::new(CnSyncRequest {
+            cn: cn.into(),
+            phase: phase as i32,
+            catalog_version: version,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn cn_sync_answers_topology_and_admits_ready_cns_durably() {
+        use ha_common::proto::cm::CnPhase;
+        let dir = tempfile::tempdir().unwrap();
+        let standby = service(dir.path(), "cms2");
+        let reply = standby
+            .cn_sync(cn_sync_req("cn1", CnPhase::CnReady, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!reply.primary, "only the primary answers authoritatively");
+        assert!(reply.dn_primaries.is_empty() && reply.ddl_set.is_empty() && !reply.admitted);
+        assert_eq!(reply.from, "cms2");
+        drop(standby);
+
+        let svc = service(dir.path(), "cms1");
+        let term = elect(&svc).await;
+        let e = svc
+            .cn_sync(cn_sync_req("cn9", CnPhase::CnReady, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("cn9"), "{}", e.message());
+
+        let reply = svc
+            .cn_sync(cn_sync_req("cn2", CnPhase::CnStarting, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.primary && !reply.admitted);
+        assert_eq!(reply.term, term);
+        let groups: Vec<_> = reply
+            .dn_primaries
+            .iter()
+            .map(|p| (p.group.as_str(), p.instance.as_str(), p.port, p.available))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                ("dn1", "dn1_h1", 6501, false),
+                ("dn2", "dn2_h2", 6511, false)
+            ],
+            "no agent has reported the primaries alive"
+        );
+        let reply = svc
+            .cn_sync(cn_sync_req("cn1", CnPhase::CnReady, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.admitted);
+        assert_eq!(reply.ddl_set.len(), 1);
+        assert_eq!(
+            (reply.ddl_set[0].name.as_str(), reply.ddl_set[0].port),
+            ("cn1", 6401)
+        );
+        let persisted = StateFile::in_dir(dir.path()).load().unwrap().unwrap();
+        assert!(persisted.ddl_set.contains("cn1") && !persisted.ddl_set.contains("cn2"));
+        let status = svc
+            .get_cluster_status(Request::new(ClusterStatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(status.cn[0].in_ddl_set && !status.cn[1].in_ddl_set);
+        assert!(
+            status.cn[1].detail.contains("starting"),
+            "{}",
+            status.cn[1].detail
+        );
     }
 
     fn sync(term: u64, state: &ClusterState) -> Request<SyncStateRequest> {

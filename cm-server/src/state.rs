@@ -130,6 +130,10 @@ pub struct ClusterState {
     /// new primary must not let a fenced secondary stream from an old primary again.
     #[serde(default)]
     pub secondary: BTreeMap<String, SecondaryPlan>,
+    /// The CNs that take part in DDL and the catalog version they hold
+    /// (see [`crate::ddl_set`]).
+    #[serde(default)]
+    pub ddl_set: crate::ddl_set::DdlSet,
 }
 
 /// The GTM pair's run-alone record. A GTM primary running alone reserves blocks its
@@ -171,6 +175,7 @@ impl ClusterState {
             last_sync_standby: BTreeMap::new(),
             gtm: GtmAlone::default(),
             secondary: BTreeMap::new(),
+            ddl_set: Default::default(),
         };
         s.reconcile(cfg);
         s

@@ -1,2 +1,15 @@
-//! Coordinator node (CN): PostgreSQL wire endpoint, catalog, router, 2PC.
-//! Not implemented yet: a later issue fills this crate.
+//! Coordinator node (CN): PostgreSQL wire endpoint, catalog, router, two-phase commit.
+
+pub mod catalog;
+pub mod cli;
+pub mod distribute_clause;
+pub mod dn;
+pub mod merge;
+pub mod node;
+pub mod router;
+pub mod rpc;
+pub mod server;
+pub mod session;
+pub mod sql_text;
+pub mod topology;
+pub mod two_phase;

@@ -1,8 +1,14 @@
-//! `cn`: not implemented yet. It exits with an error rather than pretend to serve.
+//! The `cn` binary: parses the command line and hands over to `cn::cli`.
+
+use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    eprintln!(
-        "cn: the coordinator is not implemented yet (a later issue builds it); refusing to start"
-    );
-    std::process::ExitCode::from(2)
+    let cli = cn::cli::Cli::parse();
+    match cn::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cn: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -107,6 +107,11 @@ pub struct TimingSection {
     /// run alone).
     #[serde(default = "default_failover_timeout_ms")]
     pub gtm_failover_timeout_ms: u64,
+    /// A CN of the DDL set that is down (it stops calling CnSync, or its agent reports
+    /// it dead or not answering) for this long is taken out of the DDL set, so that DDL
+    /// goes on without it; it copies the catalog before it is admitted again.
+    #[serde(default = "default_failover_timeout_ms")]
+    pub cn_failover_timeout_ms: u64,
     /// How long an agent's lease to a CMServer lasts. A CMServer is primary only while a
     /// majority of agents hold an unexpired lease for it; a restarted agent grants
     /// nothing for this long, so two CMServers can never both hold a majority.
@@ -138,6 +143,7 @@ impl Default for TimingSection {
             probe_timeout_ms: default_probe_timeout_ms(),
             dn_failover_timeout_ms: default_failover_timeout_ms(),
             gtm_failover_timeout_ms: default_failover_timeout_ms(),
+            cn_failover_timeout_ms: default_failover_timeout_ms(),
             cm_lease_ms: default_cm_lease_ms(),
         }
     }
@@ -158,6 +164,9 @@ impl TimingSection {
     }
     pub fn gtm_failover_timeout(&self) -> Duration {
         Duration::from_millis(self.gtm_failover_timeout_ms)
+    }
+    pub fn cn_failover_timeout(&self) -> Duration {
+        Duration::from_millis(self.cn_failover_timeout_ms)
     }
     pub fn cm_lease(&self) -> Duration {
         Duration::from_millis(self.cm_lease_ms)
@@ -182,6 +191,9 @@ pub struct Instance {
     port: i64,
     #[serde(default)]
     role: Option<Role>,
+    /// CNs only: the port of the CN's gRPC service (cn.proto `Coordinator`).
+    #[serde(default)]
+    rpc_port: Option<i64>,
 }
 
 impl Instance {
@@ -193,6 +205,18 @@ impl Instance {
     pub fn role(&self) -> Option<Role> {
         self.role
     }
+    /// CNs: the gRPC port (validated at load time to be present and valid for CNs).
+    pub fn rpc_port(&self) -> u16 {
+        self.rpc_port.unwrap_or(0) as u16
+    }
+}
+
+/// A database user the CNs accept (SCRAM-SHA-256).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub password: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,6 +275,9 @@ pub struct ClusterConfig {
     pub cns: Vec<Instance>,
     #[serde(rename = "dn_group", default)]
     pub dn_groups: Vec<DnGroup>,
+    /// Users the CNs authenticate clients against (SCRAM-SHA-256).
+    #[serde(rename = "user", default)]
+    pub users: Vec<User>,
     /// Where the config was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
@@ -333,6 +360,10 @@ impl ClusterConfig {
             (
                 "timing.gtm_failover_timeout_ms",
                 self.timing.gtm_failover_timeout_ms,
+            ),
+            (
+                "timing.cn_failover_timeout_ms",
+                self.timing.cn_failover_timeout_ms,
             ),
             ("timing.cm_lease_ms", self.timing.cm_lease_ms),
         ] {
@@ -435,6 +466,51 @@ impl ClusterConfig {
                     "CNs are all active peers and take no role",
                 ));
             }
+            let key = format!("cn[{i}] ({}).rpc_port", c.name);
+            let Some(rpc) = c.rpc_port else {
+                return Err(self.invalid(key, "missing (the CN's gRPC port)"));
+            };
+            if !(1..=65535).contains(&rpc) {
+                return Err(self.invalid(key, format!("{rpc} is not a valid TCP port (1-65535)")));
+            }
+            let ep = (self.address_of(c).to_owned(), rpc as u16);
+            if let Some(other) = endpoints.insert(ep.clone(), c.name.clone()) {
+                return Err(
+                    self.invalid(key, format!("{}:{} is already used by {other}", ep.0, ep.1))
+                );
+            }
+        }
+        for (key, inst) in self.all_instances_with_keys() {
+            if inst.rpc_port.is_some() && !key.starts_with("cn[") {
+                return Err(self.invalid(
+                    format!("{key} ({}).rpc_port", inst.name),
+                    "only [[cn]] entries have an rpc_port",
+                ));
+            }
+        }
+        let mut user_names = BTreeSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.trim().is_empty() {
+                return Err(self.invalid(format!("user[{i}].name"), "must not be empty"));
+            }
+            if u.password.is_empty() {
+                return Err(self.invalid(
+                    format!("user[{i}] ({}).password", u.name),
+                    "must not be empty",
+                ));
+            }
+            if !user_names.insert(u.name.as_str()) {
+                return Err(self.invalid(
+                    format!("user[{i}].name"),
+                    format!("duplicate user {:?}", u.name),
+                ));
+            }
+        }
+        if !self.cns.is_empty() && self.users.is_empty() {
+            return Err(self.invalid(
+                "user",
+                "at least one [[user]] is required when the config has CNs (clients log in as one)",
+            ));
         }
 
         // GTM: one primary, at most one standby, on different hosts.
@@ -537,6 +613,11 @@ impl ClusterConfig {
             }
         }
         out
+    }
+
+    /// A CN user by name.
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
     }
 
     pub fn host(&self, name: &str) -> Option<&Host> {
@@ -729,10 +810,49 @@ mod tests {
     }
 
     #[test]
+    fn cn_failover_timeout_defaults_and_is_validated() {
+        let cfg = parse(LOCAL).unwrap();
+        assert_eq!(cfg.timing.cn_failover_timeout_ms, 3000);
+        let without = LOCAL.replacen("cn_failover_timeout_ms = 3000", "", 1);
+        assert_eq!(parse(&without).unwrap().timing.cn_failover_timeout_ms, 3000);
+        let e = err(&LOCAL.replacen(
+            "cn_failover_timeout_ms = 3000",
+            "cn_failover_timeout_ms = 1500",
+            1,
+        ));
+        assert!(
+            e.contains("timing.cn_failover_timeout_ms") && e.contains("two heartbeats"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn base_dir_override() {
         let cfg = parse(LOCAL)
             .unwrap()
             .with_base_dir(Some("/tmp/other".into()));
         assert_eq!(cfg.instance_dir("gtm1"), Path::new("/tmp/other/gtm1"));
+    }
+
+    #[test]
+    fn cn_rpc_port_and_users_are_validated() {
+        let cfg = parse(LOCAL).unwrap();
+        assert_eq!(cfg.cns[0].rpc_port(), 6451);
+        assert_eq!(
+            cfg.user("postgres").map(|u| u.password.as_str()),
+            Some("postgres")
+        );
+        let e = err(&LOCAL.replacen("rpc_port = 6451\n", "", 1));
+        assert!(
+            e.contains("cn[0] (cn1).rpc_port") && e.contains("missing"),
+            "{e}"
+        );
+        let e = err(&LOCAL.replacen("rpc_port = 6451", "rpc_port = 6402", 1));
+        assert!(
+            e.contains("rpc_port") && e.contains("already used by cn2"),
+            "{e}"
+        );
+        let e = err(&LOCAL.replacen("password = \"postgres\"", "password = \"\"", 1));
+        assert!(e.contains("user[0] (postgres).password"), "{e}");
     }
 }

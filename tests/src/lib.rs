@@ -44,13 +44,28 @@ pub fn bin(name: &str) -> PathBuf {
 /// Connects to a DN member on loopback as the superuser; connecting is bounded by
 /// `timeout`.
 pub async fn connect(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
-    connect_at("127.0.0.1", port, timeout).await
+    connect_with("127.0.0.1", port, None, timeout).await
 }
 
 /// Connects to a DN member at `address` as the superuser (bounded by `timeout`).
 pub async fn connect_at(
     address: &str,
     port: u16,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client> {
+    connect_with(address, port, None, timeout).await
+}
+
+/// Connects to a CN on loopback as `postgres` with the password of configs/local.toml
+/// (`[[user]]`); connecting is bounded by `timeout`.
+pub async fn connect_cn(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
+    connect_with("127.0.0.1", port, Some("postgres"), timeout).await
+}
+
+async fn connect_with(
+    address: &str,
+    port: u16,
+    password: Option<&str>,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client> {
     let mut config = tokio_postgres::Config::new();
@@ -61,6 +76,9 @@ pub async fn connect_at(
         .dbname("postgres")
         .application_name("mpp-ha-test")
         .connect_timeout(timeout);
+    if let Some(p) = password {
+        config.password(p);
+    }
     let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
         .await
         .with_context(|| format!("connect to {address}:{port} timed out"))?
@@ -114,10 +132,9 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
     let mut out = String::new();
     for line in LOCAL_CONFIG.lines() {
         let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix("port = ") {
-            let port: u16 = rest.trim().parse().expect("port in local.toml");
+        if let Some((key, port)) = port_line(trimmed) {
             // local.toml uses 6401..=7102; map them onto the test's range.
-            out.push_str(&format!("port = {}\n", port_base + (port - 6400)));
+            out.push_str(&format!("{key} = {}\n", port_base + (port - 6400)));
         } else if trimmed.starts_with("base_dir = ") {
             out.push_str(&format!(
                 "base_dir = {:?}\n",
@@ -129,6 +146,16 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
         }
     }
     out
+}
+
+/// `(key, port)` of a line `<something>port = N` (port, rpc_port, ...).
+fn port_line(line: &str) -> Option<(&str, u16)> {
+    let (key, value) = line.split_once('=')?;
+    let key = key.trim();
+    if !key.ends_with("port") || key.contains(' ') {
+        return None;
+    }
+    Some((key, value.trim().parse().expect("port in local.toml")))
 }
 
 /// Writes a config file for a test cluster into its dir and returns its path.

@@ -51,7 +51,23 @@ pub fn table(cluster: &str, from: &str, s: &ClusterStatus) -> String {
         push("gtm", i);
     }
     for i in &s.cn {
-        push("cn", i);
+        // A CN has no LSN: its catalog version and DDL set membership say how current it is.
+        let mut row = i.clone();
+        let facts = format!(
+            "catalog v{}, {}",
+            i.catalog_version,
+            if i.in_ddl_set {
+                "in DDL set"
+            } else {
+                "not in DDL set"
+            }
+        );
+        row.detail = if i.detail.is_empty() {
+            facts
+        } else {
+            format!("{facts}; {}", i.detail)
+        };
+        push("cn", &row);
     }
     for g in &s.dn_groups {
         for i in &g.members {
@@ -114,7 +130,11 @@ mod tests {
             term: 3,
             cm_servers: vec![row("cms1", "primary", "normal")],
             gtm: vec![row("gtm1", "primary", "normal")],
-            cn: vec![row("cn1", "active", "not_implemented")],
+            cn: vec![InstanceStatus {
+                catalog_version: 4,
+                in_ddl_set: true,
+                ..row("cn1", "active", "normal")
+            }],
             dn_groups: vec![DnGroupStatus {
                 name: "dn1".into(),
                 members: vec![
@@ -127,7 +147,14 @@ mod tests {
         };
         let t = table("local", "cms1", &s);
         assert!(t.starts_with("cluster local, term 3, from CMServer cms1"));
-        for n in ["cms1", "gtm1", "cn1", "dn1_h1", "dn1_h2", "not_implemented"] {
+        for n in [
+            "cms1",
+            "gtm1",
+            "cn1",
+            "dn1_h1",
+            "dn1_h2",
+            "catalog v4, in DDL set",
+        ] {
             assert!(t.contains(n), "{n} missing:\n{t}");
         }
         assert!(t.contains("dn group dn1: degraded (standby dn1_h2 is not synchronous)"));

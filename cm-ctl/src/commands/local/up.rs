@@ -130,6 +130,13 @@ pub async fn run(
         cfg.cluster.name,
         started.elapsed().as_secs_f64()
     );
+    for cn in status.cn.iter().filter(|c| c.state == "normal") {
+        let address = cfg
+            .find(&cn.name)
+            .map(|r| cfg.address_of(r.instance).to_owned())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        println!("{}", cn_psql_line(&cn.name, &address, cn.port));
+    }
     for g in &status.dn_groups {
         for m in g.members.iter().filter(|m| m.role == "primary") {
             let address = cfg
@@ -159,6 +166,12 @@ pub async fn run(
     }
     println!("  stop:   {stop_cmd}");
     Ok(())
+}
+
+/// How to connect to a CN (configs/local.toml's user `postgres`, password `postgres`).
+fn cn_psql_line(name: &str, address: &str, port: u32) -> String {
+    let user = "postgres";
+    format!("  coordinator {name}: psql \"host={address} port={port} user={user}\"")
 }
 
 /// Waits until the primary CMServer answers; fails early, with its log, if the

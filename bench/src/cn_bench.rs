@@ -1,0 +1,320 @@
+//! `cn_bench`: what a coordinator costs and how fast it follows a DN failover.
+//!
+//! In one run, on one machine: a whole local cluster (`cm_ctl local up`, two DN groups,
+//! two CNs) and one plain PostgreSQL 15 (initdb'd here, same binaries, no replication).
+//!   * pgbench `-S` (select-only) and the default TPC-B-like script, the same clients
+//!     and duration, through cn1 and against the plain PostgreSQL: TPS and the ratio
+//!     CN / plain (goal for `-S`: ≥ 0.8; the anchor is PgDog at ≈ 0.93× PgBouncer).
+//!     The plain server has no synchronous standby: TPC-B there commits one copy,
+//!     through the CN every commit waits for its group's synchronous standby.
+//!   * DDL latency through the CN's two-phase commit (CREATE TABLE + DROP TABLE, each
+//!     on every DN primary and every CN of the DDL set): p50 / p99, beside the same
+//!     statements on the plain server.
+//!   * A DN failover: dn1's primary host is lost (its agent and postmaster SIGKILLed);
+//!     time from the kill to the first successful read and the first successful write
+//!     of a dn1 row through cn2.
+//!
+//! Never a timed test. Run by hand:
+//! `cargo build --release --workspace --bins && target/release/cn_bench --seconds 20`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use mpp_ha_tests::{kill9, pid_alive, LocalCluster, TestDir};
+
+#[derive(Parser)]
+#[command(
+    about = "pgbench through a CN vs one plain PostgreSQL, DDL latency, DN failover (prints figures)"
+)]
+struct Args {
+    /// Seconds per pgbench run.
+    #[arg(long, default_value_t = 20)]
+    seconds: u32,
+    /// pgbench clients (-c); threads are min(clients, 2).
+    #[arg(long, default_value_t = 8)]
+    clients: u32,
+    /// pgbench scale (-i -s).
+    #[arg(long, default_value_t = 2)]
+    scale: u32,
+    /// DDL statements to time.
+    #[arg(long, default_value_t = 40)]
+    ddl: usize,
+    /// First port of the cluster; the plain PostgreSQL uses port_base + 900.
+    #[arg(long, default_value_t = 17000)]
+    port_base: u16,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let cluster = LocalCluster::new("cn-bench", args.port_base);
+    eprintln!("starting the cluster ...");
+    cluster.up(300)?;
+    let plain = PlainPg::start(&cluster.dir, args.port_base + 900)?;
+    let cn1 = cluster.port("cn1");
+    let cn2 = cluster.port("cn2");
+
+    let target = |port: u16| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    pgbench(
+        &target(plain.port),
+        &["-i", "-q", "-s", &args.scale.to_string()],
+    )?;
+    pgbench(&target(cn1), &["-i", "-q", "-s", &args.scale.to_string()])?;
+
+    let threads = args.clients.min(2).to_string();
+    let clients = args.clients.to_string();
+    let secs = args.seconds.to_string();
+    let run = |port: u16, extra: &[&str]| -> Result<f64> {
+        let mut a = vec!["-n", "-c", &clients, "-j", &threads, "-T", &secs];
+        a.extend_from_slice(extra);
+        tps(&pgbench(&target(port), &a)?)
+    };
+    println!(
+        "pgbench, {} clients, {} s each, scale {}:",
+        args.clients, args.seconds, args.scale
+    );
+    for (label, extra) in [
+        ("-S (select only)", vec!["-S"]),
+        ("TPC-B (default)", vec![]),
+    ] {
+        let p = run(plain.port, &extra)?;
+        let c = run(cn1, &extra)?;
+        println!(
+            "  {label:<18} plain {p:>9.1} tps   through cn1 {c:>9.1} tps   ratio {:.2}",
+            c / p
+        );
+    }
+
+    let (cn_p50, cn_p99) = ddl_latency(cn1, args.ddl).await?;
+    let (pg_p50, pg_p99) = ddl_latency(plain.port, args.ddl).await?;
+    println!(
+        "DDL (CREATE TABLE / DROP TABLE), n={}: through cn1 (2PC) p50 {:.1} ms p99 {:.1} ms; plain p50 {:.1} ms p99 {:.1} ms",
+        args.ddl * 2,
+        ms(cn_p50),
+        ms(cn_p99),
+        ms(pg_p50),
+        ms(pg_p99)
+    );
+
+    let (read, write) = dn_failover(&cluster, cn2).await?;
+    println!(
+        "DN failover (dn1's primary host lost): kill -> first read through cn2 {:.1} s, first write {:.1} s",
+        read.as_secs_f64(),
+        write.as_secs_f64()
+    );
+    drop(plain);
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs pgbench as the OS user `postgres` with the CN users' password; returns stdout.
+fn pgbench(conninfo: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--", "pgbench"])
+        .args(args)
+        .arg(conninfo)
+        .env("PGPASSWORD", "postgres")
+        .output()
+        .context("run pgbench")?;
+    if !out.status.success() {
+        bail!(
+            "pgbench {args:?} {conninfo} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// "tps = 1234.5 (without initial connection time)".
+fn tps(out: &str) -> Result<f64> {
+    out.lines()
+        .find(|l| l.starts_with("tps = ") && l.contains("without initial connection time"))
+        .and_then(|l| l["tps = ".len()..].split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no tps in pgbench output: {out}"))
+}
+
+async fn connect(port: u16) -> Result<tokio_postgres::Client> {
+    mpp_ha_tests::connect_cn(port, Duration::from_secs(5)).await
+}
+
+/// p50 and p99 of `n` CREATE TABLE and `n` DROP TABLE statements.
+async fn ddl_latency(port: u16, n: usize) -> Result<(Duration, Duration)> {
+    let client = connect(port).await?;
+    let mut times = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        for sql in [
+            format!("CREATE TABLE bench_ddl_{i} (id int PRIMARY KEY, v text)"),
+            format!("DROP TABLE bench_ddl_{i}"),
+        ] {
+            let t = Instant::now();
+            client
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("{sql} on port {port}"))?;
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    let at = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize];
+    Ok((at(0.5), at(0.99)))
+}
+
+/// Loses dn1's primary host (agent and postmaster; the CN there keeps running) and
+/// times kill → first read and first write of a dn1 row through `cn_port`. The host
+/// comes back at once (`local up` restarts its agent): until the old primary rejoins
+/// as standby, the new primary has no synchronous partner and commits wait.
+async fn dn_failover(cluster: &LocalCluster, cn_port: u16) -> Result<(Duration, Duration)> {
+    let client = connect(cn_port).await?;
+    client
+        .batch_execute(
+            "CREATE TABLE bench_fo (id int PRIMARY KEY, v int); \
+             INSERT INTO bench_fo SELECT g, 0 FROM generate_series(1, 64) g",
+        )
+        .await
+        .context("create bench_fo")?;
+    let agent = cluster
+        .recorded_pid("cm_agent-h1")
+        .ok_or_else(|| anyhow!("no agent h1"))?;
+    let pm = cluster
+        .postmaster_pid("dn1_h1")
+        .ok_or_else(|| anyhow!("dn1_h1 not running"))?;
+    let t0 = Instant::now();
+    kill9(agent);
+    kill9(pm);
+    while pid_alive(pm) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deadline = t0 + Duration::from_secs(120);
+    // Every id in 1..=64: some live on dn1 (hash), so the full scan needs dn1.
+    let read = first_ok(cn_port, "SELECT count(*) FROM bench_fo", deadline).await? - t0;
+    let up = tokio::task::spawn_blocking({
+        let config = cluster.config.clone();
+        move || {
+            mpp_ha_tests::run_bin(
+                "cm_ctl",
+                &[
+                    "local",
+                    "up",
+                    "--timeout",
+                    "120",
+                    "--config",
+                    &config.display().to_string(),
+                ],
+            )
+        }
+    });
+    let write = first_ok(cn_port, "UPDATE bench_fo SET v = v + 1", deadline).await? - t0;
+    let _ = up.await;
+    Ok((read, write))
+}
+
+async fn first_ok(port: u16, sql: &str, deadline: Instant) -> Result<Instant> {
+    loop {
+        if Instant::now() > deadline {
+            bail!("{sql:?} did not succeed through port {port} before the deadline");
+        }
+        if let Ok(c) = connect(port).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(Ok(_)) = tokio::time::timeout(left, c.batch_execute(sql)).await {
+                return Ok(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One plain PostgreSQL 15 (initdb as `postgres`, trust auth on loopback), stopped
+/// on drop.
+struct PlainPg {
+    data: PathBuf,
+    port: u16,
+}
+
+impl PlainPg {
+    fn start(dir: &TestDir, port: u16) -> Result<PlainPg> {
+        let root = dir.path().join("plain");
+        std::fs::create_dir_all(&root)?;
+        as_postgres(
+            &["chown", "-R", "postgres", &root.display().to_string()],
+            false,
+        )?;
+        let data = root.join("data");
+        let d = data.display().to_string();
+        as_postgres(
+            &[
+                &format!("{PG_BIN}/initdb"),
+                "-D",
+                &d,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+            ],
+            true,
+        )?;
+        let log = root.join("postgresql.log").display().to_string();
+        let opts = format!("-p {port} -c listen_addresses=127.0.0.1 -c max_connections=100");
+        as_postgres(
+            &[
+                &format!("{PG_BIN}/pg_ctl"),
+                "start",
+                "-w",
+                "-D",
+                &d,
+                "-l",
+                &log,
+                "-o",
+                &opts,
+            ],
+            true,
+        )?;
+        Ok(PlainPg { data, port })
+    }
+}
+
+impl Drop for PlainPg {
+    fn drop(&mut self) {
+        let d = self.data.display().to_string();
+        let _ = as_postgres(
+            &[
+                &format!("{PG_BIN}/pg_ctl"),
+                "stop",
+                "-m",
+                "fast",
+                "-w",
+                "-D",
+                &d,
+            ],
+            true,
+        );
+    }
+}
+
+fn as_postgres(cmd: &[&str], switch: bool) -> Result<()> {
+    let mut c = if switch {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).args(cmd);
+        c
+    } else {
+        let mut c = Command::new(cmd[0]);
+        c.args(&cmd[1..]);
+        c
+    };
+    let out = c
+        .current_dir(Path::new("/"))
+        .output()
+        .with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}

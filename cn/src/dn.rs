@@ -1,0 +1,213 @@
+//! Connections to DN primaries: a pool per group (keyed by the primary's address, so a
+//! failover drops the old primary's connections), and running text-protocol statements
+//! that come back as rows of PostgreSQL text.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use crate::merge::Row;
+
+/// Where a group's primary is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub group: String,
+    pub host: String,
+    pub port: u16,
+    /// False while the group has no writable primary (failover in progress).
+    pub available: bool,
+}
+
+/// An error from a DN or from reaching it, with the SQLSTATE the client should see.
+#[derive(Debug, Clone)]
+pub struct DnError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+}
+
+impl DnError {
+    pub fn new(code: &str, message: impl Into<String>) -> DnError {
+        DnError {
+            code: code.to_owned(),
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    pub fn from_pg(group: &str, e: &tokio_postgres::Error) -> DnError {
+        match e.as_db_error() {
+            // The DN's own SQLSTATE and message, unchanged.
+            Some(db) => DnError {
+                code: db.code().code().to_owned(),
+                message: db.message().to_owned(),
+                detail: db.detail().map(|d| d.to_owned()),
+            },
+            None => DnError {
+                // connection_failure: the client may retry the transaction.
+                code: "08006".into(),
+                message: format!("lost the connection to DN group {group}: {e}"),
+                detail: None,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+/// What a statement returned: column names (if it returned rows), rows, and the row
+/// count of its command tag.
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    pub columns: Option<Vec<String>>,
+    pub rows: Vec<Row>,
+    pub count: u64,
+}
+
+/// A DN connection checked out of the pool.
+pub struct DnConn {
+    pub group: usize,
+    pub client: Client,
+    endpoint: (String, u16),
+    /// Session settings were applied: RESET ALL before it goes back to the pool.
+    pub dirty: bool,
+    pub broken: bool,
+}
+
+impl DnConn {
+    pub async fn run(&mut self, group_name: &str, sql: &str) -> Result<Answer, DnError> {
+        match self.client.simple_query(sql).await {
+            Ok(msgs) => Ok(answer(msgs)),
+            Err(e) => {
+                if e.as_db_error().is_none() || self.client.is_closed() {
+                    self.broken = true;
+                }
+                Err(DnError::from_pg(group_name, &e))
+            }
+        }
+    }
+}
+
+/// Collects a simple-query reply; with several statements the last result wins.
+fn answer(msgs: Vec<SimpleQueryMessage>) -> Answer {
+    let mut a = Answer::default();
+    for m in msgs {
+        match m {
+            SimpleQueryMessage::RowDescription(cols) => {
+                a.columns = Some(cols.iter().map(|c| c.name().to_owned()).collect());
+                a.rows.clear();
+            }
+            SimpleQueryMessage::Row(r) => {
+                if a.columns.is_none() {
+                    a.columns = Some(r.columns().iter().map(|c| c.name().to_owned()).collect());
+                }
+                a.rows.push(
+                    (0..r.len())
+                        .map(|i| r.get(i).map(|s| s.to_owned()))
+                        .collect(),
+                );
+            }
+            SimpleQueryMessage::CommandComplete(n) => a.count = n,
+            _ => {}
+        }
+    }
+    a
+}
+
+/// Pools of idle connections per group.
+pub struct Pool {
+    user: String,
+    connect_timeout: Duration,
+    idle: Mutex<HashMap<usize, Vec<DnConn>>>,
+    max_idle: usize,
+}
+
+impl Pool {
+    pub fn new(user: &str, connect_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            user: user.to_owned(),
+            connect_timeout,
+            idle: Mutex::new(HashMap::new()),
+            max_idle: 64,
+        })
+    }
+
+    /// A connection to `target` (the group's primary now): an idle one to the same
+    /// address, else a new one.
+    pub async fn get(&self, group: usize, target: &Target) -> Result<DnConn, DnError> {
+        if !target.available {
+            return Err(DnError::new(
+                "08006",
+                format!(
+                    "DN group {} has no writable primary right now (failover in progress); retry",
+                    target.group
+                ),
+            ));
+        }
+        let endpoint = (target.host.clone(), target.port);
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.entry(group).or_default();
+            while let Some(c) = list.pop() {
+                if c.endpoint == endpoint && !c.client.is_closed() {
+                    return Ok(c);
+                }
+            }
+        }
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&target.host)
+            .port(target.port)
+            .user(&self.user)
+            .dbname("postgres")
+            .application_name("mpp-ha-cn")
+            .connect_timeout(self.connect_timeout);
+        let connected = tokio::time::timeout(self.connect_timeout, cfg.connect(NoTls)).await;
+        let (client, conn) = match connected {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return Err(DnError::from_pg(&target.group, &e)),
+            Err(_) => {
+                return Err(DnError::new(
+                    "08006",
+                    format!(
+                        "connecting to DN group {} at {}:{} timed out",
+                        target.group, target.host, target.port
+                    ),
+                ))
+            }
+        };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(DnConn {
+            group,
+            client,
+            endpoint,
+            dirty: false,
+            broken: false,
+        })
+    }
+
+    /// Returns a connection that is outside any transaction.
+    pub async fn put(&self, mut c: DnConn) {
+        if c.broken || c.client.is_closed() {
+            return;
+        }
+        if c.dirty {
+            if c.client.simple_query("RESET ALL").await.is_err() {
+                return;
+            }
+            c.dirty = false;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(c.group).or_default();
+        if list.len() < self.max_idle {
+            list.push(c);
+        }
+    }
+}

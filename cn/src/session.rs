@@ -1,0 +1,1052 @@
+//! One client session: the pgwire handlers (simple and extended query, COPY) on top of
+//! the router, the DN pool and the transaction rules.
+//!
+//! A session holds DN connections only inside a transaction (explicit, or the implicit
+//! one of a statement that writes on several groups); a transaction that wrote on
+//! several groups commits by two-phase commit with a GTM GXID.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{Sink, SinkExt};
+use pgwire::api::auth::sasl::scram::ScramAuth;
+use pgwire::api::auth::sasl::SASLAuthStartupHandler;
+use pgwire::api::auth::{DefaultServerParameterProvider, StartupHandler};
+use pgwire::api::copy::CopyHandler;
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{
+    CopyResponse, DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag,
+};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::data::DataRow;
+use pgwire::messages::response::CommandComplete;
+use pgwire::messages::PgWireBackendMessage;
+use tokio::sync::Mutex;
+use tokio_postgres::CopyInSink;
+
+use crate::dn::{DnConn, DnError};
+use crate::merge::{self, Row};
+use crate::node::Node;
+use crate::router::{self, Merge, Plan};
+use crate::sql_text;
+
+/// What one statement produced.
+enum Outcome {
+    Rows {
+        columns: Vec<String>,
+        rows: Vec<Row>,
+        tag: String,
+    },
+    Command(String),
+    Begin,
+    End(String),
+    CopyIn {
+        ncolumns: usize,
+    },
+}
+
+struct Txn {
+    /// BEGIN was sent by the client (else: the implicit transaction of one statement).
+    explicit: bool,
+    conns: BTreeMap<usize, DnConn>,
+    wrote: BTreeSet<usize>,
+    /// An error happened: everything is rolled back; only ROLLBACK/COMMIT are accepted.
+    failed: bool,
+}
+
+struct CopyState {
+    sinks: BTreeMap<usize, std::pin::Pin<Box<CopyInSink<Bytes>>>>,
+    buffers: BTreeMap<usize, Vec<u8>>,
+    partial: Vec<u8>,
+    dist: Option<(usize, crate::catalog::KeyKind)>,
+    groups: Vec<usize>,
+}
+
+#[derive(Default)]
+struct State {
+    txn: Option<Txn>,
+    /// SET statements of the session, replayed on every DN connection it takes.
+    settings: Vec<String>,
+    copy: Option<CopyState>,
+}
+
+pub struct Session {
+    node: Arc<Node>,
+    state: Mutex<State>,
+    parser: Arc<CnParser>,
+}
+
+impl Session {
+    pub fn new(node: Arc<Node>) -> Arc<Session> {
+        Arc::new(Session {
+            parser: Arc::new(CnParser { node: node.clone() }),
+            node,
+            state: Mutex::new(State::default()),
+        })
+    }
+}
+
+/// The pgwire handler set of one connection.
+pub struct Handlers {
+    pub session: Arc<Session>,
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.session.clone()
+    }
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.session.clone()
+    }
+    fn copy_handler(&self) -> Arc<impl CopyHandler> {
+        self.session.clone()
+    }
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        let mut params = DefaultServerParameterProvider::default();
+        params.server_version = "15.0 (mpp-ha cn)".into();
+        params.date_style = "ISO, MDY".into();
+        let mut scram = ScramAuth::new(self.session.node.auth.clone());
+        scram.set_iterations(crate::node::SCRAM_ITERATIONS);
+        Arc::new(SASLAuthStartupHandler::new(Arc::new(params)).with_scram(scram))
+    }
+}
+
+pub fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        code.into(),
+        message.into(),
+    )))
+}
+
+fn dn_error(e: DnError) -> PgWireError {
+    let mut info = ErrorInfo::new("ERROR".into(), e.code, e.message);
+    info.detail = e.detail;
+    PgWireError::UserError(Box::new(info))
+}
+
+fn error_response(e: DnError) -> Response {
+    let mut info = ErrorInfo::new("ERROR".into(), e.code, e.message);
+    info.detail = e.detail;
+    Response::Error(Box::new(info))
+}
+
+impl Session {
+    fn group_name(&self, g: usize) -> String {
+        self.node
+            .catalog_read()
+            .groups
+            .get(g)
+            .cloned()
+            .unwrap_or_else(|| format!("#{g}"))
+    }
+
+    /// A DN connection for group `g` with the session's settings applied.
+    async fn checkout(&self, st: &State, g: usize) -> Result<DnConn, DnError> {
+        let target = self.node.target(g)?;
+        let mut c = self.node.pool.get(g, &target).await?;
+        if !st.settings.is_empty() {
+            c.run(&target.group, &st.settings.join("; ")).await?;
+            c.dirty = true;
+        }
+        Ok(c)
+    }
+
+    /// Makes sure the transaction holds a connection (with BEGIN sent) on each group.
+    async fn enlist(&self, st: &mut State, groups: &[usize]) -> Result<(), DnError> {
+        for &g in groups {
+            let has = st.txn.as_ref().is_some_and(|t| t.conns.contains_key(&g));
+            if has {
+                continue;
+            }
+            let mut c = self.checkout(st, g).await?;
+            c.run(&self.group_name(g), "BEGIN").await?;
+            if let Some(t) = st.txn.as_mut() {
+                t.conns.insert(g, c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `sql_per_group` inside the session's transaction, in parallel.
+    async fn run_in_txn(
+        &self,
+        st: &mut State,
+        work: Vec<(usize, String)>,
+        write: bool,
+    ) -> Result<Vec<crate::dn::Answer>, DnError> {
+        let groups: Vec<usize> = work.iter().map(|(g, _)| *g).collect();
+        self.enlist(st, &groups).await?;
+        let Some(txn) = st.txn.as_mut() else {
+            return Err(DnError::new("XX000", "no transaction"));
+        };
+        if write {
+            txn.wrote.extend(groups.iter().copied());
+        }
+        let mut taken: Vec<(DnConn, String, String)> = Vec::new();
+        for (g, sql) in work {
+            if let Some(c) = txn.conns.remove(&g) {
+                taken.push((c, sql, self.group_name(g)));
+            }
+        }
+        let results =
+            futures::future::join_all(taken.into_iter().map(|(mut c, sql, name)| async move {
+                let r = c.run(&name, &sql).await;
+                (c, r)
+            }))
+            .await;
+        let mut answers = Vec::new();
+        let mut first_err = None;
+        for (c, r) in results {
+            txn.conns.insert(c.group, c);
+            match r {
+                Ok(a) => answers.push(a),
+                Err(e) => {
+                    if first_err.is_none() {
+                        first_err = Some(e)
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(answers),
+        }
+    }
+
+    /// Autocommit read: pooled connections, no BEGIN, in parallel.
+    async fn run_autocommit(
+        &self,
+        st: &State,
+        work: Vec<(usize, String)>,
+    ) -> Result<Vec<crate::dn::Answer>, DnError> {
+        let futs = work.into_iter().map(|(g, sql)| async move {
+            let mut c = self.checkout(st, g).await?;
+            let r = c.run(&self.group_name(g), &sql).await;
+            self.node.pool.put(c).await;
+            r
+        });
+        futures::future::join_all(futs).await.into_iter().collect()
+    }
+
+    async fn run_work(
+        &self,
+        st: &mut State,
+        work: Vec<(usize, String)>,
+        write: bool,
+    ) -> Result<Vec<crate::dn::Answer>, DnError> {
+        if st.txn.is_some() {
+            return self.run_in_txn(st, work, write).await;
+        }
+        if !write || work.len() == 1 {
+            return self.run_autocommit(st, work).await;
+        }
+        // A write on several groups outside BEGIN: its own transaction, 2PC at the end.
+        st.txn = Some(Txn {
+            explicit: false,
+            conns: BTreeMap::new(),
+            wrote: BTreeSet::new(),
+            failed: false,
+        });
+        let r = self.run_in_txn(st, work, write).await;
+        match r {
+            Ok(a) => {
+                self.finish_txn(st, true).await?;
+                Ok(a)
+            }
+            Err(e) => {
+                let _ = self.finish_txn(st, false).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends the transaction: commit (plainly on one written group, by 2PC on several)
+    /// or roll back.
+    async fn finish_txn(&self, st: &mut State, commit: bool) -> Result<(), DnError> {
+        let Some(txn) = st.txn.take() else {
+            return Ok(());
+        };
+        let commit = commit && !txn.failed;
+        let mut conns = txn.conns;
+        if !commit {
+            for (_, mut c) in conns {
+                let name = self.group_name(c.group);
+                if c.run(&name, "ROLLBACK").await.is_ok() {
+                    self.node.pool.put(c).await;
+                }
+            }
+            return Ok(());
+        }
+        if txn.wrote.len() <= 1 {
+            let mut result = Ok(());
+            // Readers first, the writer last: its COMMIT is the commit point.
+            let writer = txn.wrote.iter().next().copied();
+            let mut order: Vec<usize> = conns
+                .keys()
+                .copied()
+                .filter(|g| Some(*g) != writer)
+                .collect();
+            order.extend(writer);
+            for g in order {
+                if let Some(mut c) = conns.remove(&g) {
+                    let name = self.group_name(g);
+                    match c.run(&name, "COMMIT").await {
+                        Ok(_) => self.node.pool.put(c).await,
+                        Err(e) => result = Err(e),
+                    }
+                }
+            }
+            return result;
+        }
+        // Read-only participants commit plainly; writers by two-phase commit.
+        let readers: Vec<usize> = conns
+            .keys()
+            .copied()
+            .filter(|g| !txn.wrote.contains(g))
+            .collect();
+        for g in readers {
+            if let Some(mut c) = conns.remove(&g) {
+                let name = self.group_name(g);
+                if c.run(&name, "COMMIT").await.is_ok() {
+                    self.node.pool.put(c).await;
+                }
+            }
+        }
+        let participants: Vec<DnConn> = conns.into_values().collect();
+        crate::two_phase::commit_prepared_txn(&self.node, participants).await
+    }
+
+    async fn fail_txn(&self, st: &mut State) {
+        if let Some(t) = st.txn.as_mut() {
+            if t.explicit {
+                // Keep the block open (client must ROLLBACK) but release the DNs now.
+                let conns = std::mem::take(&mut t.conns);
+                t.failed = true;
+                t.wrote.clear();
+                for (_, mut c) in conns {
+                    let name = self.group_name(c.group);
+                    if c.run(&name, "ROLLBACK").await.is_ok() {
+                        self.node.pool.put(c).await;
+                    }
+                }
+                return;
+            }
+        }
+        let _ = self.finish_txn(st, false).await;
+    }
+
+    /// Runs one planned statement.
+    async fn execute(&self, st: &mut State, plan: Plan) -> Result<Outcome, DnError> {
+        if let Some(t) = &st.txn {
+            if t.failed && !matches!(plan, Plan::Commit | Plan::Rollback) {
+                return Err(DnError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                ));
+            }
+        }
+        match plan {
+            Plan::Begin => {
+                if st.txn.is_none() {
+                    st.txn = Some(Txn {
+                        explicit: true,
+                        conns: BTreeMap::new(),
+                        wrote: BTreeSet::new(),
+                        failed: false,
+                    });
+                }
+                Ok(Outcome::Begin)
+            }
+            Plan::Commit => {
+                let failed = st.txn.as_ref().is_some_and(|t| t.failed);
+                self.finish_txn(st, true).await?;
+                Ok(Outcome::End(
+                    if failed { "ROLLBACK" } else { "COMMIT" }.into(),
+                ))
+            }
+            Plan::Rollback => {
+                self.finish_txn(st, false).await?;
+                Ok(Outcome::End("ROLLBACK".into()))
+            }
+            Plan::Set { sql } => {
+                // Check it on one DN first (a bad setting is the DN's error), then keep it.
+                let mut c = self.checkout(st, 0).await?;
+                let r = c.run(&self.group_name(0), &sql).await;
+                c.dirty = true;
+                self.node.pool.put(c).await;
+                r?;
+                if let Some(t) = st.txn.as_mut() {
+                    for (g, c) in t.conns.iter_mut() {
+                        let name = self
+                            .node
+                            .catalog_read()
+                            .groups
+                            .get(*g)
+                            .cloned()
+                            .unwrap_or_default();
+                        c.run(&name, &sql).await?;
+                        c.dirty = true;
+                    }
+                }
+                let lower = sql.to_ascii_lowercase();
+                if !lower.contains(" local ") && !lower.starts_with("set transaction") {
+                    st.settings.push(sql);
+                }
+                Ok(Outcome::Command("SET".into()))
+            }
+            Plan::AnyGroup { sql, tag } => {
+                let g = st
+                    .txn
+                    .as_ref()
+                    .and_then(|t| t.conns.keys().next().copied())
+                    .unwrap_or(0);
+                let mut answers = self.run_work(st, vec![(g, sql)], false).await?;
+                let a = answers.pop().unwrap_or_default();
+                Ok(rows_outcome(a.columns, a.rows, tag))
+            }
+            Plan::Read { groups, sql, merge } => {
+                let work = groups.iter().map(|g| (*g, sql.clone())).collect();
+                let answers = self.run_work(st, work, false).await?;
+                let mut columns = answers
+                    .iter()
+                    .find_map(|a| a.columns.clone())
+                    .unwrap_or_default();
+                let parts: Vec<Vec<Row>> = answers.into_iter().map(|a| a.rows).collect();
+                if let Merge::Aggregate(a) = &merge {
+                    columns = a.names.clone();
+                }
+                let rows = merge::merge(&merge, parts);
+                Ok(rows_outcome(Some(columns), rows, "SELECT"))
+            }
+            Plan::Write {
+                groups,
+                sql,
+                tag,
+                replicated,
+            } => {
+                let work = groups.iter().map(|g| (*g, sql.clone())).collect();
+                let answers = self.run_work(st, work, true).await?;
+                let count = if replicated {
+                    answers.first().map(|a| a.count).unwrap_or(0)
+                } else {
+                    answers.iter().map(|a| a.count).sum()
+                };
+                let returning: Vec<Row> = if replicated {
+                    answers.first().map(|a| a.rows.clone()).unwrap_or_default()
+                } else {
+                    answers.iter().flat_map(|a| a.rows.clone()).collect()
+                };
+                let columns = answers.iter().find_map(|a| a.columns.clone());
+                Ok(write_outcome(tag, count, columns, returning))
+            }
+            Plan::InsertSplit { parts } => {
+                let answers = self.run_work(st, parts, true).await?;
+                let count = answers.iter().map(|a| a.count).sum();
+                let columns = answers.iter().find_map(|a| a.columns.clone());
+                let returning = answers.iter().flat_map(|a| a.rows.clone()).collect();
+                Ok(write_outcome("INSERT", count, columns, returning))
+            }
+            Plan::Ddl { sql, change, tag } => {
+                crate::two_phase::run_ddl(&self.node, &sql, change).await?;
+                Ok(Outcome::Command(tag))
+            }
+            Plan::EveryGroupAlone { sql, tag } => {
+                if st.txn.is_some() {
+                    return Err(DnError::new(
+                        "25001",
+                        format!("{tag} cannot run inside a transaction block"),
+                    ));
+                }
+                let groups = router::all_groups(&self.node.catalog_read());
+                let work = groups.into_iter().map(|g| (g, sql.clone())).collect();
+                self.run_autocommit(st, work).await?;
+                Ok(Outcome::Command(tag))
+            }
+            Plan::CopyIn {
+                sql,
+                ncolumns,
+                dist,
+            } => {
+                if st.txn.is_none() {
+                    st.txn = Some(Txn {
+                        explicit: false,
+                        conns: BTreeMap::new(),
+                        wrote: BTreeSet::new(),
+                        failed: false,
+                    });
+                }
+                let groups = router::all_groups(&self.node.catalog_read());
+                let r = self.start_copy(st, &sql, dist, groups).await;
+                if let Err(e) = r {
+                    self.fail_txn(st).await;
+                    return Err(e);
+                }
+                Ok(Outcome::CopyIn { ncolumns })
+            }
+            Plan::Unsupported(msg) => Err(DnError::new("0A000", msg)),
+        }
+    }
+
+    async fn start_copy(
+        &self,
+        st: &mut State,
+        sql: &str,
+        dist: Option<(usize, crate::catalog::KeyKind)>,
+        groups: Vec<usize>,
+    ) -> Result<(), DnError> {
+        self.enlist(st, &groups).await?;
+        let mut sinks = BTreeMap::new();
+        let Some(txn) = st.txn.as_mut() else {
+            return Err(DnError::new("XX000", "no transaction"));
+        };
+        for &g in &groups {
+            txn.wrote.insert(g);
+            let Some(c) = txn.conns.get(&g) else { continue };
+            let sink = c
+                .client
+                .copy_in::<_, Bytes>(sql)
+                .await
+                .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
+            sinks.insert(g, Box::pin(sink));
+        }
+        st.copy = Some(CopyState {
+            sinks,
+            buffers: BTreeMap::new(),
+            partial: Vec::new(),
+            dist,
+            groups,
+        });
+        Ok(())
+    }
+
+    /// Plans and runs a query string; returns one response per statement.
+    async fn run_query(&self, sql: &str) -> Vec<Response> {
+        let mut st = self.state.lock().await;
+        let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
+        let plans = {
+            let catalog = self.node.catalog_read();
+            router::plan_query(sql, &catalog, in_txn)
+        };
+        let mut out = Vec::new();
+        for plan in plans {
+            let r = self.execute(&mut st, plan).await;
+            match r {
+                Ok(o) => {
+                    let stop = matches!(o, Outcome::CopyIn { .. });
+                    out.push(to_response(o, None));
+                    if stop {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.fail_txn(&mut st).await;
+                    out.push(error_response(e));
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+fn rows_outcome(columns: Option<Vec<String>>, rows: Vec<Row>, tag: &str) -> Outcome {
+    match columns {
+        Some(columns) => Outcome::Rows {
+            tag: if tag == "SELECT" {
+                format!("SELECT {}", rows.len())
+            } else {
+                tag.to_owned()
+            },
+            columns,
+            rows,
+        },
+        None => Outcome::Command(tag.to_owned()),
+    }
+}
+
+fn write_outcome(tag: &str, count: u64, columns: Option<Vec<String>>, rows: Vec<Row>) -> Outcome {
+    let tag = match tag {
+        "INSERT" => format!("INSERT 0 {count}"),
+        "TRUNCATE TABLE" => "TRUNCATE TABLE".into(),
+        t => format!("{t} {count}"),
+    };
+    match columns {
+        Some(columns) if !columns.is_empty() => Outcome::Rows { columns, rows, tag },
+        _ => Outcome::Command(tag),
+    }
+}
+
+/// Encodes text values for the client: text as is; binary for the common types.
+fn encode_rows(fields: Arc<Vec<FieldInfo>>, rows: Vec<Row>) -> Vec<PgWireResult<DataRow>> {
+    let mut enc = DataRowEncoder::new(fields.clone());
+    rows.into_iter()
+        .map(|row| {
+            for (i, v) in row.iter().enumerate() {
+                let Some(f) = fields.get(i) else { break };
+                if f.format() == FieldFormat::Binary {
+                    encode_binary(&mut enc, f.datatype(), v.as_deref())?;
+                } else {
+                    enc.encode_field(v)?;
+                }
+            }
+            Ok(enc.take_row())
+        })
+        .collect()
+}
+
+fn encode_binary(enc: &mut DataRowEncoder, ty: &Type, v: Option<&str>) -> PgWireResult<()> {
+    fn parse<T: std::str::FromStr>(v: Option<&str>, ty: &Type) -> PgWireResult<Option<T>> {
+        match v {
+            None => Ok(None),
+            Some(s) => s.parse::<T>().map(Some).map_err(|_| {
+                user_error(
+                    "22P02",
+                    format!("cannot encode {s:?} as binary {}", ty.name()),
+                )
+            }),
+        }
+    }
+    match *ty {
+        Type::INT2 => enc.encode_field(&parse::<i16>(v, ty)?),
+        Type::INT4 => enc.encode_field(&parse::<i32>(v, ty)?),
+        Type::INT8 => enc.encode_field(&parse::<i64>(v, ty)?),
+        Type::OID => enc.encode_field(&parse::<u32>(v, ty)?),
+        Type::FLOAT4 => enc.encode_field(&parse::<f32>(v, ty)?),
+        Type::FLOAT8 => enc.encode_field(&parse::<f64>(v, ty)?),
+        Type::BOOL => enc.encode_field(&v.map(|s| s == "t")),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+            enc.encode_field(&v.map(|s| s.to_owned()))
+        }
+        _ => Err(user_error(
+            "0A000",
+            format!(
+                "binary result format for type {} is not supported by the coordinator; ask for text",
+                ty.name()
+            ),
+        )),
+    }
+}
+
+fn to_response(o: Outcome, described: Option<(&[FieldInfo], &Format)>) -> Response {
+    match o {
+        Outcome::Rows { columns, rows, tag } => {
+            let fields: Vec<FieldInfo> = match described {
+                Some((fields, format)) if fields.len() == columns.len() => fields
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| {
+                        FieldInfo::new(
+                            f.name().to_owned(),
+                            None,
+                            None,
+                            f.datatype().clone(),
+                            format.format_for(i),
+                        )
+                    })
+                    .collect(),
+                _ => columns
+                    .iter()
+                    .map(|c| FieldInfo::new(c.clone(), None, None, Type::TEXT, FieldFormat::Text))
+                    .collect(),
+            };
+            let fields = Arc::new(fields);
+            let data = encode_rows(fields.clone(), rows);
+            let mut qr = QueryResponse::new(fields, futures::stream::iter(data));
+            // pgwire appends the number of rows it sent.
+            let head = match tag.rsplit_once(' ') {
+                Some((h, n)) if n.chars().all(|c| c.is_ascii_digit()) => h.to_owned(),
+                _ => tag.clone(),
+            };
+            qr.set_command_tag(&head);
+            Response::Query(qr)
+        }
+        Outcome::Command(tag) => Response::Execution(tag_of(&tag)),
+        Outcome::Begin => Response::TransactionStart(Tag::new("BEGIN")),
+        Outcome::End(tag) => Response::TransactionEnd(Tag::new(&tag)),
+        Outcome::CopyIn { ncolumns } => {
+            Response::CopyIn(CopyResponse::new(0, ncolumns, futures::stream::empty()))
+        }
+    }
+}
+
+/// A command tag, with its row count split off so pgwire prints it as PostgreSQL does.
+fn tag_of(tag: &str) -> Tag {
+    match tag.rsplit_once(' ') {
+        Some((head, n)) if n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => {
+            let rows = n.parse().unwrap_or(0);
+            if let Some(cmd) = head.strip_suffix(" 0").filter(|h| *h == "INSERT") {
+                Tag::new(cmd).with_oid(0).with_rows(rows)
+            } else {
+                Tag::new(head).with_rows(rows)
+            }
+        }
+        _ => Tag::new(tag),
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Session {
+    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if !self.node.is_accepting() {
+            return Err(user_error(
+                "57P03",
+                "the coordinator is not accepting clients yet (catalog not up to date)",
+            ));
+        }
+        Ok(self.run_query(query).await)
+    }
+}
+
+/// A statement of the extended protocol: its text and what a DN says about it.
+#[derive(Debug, Clone)]
+pub struct CnStatement {
+    pub sql: String,
+    pub param_types: Vec<Type>,
+    pub fields: Vec<FieldInfo>,
+}
+
+pub struct CnParser {
+    node: Arc<Node>,
+}
+
+#[async_trait]
+impl QueryParser for CnParser {
+    type Statement = CnStatement;
+
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        types: &[Option<Type>],
+    ) -> PgWireResult<Option<CnStatement>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let given: Vec<Type> = types
+            .iter()
+            .map(|t| t.clone().unwrap_or(Type::UNKNOWN))
+            .collect();
+        let (param_types, fields) = self.node.describe(sql, &given).await;
+        Ok(Some(CnStatement {
+            sql: sql.to_owned(),
+            param_types,
+            fields,
+        }))
+    }
+
+    fn get_parameter_types(&self, stmt: &CnStatement) -> PgWireResult<Vec<Type>> {
+        Ok(stmt.param_types.clone())
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &CnStatement,
+        format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        Ok(stmt
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                FieldInfo::new(
+                    f.name().to_owned(),
+                    None,
+                    None,
+                    f.datatype().clone(),
+                    format.map(|x| x.format_for(i)).unwrap_or(FieldFormat::Text),
+                )
+            })
+            .collect())
+    }
+}
+
+/// A bound parameter as an SQL literal.
+fn param_literal(portal: &Portal<CnStatement>, i: usize, ty: &Type) -> PgWireResult<String> {
+    macro_rules! get {
+        ($t:ty) => {
+            portal.parameter::<$t>(i, ty)?.map(|v| v.to_string())
+        };
+    }
+    let text: Option<String> = match *ty {
+        Type::INT2 => get!(i16),
+        Type::INT4 => get!(i32),
+        Type::INT8 => get!(i64),
+        Type::FLOAT4 => get!(f32),
+        Type::FLOAT8 => get!(f64),
+        Type::BOOL => get!(bool),
+        Type::OID => get!(u32),
+        _ => {
+            if portal.parameter_format.is_binary(i) {
+                match portal.parameter::<String>(i, &Type::TEXT) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        return Err(user_error(
+                            "0A000",
+                            format!(
+                                "binary parameter of type {} is not supported by the coordinator; send it as text",
+                                ty.name()
+                            ),
+                        ))
+                    }
+                }
+            } else {
+                portal
+                    .parameters
+                    .get(i)
+                    .and_then(|p| p.as_ref())
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+            }
+        }
+    };
+    Ok(match text {
+        None => "NULL".to_owned(),
+        Some(t) => {
+            let quoted = format!("'{}'", t.replace('\'', "''"));
+            if *ty == Type::UNKNOWN || *ty == Type::TEXT || *ty == Type::VARCHAR {
+                quoted
+            } else {
+                format!("{quoted}::{}", ty.name())
+            }
+        }
+    })
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Session {
+    type Statement = CnStatement;
+    type QueryParser = CnParser;
+
+    fn query_parser(&self) -> Arc<CnParser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(
+        &self,
+        _client: &mut C,
+        portal: &Portal<CnStatement>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = CnStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if !self.node.is_accepting() {
+            return Err(user_error(
+                "57P03",
+                "the coordinator is not accepting clients yet (catalog not up to date)",
+            ));
+        }
+        let stmt = &portal.statement.statement;
+        let mut literals = Vec::with_capacity(portal.parameter_len());
+        for i in 0..portal.parameter_len() {
+            let ty = portal
+                .statement
+                .parameter_types
+                .get(i)
+                .cloned()
+                .flatten()
+                .or_else(|| stmt.param_types.get(i).cloned())
+                .unwrap_or(Type::UNKNOWN);
+            literals.push(param_literal(portal, i, &ty)?);
+        }
+        let sql =
+            sql_text::bind_parameters(&stmt.sql, &literals).map_err(|e| user_error("08P01", e))?;
+        let mut st = self.state.lock().await;
+        let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
+        let mut plans = {
+            let catalog = self.node.catalog_read();
+            router::plan_query(&sql, &catalog, in_txn)
+        };
+        if plans.len() != 1 {
+            return Err(user_error(
+                "42601",
+                "cannot insert multiple commands into a prepared statement",
+            ));
+        }
+        let plan = plans.remove(0);
+        match self.execute(&mut st, plan).await {
+            Ok(o) => Ok(to_response(
+                o,
+                Some((&stmt.fields, &portal.result_column_format)),
+            )),
+            Err(e) => {
+                self.fail_txn(&mut st).await;
+                Err(dn_error(e))
+            }
+        }
+    }
+}
+
+impl Session {
+    async fn flush_copy(copy: &mut CopyState, min: usize) -> Result<(), DnError> {
+        for (g, buf) in copy.buffers.iter_mut() {
+            if buf.len() >= min && !buf.is_empty() {
+                if let Some(sink) = copy.sinks.get_mut(g) {
+                    let data = Bytes::from(std::mem::take(buf));
+                    sink.as_mut()
+                        .send(data)
+                        .await
+                        .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn route_lines(catalog: &crate::catalog::Catalog, copy: &mut CopyState, data: &[u8]) {
+        copy.partial.extend_from_slice(data);
+        let Some(last_nl) = copy.partial.iter().rposition(|b| *b == b'\n') else {
+            return;
+        };
+        let complete: Vec<u8> = copy.partial.drain(..=last_nl).collect();
+        for line in complete.split_inclusive(|b| *b == b'\n') {
+            if line == b"\\.\n" {
+                continue;
+            }
+            match copy.dist {
+                None => {
+                    for g in &copy.groups {
+                        copy.buffers.entry(*g).or_default().extend_from_slice(line);
+                    }
+                }
+                Some((pos, kind)) => {
+                    let body = line.strip_suffix(b"\n").unwrap_or(line);
+                    let field = body.split(|b| *b == b'\t').nth(pos).unwrap_or(b"");
+                    let text = String::from_utf8_lossy(field);
+                    let key = if text == "\\N" { "" } else { text.as_ref() };
+                    let g = catalog.group_of(kind, key);
+                    copy.buffers.entry(g).or_default().extend_from_slice(line);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl CopyHandler for Session {
+    async fn on_copy_data<C>(
+        &self,
+        _client: &mut C,
+        copy_data: pgwire::messages::copy::CopyData,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let mut st = self.state.lock().await;
+        let Some(copy) = st.copy.as_mut() else {
+            return Err(user_error("08P01", "CopyData outside COPY"));
+        };
+        {
+            let catalog = self.node.catalog_read();
+            Self::route_lines(&catalog, copy, &copy_data.data);
+        }
+        if let Err(e) = Self::flush_copy(copy, 64 * 1024).await {
+            st.copy = None;
+            self.fail_txn(&mut st).await;
+            return Err(dn_error(e));
+        }
+        Ok(())
+    }
+
+    async fn on_copy_done<C>(
+        &self,
+        client: &mut C,
+        _done: pgwire::messages::copy::CopyDone,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let mut st = self.state.lock().await;
+        let Some(mut copy) = st.copy.take() else {
+            return Err(user_error("08P01", "CopyDone outside COPY"));
+        };
+        let mut result: Result<u64, DnError> = async {
+            if !copy.partial.is_empty() {
+                let mut rest = std::mem::take(&mut copy.partial);
+                rest.push(b'\n');
+                let catalog = self.node.catalog_read().clone();
+                Self::route_lines(&catalog, &mut copy, &rest);
+            }
+            Self::flush_copy(&mut copy, 0).await?;
+            let mut counts = Vec::new();
+            for (g, sink) in copy.sinks.iter_mut() {
+                let n = sink
+                    .as_mut()
+                    .finish()
+                    .await
+                    .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
+                counts.push(n);
+            }
+            Ok(if copy.dist.is_none() {
+                counts.first().copied().unwrap_or(0)
+            } else {
+                counts.iter().sum()
+            })
+        }
+        .await;
+        let implicit = st.txn.as_ref().is_some_and(|t| !t.explicit);
+        if result.is_ok() && implicit {
+            if let Err(e) = self.finish_txn(&mut st, true).await {
+                result = Err(e);
+            }
+        }
+        match result {
+            Ok(n) => {
+                client
+                    .send(PgWireBackendMessage::CommandComplete(CommandComplete::new(
+                        format!("COPY {n}"),
+                    )))
+                    .await?;
+                Ok(())
+            }
+            Err(e) => {
+                self.fail_txn(&mut st).await;
+                Err(dn_error(e))
+            }
+        }
+    }
+
+    async fn on_copy_fail<C>(
+        &self,
+        _client: &mut C,
+        fail: pgwire::messages::copy::CopyFail,
+    ) -> PgWireError
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let mut st = self.state.lock().await;
+        // Dropping the sinks aborts the DN COPYs; the transaction is rolled back.
+        st.copy = None;
+        self.fail_txn(&mut st).await;
+        user_error("57014", format!("COPY from stdin failed: {}", fail.message))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Connections of an unfinished transaction are dropped (closed): each DN rolls
+        // back what they did.
+    }
+}

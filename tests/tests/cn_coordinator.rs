@@ -1,0 +1,517 @@
+//! The coordinator end to end on a real local cluster: psql, tokio-postgres and pgbench
+//! through a CN; DDL by two-phase commit seen through the other CN and on every DN
+//! primary; a differential check against one plain PostgreSQL; 0A000 for unsupported
+//! shapes; a CN killed after the decision is finished by the resolver on restart.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use mpp_ha_tests::{bin, connect, kill9, wait_for, LocalCluster, Proc};
+use tokio_postgres::SimpleQueryMessage;
+
+const PORT_BASE: u16 = 14000;
+
+/// Starts `cn serve` for `name`. Where the agents already run CNs, this one cannot bind
+/// the CN's ports and exits: either way one `cn serve` serves `name`.
+fn start_cn(c: &LocalCluster, name: &str) -> Result<Proc> {
+    let config = c.config.display().to_string();
+    Proc::spawn(
+        name,
+        &bin("cn"),
+        &["serve", "--config", &config, "--node", name],
+        c.dir.path(),
+    )
+}
+
+async fn cn_client(port: u16) -> Result<tokio_postgres::Client> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .password("postgres")
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5));
+    let (client, conn) =
+        tokio::time::timeout(Duration::from_secs(10), cfg.connect(tokio_postgres::NoTls))
+            .await
+            .context("connect to CN timed out")??;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+async fn wait_cn(port: u16) -> Result<tokio_postgres::Client> {
+    wait_for(
+        "CN accepting clients",
+        Duration::from_secs(30),
+        || async move {
+            let c = cn_client(port).await?;
+            c.simple_query("select 1").await?;
+            Ok(Some(c))
+        },
+    )
+    .await
+}
+
+/// Text rows of a simple query.
+async fn rows(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+    let msgs = c.simple_query(sql).await.with_context(|| sql.to_owned())?;
+    Ok(msgs
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).map(|s| s.to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect())
+}
+
+async fn scalar(c: &tokio_postgres::Client, sql: &str) -> Result<String> {
+    rows(c, sql)
+        .await?
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .with_context(|| format!("{sql}: no value"))
+}
+
+/// The DN members that are primaries right now (not in recovery).
+async fn dn_primaries(c: &LocalCluster) -> Vec<(String, tokio_postgres::Client)> {
+    let mut out = Vec::new();
+    for g in &c.cfg.dn_groups {
+        for m in &g.members {
+            if m.role() == Some(ha_common::Role::Secondary) {
+                continue;
+            }
+            let Ok(client) = connect(m.port(), Duration::from_secs(3)).await else {
+                continue;
+            };
+            if let Ok(r) = scalar(&client, "select pg_is_in_recovery()::text").await {
+                if r == "false" {
+                    out.push((m.name.clone(), client));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn psql(port: u16, script: &str, dir: &Path) -> Result<String> {
+    let path = dir.join("script.sql");
+    std::fs::write(&path, script)?;
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-f",
+        ])
+        .arg(&path)
+        .env("PGPASSWORD", "postgres")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "psql failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+fn pgbench(port: u16, args: &[&str]) -> Result<String> {
+    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let out = Command::new("pgbench")
+        .args(args)
+        .arg(&conn)
+        .env("PGPASSWORD", "postgres")
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("pgbench {args:?} failed:\n{text}");
+    }
+    Ok(text)
+}
+
+/// Values compared as PostgreSQL text, numbers compared as numbers (avg's scale is
+/// the CN's choice: 16 fractional digits).
+fn normalise(rows: Vec<Vec<Option<String>>>) -> Vec<Vec<String>> {
+    rows.into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|v| match v {
+                    None => "NULL".to_owned(),
+                    Some(s) => match s.parse::<f64>() {
+                        Ok(f) => format!("{f:.6}"),
+                        Err(_) => s,
+                    },
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()> {
+    let c = LocalCluster::new("cn-coordinator", PORT_BASE);
+    c.up(150)?;
+    let cn1_port = c.port("cn1");
+    let cn2_port = c.port("cn2");
+    let mut procs = vec![start_cn(&c, "cn1")?, start_cn(&c, "cn2")?];
+    let client = wait_cn(cn1_port).await.with_context(|| c.logs())?;
+    let client2 = wait_cn(cn2_port).await?;
+
+    // 1. A psql script: DDL, inserts, selects, a transaction, COPY.
+    let out = psql(
+        cn1_port,
+        "create table items (id int primary key, grp int, name text);\n\
+         create table kinds (k int, label text) distribute by replication;\n\
+         insert into kinds values (1, 'one'), (2, 'two'), (3, 'three');\n\
+         insert into items values (1, 1, 'a'), (2, 2, 'b'), (3, 3, 'c'), (4, 1, 'd');\n\
+         begin;\n\
+         insert into items values (5, 2, 'e'), (6, 3, 'f'), (7, 1, 'g');\n\
+         update items set name = 'A' where id = 1;\n\
+         commit;\n\
+         copy items from stdin;\n\
+         8\t2\th\n\
+         9\t3\ti\n\
+         10\t1\tj\n\
+         \\.\n\
+         select count(*) as n from items;\n\
+         select name from items where id = 1;\n\
+         select i.id, k.label from items i join kinds k on i.grp = k.k order by i.id limit 3;\n",
+        c.dir.path(),
+    )?;
+    for want in [
+        "CREATE TABLE",
+        "COMMIT",
+        "COPY 3",
+        " 10\n",
+        " A\n",
+        " | one",
+        " | three",
+    ] {
+        assert!(out.contains(want), "psql output lacks {want:?}:\n{out}");
+    }
+
+    // 2. DDL through cn1 is visible through cn2 and on every DN primary.
+    assert_eq!(scalar(&client2, "select count(*) from items").await?, "10");
+    assert_eq!(
+        scalar(&client2, "select name from items where id = 9").await?,
+        "i"
+    );
+    let primaries = dn_primaries(&c).await;
+    assert_eq!(
+        primaries.len(),
+        c.cfg.dn_groups.len(),
+        "one primary per group"
+    );
+    let mut per_group = 0;
+    for (name, dn) in &primaries {
+        let n: i64 = scalar(dn, "select count(*) from items").await?.parse()?;
+        assert!(
+            n > 0 && n < 10,
+            "{name} holds {n} of 10 rows: not distributed"
+        );
+        per_group += n;
+        assert_eq!(
+            scalar(dn, "select count(*) from kinds").await?,
+            "3",
+            "{name}"
+        );
+        assert_eq!(
+            scalar(dn, "select count(*) from pg_prepared_xacts").await?,
+            "0",
+            "{name} keeps a prepared transaction"
+        );
+    }
+    assert_eq!(per_group, 10, "every row lives on exactly one group");
+
+    // 3. Extended protocol with a bound distribution value (tokio-postgres).
+    let row = client
+        .query_one("select name, grp from items where id = $1", &[&7i32])
+        .await?;
+    assert_eq!(row.get::<_, String>(0), "g");
+    assert_eq!(row.get::<_, i32>(1), 1);
+    let n = client
+        .execute("update items set grp = grp where id = $1", &[&8i32])
+        .await?;
+    assert_eq!(n, 1);
+
+    // 4. Differential: the same rows in one plain PostgreSQL (a database of its own on
+    //    a DN primary, which is a stock PostgreSQL 15).
+    let (_, any_dn) = &primaries[0];
+    any_dn.simple_query("drop database if exists plain").await?;
+    any_dn.simple_query("create database plain").await?;
+    let dn_port = c.port(&primaries[0].0);
+    let mut pcfg = tokio_postgres::Config::new();
+    pcfg.host("127.0.0.1")
+        .port(dn_port)
+        .user("postgres")
+        .dbname("plain");
+    let (plain, pconn) = pcfg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = pconn.await;
+    });
+    let setup = [
+        "create table f (id int primary key, g int, amount int, tag text)",
+        "create table d (id int, note text)",
+        "create table dim (g int, gname text)",
+    ];
+    let cn_setup = [
+        "create table f (id int primary key, g int, amount int, tag text)",
+        "create table d (id int, note text) distribute by hash(id)",
+        "create table dim (g int, gname text) distribute by replication",
+    ];
+    for (p, q) in setup.iter().zip(cn_setup.iter()) {
+        plain.simple_query(p).await?;
+        client.simple_query(q).await?;
+    }
+    let mut inserts = Vec::new();
+    for i in 1..=60 {
+        let tag = ["x", "y", "z"][i % 3];
+        inserts.push(format!(
+            "insert into f values ({i}, {}, {}, '{tag}')",
+            i % 5,
+            (i * 37) % 101
+        ));
+        if i % 2 == 0 {
+            inserts.push(format!("insert into d values ({i}, 'n{i}')"));
+        }
+    }
+    for g in 0..5 {
+        inserts.push(format!("insert into dim values ({g}, 'g{g}')"));
+    }
+    for q in &inserts {
+        plain.simple_query(q).await?;
+        client.simple_query(q).await?;
+    }
+    let ordered = [
+        "select * from f where id = 17",
+        "select tag, amount from f where id = 42",
+        "select id, amount from f order by amount desc, id limit 7",
+        "select id from f order by id limit 5 offset 10",
+        "select g, count(*), sum(amount), min(amount), max(amount), avg(amount) from f group by g order by g",
+        "select tag, count(*) from f group by tag having count(*) > 19 order by tag",
+        "select g, sum(amount) from f group by g having sum(amount) > 900 order by 2 desc",
+        "select count(*), sum(amount), avg(amount) from f",
+        "select count(*) from f where amount > 1000",
+        "select f.id, d.note from f join d on f.id = d.id where f.amount > 50 order by f.id",
+        "select f.id, dim.gname from f join dim on f.g = dim.g order by f.id limit 10",
+        "select dim.gname, count(*) from f join dim on f.g = dim.g group by dim.gname order by dim.gname",
+    ];
+    for q in ordered {
+        let want = normalise(rows(&plain, q).await?);
+        let got = normalise(rows(&client, q).await.with_context(|| q.to_owned())?);
+        assert_eq!(got, want, "differs from plain PostgreSQL: {q}");
+    }
+    let unordered = [
+        "select id, tag from f where amount < 20",
+        "select * from dim",
+    ];
+    for q in unordered {
+        let mut want = normalise(rows(&plain, q).await?);
+        let mut got = normalise(rows(&client, q).await?);
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "differs from plain PostgreSQL: {q}");
+    }
+    drop(plain);
+
+    // 5. Shapes the CN cannot answer correctly: 0A000, never a wrong answer.
+    for q in [
+        "select * from f join d on f.g = d.id",
+        "select id from f where id in (select id from d)",
+        "select count(distinct g) from f",
+        "select id from f limit 3",
+        "update f set id = id + 1000 where id = 1",
+        "select row_number() over (order by id) from f",
+    ] {
+        let e = client
+            .simple_query(q)
+            .await
+            .err()
+            .with_context(|| format!("{q} succeeded"))?;
+        let code = e.code().map(|c| c.code().to_owned());
+        assert_eq!(code.as_deref(), Some("0A000"), "{q}: {e}");
+    }
+    // The DN's own error, unchanged.
+    let e = client
+        .simple_query("select 1/0")
+        .await
+        .err()
+        .context("1/0 succeeded")?;
+    assert_eq!(e.code().map(|c| c.code()), Some("22012"));
+
+    // 6. pgbench -i and a short TPC-B run through the CN; the sums agree.
+    pgbench(cn1_port, &["-i", "-s", "2"])?;
+    assert_eq!(
+        scalar(&client, "select count(*) from pgbench_accounts").await?,
+        "200000"
+    );
+    let run = pgbench(cn1_port, &["-c", "4", "-T", "8", "-M", "prepared"])?;
+    assert!(run.contains("number of failed transactions: 0"), "{run}");
+    let a = scalar(&client, "select sum(abalance) from pgbench_accounts").await?;
+    let b = scalar(&client, "select sum(bbalance) from pgbench_branches").await?;
+    let t = scalar(&client, "select sum(tbalance) from pgbench_tellers").await?;
+    assert!(
+        a == b && b == t,
+        "sums disagree: accounts {a}, branches {b}, tellers {t}"
+    );
+    let h = scalar(&client, "select count(*) from pgbench_history").await?;
+    assert!(h.parse::<u64>()? > 0, "no history rows after the run");
+
+    // 7. A CN killed after the decision and before phase two: restarted by its agent,
+    //    its resolver commits the DDL on every DN primary and on both CNs' catalogs.
+    let fault = c.base_dir().join("cn1").join("test_fault");
+    std::fs::write(&fault, "exit_after_decision")?;
+    let r = client
+        .simple_query("create table after_decision (id int)")
+        .await;
+    assert!(r.is_err(), "the CN must die before answering");
+    drop(client);
+    wait_for(
+        "cn1 to stop at the fault point",
+        Duration::from_secs(10),
+        || async { Ok(cn_client(cn1_port).await.is_err().then_some(())) },
+    )
+    .await?;
+    procs.push(start_cn(&c, "cn1")?);
+    wait_for(
+        "the resolver to commit on every DN",
+        Duration::from_secs(60),
+        || async {
+            let primaries = dn_primaries(&c).await;
+            if primaries.len() != c.cfg.dn_groups.len() {
+                return Ok(None);
+            }
+            for (_, dn) in primaries {
+                let left = scalar(&dn, "select count(*) from pg_prepared_xacts").await?;
+                let exists = scalar(
+                    &dn,
+                    "select (to_regclass('after_decision') is not null)::text",
+                )
+                .await?;
+                if left != "0" || exists != "true" {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    // cn1's output: ours (c.dir/cn1.log) or the agent's (<base_dir>/cn1.cn.log).
+    let log = std::fs::read_to_string(c.dir.path().join("cn1.log")).unwrap_or_default()
+        + &std::fs::read_to_string(c.base_dir().join("cn1.cn.log")).unwrap_or_default();
+    assert!(
+        log.contains("test fault point"),
+        "cn1 did not stop at the fault point"
+    );
+    let client = wait_cn(cn1_port).await?;
+    client
+        .simple_query("insert into after_decision values (1)")
+        .await?;
+    wait_for(
+        "cn2 to finish the catalog change",
+        Duration::from_secs(30),
+        || async {
+            Ok(client2
+                .simple_query("insert into after_decision values (2)")
+                .await
+                .is_ok()
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    // 8. A DN primary killed during phase one: the DDL fails, and nothing is left
+    //    prepared or created on any DN, nor in the catalog.
+    std::fs::write(&fault, "pause_before_prepare")?;
+    let ddl_client = wait_cn(cn1_port).await?;
+    let ddl = tokio::spawn(async move {
+        ddl_client
+            .simple_query("create table half_done (id int)")
+            .await
+            .map(|_| ())
+    });
+    let primaries = dn_primaries(&c).await;
+    let victim = primaries
+        .iter()
+        .find(|(name, _)| name.starts_with("dn2"))
+        .map(|(name, _)| name.clone())
+        .context("no dn2 primary")?;
+    let victim_client = &primaries
+        .iter()
+        .find(|(n, _)| *n == victim)
+        .context("victim")?
+        .1;
+    wait_for("the DDL to be open on the victim", Duration::from_secs(10), || async {
+        let n = scalar(
+            victim_client,
+            "select count(*) from pg_stat_activity where application_name = 'mpp-ha-cn' and state = 'idle in transaction'",
+        )
+        .await?;
+        Ok((n != "0").then_some(()))
+    })
+    .await?;
+    let pid = c.postmaster_pid(&victim).context("victim postmaster pid")?;
+    kill9(pid);
+    let r = tokio::time::timeout(Duration::from_secs(30), ddl).await??;
+    assert!(
+        r.is_err(),
+        "the DDL must fail when a DN primary dies in phase one"
+    );
+    wait_for(
+        "nothing prepared or created anywhere",
+        Duration::from_secs(90),
+        || async {
+            let primaries = dn_primaries(&c).await;
+            if primaries.len() != c.cfg.dn_groups.len() {
+                return Ok(None);
+            }
+            for (_, dn) in primaries {
+                let left = scalar(&dn, "select count(*) from pg_prepared_xacts").await?;
+                let exists =
+                    scalar(&dn, "select (to_regclass('half_done') is not null)::text").await?;
+                if left != "0" || exists != "false" {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    // The catalog took nothing either: the same DDL works once the group is back.
+    wait_for(
+        "the DDL to succeed after recovery",
+        Duration::from_secs(60),
+        || async {
+            let c1 = wait_cn(cn1_port).await?;
+            Ok(c1
+                .simple_query("create table half_done (id int)")
+                .await
+                .is_ok()
+                .then_some(()))
+        },
+    )
+    .await?;
+    drop(procs);
+    Ok(())
+}
