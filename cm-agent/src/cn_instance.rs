@@ -33,7 +33,7 @@ impl CnInstance {
             })?;
         Ok(CnInstance {
             name: name.to_owned(),
-            rpc_url: format!("http://{}:{}", cfg.address_of(inst), rpc_port(inst)),
+            rpc_url: format!("http://{}:{}", cfg.address_of(inst), inst.rpc_port()),
             process: Detached::serve(cfg, "cn", name, config_path),
         })
     }
@@ -76,12 +76,6 @@ impl CnInstance {
             .map_err(|e| AgentError::Probe(format!("{}: status: {}", self.name, e.message())))?;
         Ok(reply.into_inner())
     }
-}
-
-/// The CN's `[[cn]].rpc_port`.
-// Stand-in until the config key lands with the `cn` crate (local.toml: port + 50).
-fn rpc_port(inst: &ha_common::config::Instance) -> u16 {
-    inst.port() + 50
 }
 
 /// "accepting clients, catalog version 4" for status.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ha_common::config::{ClusterConfig, Instance, InstanceKind};
+use ha_common::config::{ClusterConfig, InstanceKind};
 use ha_common::proto::cm::{CnPeer, CnPhase, CnSyncRequest, DnPrimary, MemberRole};
 
 use crate::arbitration::{persist, Ctx};
@@ -188,18 +188,13 @@ pub fn ddl_peers(cfg: &ClusterConfig, set: &DdlSet, memory: &ddl_set::Memory) ->
             name: c.name.clone(),
             address: cfg.address_of(c).to_owned(),
             port: u32::from(c.port()),
-            rpc_port: rpc_port(c),
+            rpc_port: u32::from(c.rpc_port()),
             catalog_version: memory
                 .seen
                 .get(&c.name)
                 .map_or(set.catalog_version, |s| s.catalog_version),
         })
         .collect()
-}
-
-/// The CN's Coordinator service port (`[[cn]].rpc_port`, added with the `cn` crate).
-fn rpc_port(cn: &Instance) -> u32 {
-    cn.rpc_port() as u32
 }
 
 #[cfg(test)]

@@ -135,7 +135,7 @@ pub async fn run(
             .find(&cn.name)
             .map(|r| cfg.address_of(r.instance).to_owned())
             .unwrap_or_else(|| "127.0.0.1".into());
-        println!("{}", cn_psql_line(&cn.name, &address, cn.port));
+        println!("{}", cn_psql_line(cfg, &cn.name, &address, cn.port));
     }
     for g in &status.dn_groups {
         for m in g.members.iter().filter(|m| m.role == "primary") {
@@ -168,9 +168,9 @@ pub async fn run(
     Ok(())
 }
 
-/// How to connect to a CN (configs/local.toml's user `postgres`, password `postgres`).
-fn cn_psql_line(name: &str, address: &str, port: u32) -> String {
-    let user = "postgres";
+/// How to connect to a CN: psql as the config's first `[[user]]`.
+fn cn_psql_line(cfg: &ClusterConfig, name: &str, address: &str, port: u32) -> String {
+    let user = cfg.users.first().map_or("postgres", |u| u.name.as_str());
     format!("  coordinator {name}: psql \"host={address} port={port} user={user}\"")
 }
 
