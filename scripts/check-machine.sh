@@ -17,7 +17,7 @@ need ip "apt-get install iproute2"
 if ! command -v nft >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing nftables (the partition tests need nft)" >&2
-    apt-get install -y nftables >/dev/null || { echo "missing: nft (apt-get install nftables failed)" >&2; missing=1; }
+    { apt-get install -y nftables >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y nftables >/dev/null; }; } || { echo "missing: nft (apt-get install nftables failed)" >&2; missing=1; }
   else
     echo "missing: nft (apt-get install nftables; the partition tests need it and root)" >&2; missing=1
   fi
