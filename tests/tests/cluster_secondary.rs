@@ -99,10 +99,21 @@ async fn secondary_carries_commits_while_the_standby_is_away_and_serves_its_catc
         "1000 commits through the secondary: {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let s = c.status()?;
-    let sec = detail_of(&s, "dn1_h3");
-    assert!(sec.starts_with("streaming from dn1_h1"), "{sec}");
-    assert_eq!(sync_state_of(&s, "dn1_h3"), "sync", "{s}");
+    // Status shows the agents' last observations (up to a heartbeat old): the commits
+    // above already prove the secondary acknowledges; wait for status to say so too.
+    wait_for(
+        "status: dn1_h3 streaming from dn1_h1 as sync",
+        Duration::from_secs(10),
+        || async {
+            let s = c.status()?;
+            let sec = detail_of(&s, "dn1_h3");
+            Ok(
+                (sec.starts_with("streaming from dn1_h1") && sync_state_of(&s, "dn1_h3") == "sync")
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
     assert!(wal_files(&c, "dn1_h3") > 0);
     // The standby back: it catches up, the secondary goes idle and deletes all.
     cm_ctl_ok(&c, &["start", "--instance", "dn1_h2"])?;
