@@ -35,6 +35,12 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Probe(String),
+    #[error("{path}: the PostgreSQL OS user (uid {uid}) cannot run it: {problem}")]
+    NotRunnable {
+        path: PathBuf,
+        uid: u32,
+        problem: String,
+    },
     #[error("{0}")]
     Instance(String),
 }

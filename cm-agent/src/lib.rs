@@ -10,6 +10,7 @@ pub mod gtm_instance;
 pub mod lease;
 pub mod lifecycle;
 pub mod orders;
+pub mod os_tools;
 pub mod os_user;
 pub mod postgres;
 pub mod process;

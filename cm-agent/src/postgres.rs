@@ -12,6 +12,7 @@ use ha_common::lsn::parse_lsn;
 use ha_common::proto::cm::ReplicaState;
 
 use crate::error::{AgentError, Result};
+use crate::os_tools;
 use crate::os_user::OsUser;
 use crate::process;
 
@@ -94,6 +95,9 @@ pub fn sync_standby_order(group: &DnGroup, me: &str) -> Vec<String> {
         .collect()
 }
 
+/// The program of a standby's `restore_command`.
+const RESTORE_TOOL: &str = "dn_replicator";
+
 /// `dn_replicator restore-wal` from the group's secondary, if it has one.
 pub fn restore_from_secondary(cfg: &ClusterConfig, group: &DnGroup) -> Option<String> {
     let sec = group
@@ -101,10 +105,11 @@ pub fn restore_from_secondary(cfg: &ClusterConfig, group: &DnGroup) -> Option<St
         .iter()
         .find(|m| m.role() == Some(Role::Secondary))?;
     // `|| exit 1`: a missing binary (shell status 127) or any failure must read as "not
-    // available" to recovery, which treats 127 and above as fatal.
+    // available" to recovery, which treats 127 and above as fatal. The copy in
+    // `<base_dir>/bin` (see [`os_tools`]): the OS user may not reach `bin_dir`.
     Some(format!(
         "{} restore-wal --from {} %f %p || exit 1",
-        cfg.bin_dir().join("dn_replicator").display(),
+        os_tools::installed_path(cfg, RESTORE_TOOL).display(),
         cfg.endpoint(sec)
     ))
 }
@@ -232,6 +237,9 @@ pub struct PgInstance {
     pub os_user: OsUser,
     /// Addresses trusted in pg_hba.conf (every host of the cluster).
     pub trusted_addresses: Vec<String>,
+    /// The `restore_command`'s program as built (`<bin_dir>/dn_replicator`) and the
+    /// copy the OS user runs (`<base_dir>/bin/dn_replicator`).
+    pub restore_tool: (PathBuf, PathBuf),
 }
 
 impl PgInstance {
@@ -254,6 +262,10 @@ impl PgInstance {
             pg_bin_dir: cfg.cluster.pg_bin_dir.clone(),
             os_user,
             trusted_addresses: cfg.hosts.iter().map(|h| h.address.clone()).collect(),
+            restore_tool: (
+                cfg.bin_dir().join(RESTORE_TOOL),
+                os_tools::installed_path(cfg, RESTORE_TOOL),
+            ),
         })
     }
 
@@ -388,6 +400,13 @@ impl PgInstance {
     /// Returns whether `mpp_ha.conf` or pg_hba.conf changed (a running server then
     /// needs a reload).
     pub fn configure(&self, settings: &PgSettings) -> Result<bool> {
+        if settings.restore_command.is_some() {
+            // Before PostgreSQL may call it: a copy the OS user can run (a clear error
+            // here, not "Permission denied" in the server log and a standby that never
+            // catches up from the secondary).
+            let (source, copy) = &self.restore_tool;
+            os_tools::install(source, copy, self.os_user.ids())?;
+        }
         let conf = self.data_dir.join("postgresql.conf");
         let text = std::fs::read_to_string(&conf).map_err(|e| AgentError::io("read", &conf, e))?;
         if !text.lines().any(|l| l.trim() == INCLUDE_LINE) {
@@ -1015,6 +1034,15 @@ mod tests {
         assert!(
             text.contains("dn_replicator restore-wal --from 127.0.0.1:6503 %f %p || exit 1'"),
             "the standby fetches what it lacks from the secondary: {text}"
+        );
+        // The copy below the base dir, which the OS user can reach; not bin_dir.
+        let copy = cfg.cluster.base_dir.join("bin/dn_replicator");
+        assert!(
+            text.contains(&format!(
+                "restore_command = '{} restore-wal",
+                copy.display()
+            )),
+            "{text}"
         );
         let p = PgSettings::for_member(&cfg, group(&cfg, "dn1"), "dn1_h1", None).unwrap();
         assert!(!render_settings(&p).contains("restore_command"));
