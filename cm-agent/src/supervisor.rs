@@ -13,6 +13,7 @@ use ha_common::proto::cm::{
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::cn_instance::{self, CnInstance, CN_STOP_GRACE};
 use crate::error::{AgentError, Result};
 use crate::gtm_instance::{self, GtmInstance};
 use crate::lifecycle::{Lifecycle, LifecycleEvent, LifecycleState};
@@ -42,10 +43,8 @@ pub enum Managed {
         group: String,
         last: Option<ReplicatorStatus>,
     },
-    /// CN: its binary is not implemented yet.
-    Unsupported {
-        reason: String,
-    },
+    /// CN: `cn serve`, probed with `Coordinator.Status`.
+    Cn(CnInstance),
 }
 
 /// How long a GTM gets to stop on SIGTERM before SIGKILL.
@@ -156,9 +155,7 @@ impl InstanceSupervisor {
             ),
             (ConfigKind::Coordinator, _) => (
                 InstanceKind::Coordinator,
-                Managed::Unsupported {
-                    reason: "coordinator (cn) not implemented yet".into(),
-                },
+                Managed::Cn(CnInstance::from_config(&cfg, &name, config_path)?),
             ),
             (ConfigKind::CmServer, _) => {
                 return Err(AgentError::Instance(format!(
@@ -183,9 +180,7 @@ impl InstanceSupervisor {
             report_tx: None,
         };
         sup.last_report = sup.base_report();
-        if !sup.last_report.unsupported {
-            sup.last_report.detail = "agent starting".into();
-        }
+        sup.last_report.detail = "agent starting".into();
         Ok(sup)
     }
 
@@ -256,8 +251,8 @@ impl InstanceSupervisor {
         match &mut self.managed {
             Managed::Postgres { pg, .. } => pg.postmaster_pid(),
             Managed::Gtm(g) => g.pid(),
+            Managed::Cn(c) => c.pid(),
             Managed::Secondary { inst, .. } => inst.pid(),
-            Managed::Unsupported { .. } => None,
         }
     }
 
@@ -284,9 +279,6 @@ impl InstanceSupervisor {
     /// Makes the instance match its assignment. Called every heartbeat and whenever
     /// the assignment changes.
     pub async fn reconcile(&mut self) {
-        if matches!(self.managed, Managed::Unsupported { .. }) {
-            return;
-        }
         let pid = self.pid();
         if pid.is_none() && *self.lifecycle.state() == LifecycleState::Running {
             tracing::warn!(instance = %self.name, "process gone: crashed");
@@ -338,11 +330,18 @@ impl InstanceSupervisor {
         let upstream = self.upstream();
         let cfg = self.cfg.clone();
         match &mut self.managed {
-            Managed::Unsupported { reason } => Err(AgentError::Instance(reason.clone())),
             Managed::Gtm(_) => {
                 self.event(LifecycleEvent::StartRequested);
                 if let Managed::Gtm(g) = &mut self.managed {
                     g.start().await?;
+                }
+                self.started();
+                Ok(())
+            }
+            Managed::Cn(_) => {
+                self.event(LifecycleEvent::StartRequested);
+                if let Managed::Cn(c) = &mut self.managed {
+                    c.start().await?;
                 }
                 self.started();
                 Ok(())
@@ -431,8 +430,8 @@ impl InstanceSupervisor {
         match &mut self.managed {
             Managed::Postgres { pg, .. } => pg.stop().await,
             Managed::Gtm(g) => g.stop(GTM_STOP_GRACE).await,
+            Managed::Cn(c) => c.stop(CN_STOP_GRACE).await,
             Managed::Secondary { inst, .. } => inst.stop(GTM_STOP_GRACE).await,
-            Managed::Unsupported { .. } => Ok(()),
         }
     }
 
@@ -497,7 +496,7 @@ impl InstanceSupervisor {
     }
 
     fn base_report(&self) -> InstanceReport {
-        let mut r = InstanceReport {
+        let r = InstanceReport {
             name: self.name.clone(),
             kind: self.kind as i32,
             role: self
@@ -509,15 +508,6 @@ impl InstanceSupervisor {
             term: self.desired.as_ref().map(|d| d.term).unwrap_or(0),
             ..InstanceReport::default()
         };
-        if let Managed::Unsupported { reason } = &self.managed {
-            r.unsupported = true;
-            r.role = self
-                .config_role
-                .map(member_role)
-                .unwrap_or(MemberRole::RoleUnspecified) as i32;
-            r.last_error = format!("{reason}: the agent does not start it");
-            r.detail = "not implemented yet".into();
-        }
         r
     }
 
@@ -553,7 +543,6 @@ impl InstanceSupervisor {
         r.pid = pid.unwrap_or(0);
         let mut facts = String::new();
         match &self.managed {
-            Managed::Unsupported { .. } => return r,
             Managed::Postgres { pg, .. } if pid.is_some() => {
                 match pg.probe(self.probe_timeout).await {
                     Ok(p) => {
@@ -613,6 +602,18 @@ impl InstanceSupervisor {
                         boundary: s.boundary,
                     });
                     facts = gtm_instance::describe(&s);
+                }
+                Err(e) => facts = e.to_string(),
+            },
+            // A CN is responding (serving) only while it accepts clients: one that is
+            // still copying the catalog runs but does not serve yet.
+            Managed::Cn(c) if pid.is_some() => match c.probe(self.probe_timeout).await {
+                Ok(s) => {
+                    r.responding = s.accepting;
+                    facts = cn_instance::describe(&s);
+                    if !s.accepting {
+                        r.last_error = facts.clone();
+                    }
                 }
                 Err(e) => facts = e.to_string(),
             },
@@ -761,22 +762,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unsupported_instances_say_so() {
-        let mut s = sup("cn1");
-        s.set_desired(desired(true, MemberRole::RoleUnspecified, "", 0));
-        s.reconcile().await;
-        let r = s.observe().await;
-        assert!(r.unsupported);
-        assert!(!r.process_alive);
-        assert!(
-            r.last_error.contains("not implemented yet"),
-            "{}",
-            r.last_error
-        );
+    async fn every_kind_is_supervised() {
+        for (name, kind) in [
+            ("cn1", InstanceKind::Coordinator),
+            ("dn1_h3", InstanceKind::DnSecondary),
+        ] {
+            let r = sup(name).observe().await;
+            assert!(!r.unsupported, "{name} is supervised");
+            assert!(
+                !r.process_alive && !r.responding,
+                "{name}: nothing runs yet"
+            );
+            assert_eq!(r.kind, kind as i32, "{name}");
+        }
         let r = sup("dn1_h3").observe().await;
-        assert!(!r.unsupported, "the secondary is supervised");
-        assert!(!r.process_alive);
         assert_eq!(r.role, MemberRole::Secondary as i32);
-        assert_eq!(r.kind, InstanceKind::DnSecondary as i32);
     }
 }

@@ -1,12 +1,13 @@
 //! A whole local cluster through `cm_ctl local up` and `local down`: every DN group
-//! comes up with a normal primary and standby, a row written on a primary is read on
+//! comes up with a normal primary and standby, both CNs serve, a row written on a primary is read on
 //! its standby, `up` is idempotent, and `down` leaves no process behind.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mpp_ha_tests::{
-    connect, member_state, pid_alive, processes_under, status_member, wait_for, LocalCluster,
+    connect, connect_cn, member_state, pid_alive, processes_under, status_member, wait_for,
+    LocalCluster,
 };
 use serde_json::Value;
 
@@ -65,7 +66,28 @@ async fn cluster_local_up_replicates_and_local_down_leaves_nothing() -> Result<(
     }
     assert_eq!(member_state(&status, "cms1"), "normal");
     assert_eq!(status_member(&status, "cms2").unwrap()["role"], "standby");
-    assert_eq!(member_state(&status, "cn1"), "not_implemented");
+    // The agents run the CNs: each serves, is in the DDL set, and `up` says how to
+    // connect to it.
+    for cn in ["cn1", "cn2"] {
+        let m = status_member(&status, cn).unwrap();
+        assert_eq!(
+            (
+                m["state"].as_str(),
+                m["port"].as_u64(),
+                m["in_ddl_set"].as_bool()
+            ),
+            (Some("normal"), Some(u64::from(c.port(cn))), Some(true)),
+            "{m}"
+        );
+        let line = format!(
+            "coordinator {cn}: psql \"host=127.0.0.1 port={} user=postgres\"",
+            c.port(cn)
+        );
+        assert!(out.stdout.contains(&line), "{line} not in {}", out.stdout);
+        let client = connect_cn(c.port(cn), Duration::from_secs(10)).await?;
+        let one = client.query_one("select 40 + 2", &[]).await?;
+        assert_eq!(one.get::<_, i32>(0), 42, "{cn} answers");
+    }
     // The DN secondaries run (dn_replicator) and report themselves.
     for name in ["dn1_h3", "dn2_h1"] {
         let m = status_member(&status, name).unwrap();
@@ -82,6 +104,7 @@ async fn cluster_local_up_replicates_and_local_down_leaves_nothing() -> Result<(
         "cms1",
         "gtm2",
         "dn2_h3",
+        "cn2",
         "dn group dn1: normal",
         "dn group dn2: normal",
     ] {
@@ -126,6 +149,24 @@ async fn cluster_local_up_replicates_and_local_down_leaves_nothing() -> Result<(
         .get(0);
     assert!(in_recovery, "dn1_h2 must be a standby");
     drop((primary, standby));
+
+    // Every DN (primary and standby) can take part in two-phase commit: the agent sets
+    // max_prepared_transactions, at least max_connections.
+    for dn in ["dn1_h1", "dn1_h2", "dn2_h2", "dn2_h3"] {
+        let client = connect(c.port(dn), Duration::from_secs(5)).await?;
+        let row = client
+            .query_one(
+                "SELECT current_setting('max_prepared_transactions')::int, \
+                 current_setting('max_connections')::int",
+                &[],
+            )
+            .await?;
+        let (prepared, conns): (i32, i32) = (row.get(0), row.get(1));
+        assert!(
+            prepared > 0 && prepared >= conns,
+            "{dn}: max_prepared_transactions {prepared}, max_connections {conns}"
+        );
+    }
 
     // `up` again changes nothing.
     let before = c.recorded_pids();

@@ -20,7 +20,6 @@ const RESUME_WINDOW: Duration = Duration::from_secs(120);
 
 /// Returns the address the build source listens on.
 pub async fn apply(sup: &mut InstanceSupervisor, _order: &Order) -> Result<String> {
-    super::refuse_unsupported(sup)?;
     let name = sup.name.clone();
     let Managed::Postgres { pg, .. } = &sup.managed else {
         return Err(AgentError::Instance(format!(

@@ -10,7 +10,6 @@ use crate::postgres::PgSettings;
 use crate::supervisor::{InstanceSupervisor, Managed};
 
 pub async fn apply(sup: &mut InstanceSupervisor, _order: &Order) -> Result<String> {
-    super::refuse_unsupported(sup)?;
     let name = sup.name.clone();
     let timeout = sup.probe_timeout;
     let upstream = sup.upstream();
@@ -56,6 +55,8 @@ pub async fn apply(sup: &mut InstanceSupervisor, _order: &Order) -> Result<Strin
         Managed::Secondary { .. } => Err(AgentError::Instance(format!(
             "{name}: a DN secondary is never demoted (it holds WAL only)"
         ))),
-        Managed::Unsupported { reason } => Err(AgentError::Instance(format!("{name}: {reason}"))),
+        Managed::Cn(_) => Err(AgentError::Instance(format!(
+            "{name}: a CN has no standby role (every CN serves)"
+        ))),
     }
 }

@@ -12,7 +12,7 @@ mod stop;
 
 use ha_common::proto::cm::{Order, OrderKind, OrderOutcome};
 
-use crate::error::{AgentError, Result};
+use crate::error::AgentError;
 use crate::supervisor::{InstanceSupervisor, Managed};
 
 /// Carries out `order` on the instance `sup` supervises.
@@ -59,12 +59,4 @@ pub async fn execute(sup: &mut InstanceSupervisor, order: &Order) -> OrderOutcom
         lsn,
         address,
     }
-}
-
-/// Orders cannot be carried out on instances the agent does not run yet.
-fn refuse_unsupported(sup: &InstanceSupervisor) -> Result<()> {
-    if let Managed::Unsupported { reason } = &sup.managed {
-        return Err(AgentError::Instance(format!("{}: {reason}", sup.name)));
-    }
-    Ok(())
 }

@@ -10,7 +10,6 @@ use crate::postgres::PgSettings;
 use crate::supervisor::{InstanceSupervisor, Managed};
 
 pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String> {
-    super::refuse_unsupported(sup)?;
     if sup.pid().is_none() {
         return Err(AgentError::Instance(format!(
             "{} is not running: cannot promote it",
@@ -54,6 +53,8 @@ pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String
         Managed::Secondary { .. } => Err(AgentError::Instance(format!(
             "{name}: a DN secondary is never promoted (it holds WAL only)"
         ))),
-        Managed::Unsupported { reason } => Err(AgentError::Instance(format!("{name}: {reason}"))),
+        Managed::Cn(_) => Err(AgentError::Instance(format!(
+            "{name}: a CN has no standby role (every CN serves)"
+        ))),
     }
 }

@@ -17,7 +17,6 @@ use crate::supervisor::{InstanceSupervisor, Managed};
 const SINK_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String> {
-    super::refuse_unsupported(sup)?;
     let name = sup.name.clone();
     let upstream = sup.upstream();
     let cfg = sup.config();

@@ -7,7 +7,6 @@ use crate::error::{AgentError, Result};
 use crate::supervisor::{InstanceSupervisor, Managed};
 
 pub async fn apply(sup: &mut InstanceSupervisor, order: &Order) -> Result<String> {
-    super::refuse_unsupported(sup)?;
     let Managed::Gtm(g) = &sup.managed else {
         return Err(AgentError::Instance(format!(
             "{}: RUN_ALONE applies to a GTM primary",

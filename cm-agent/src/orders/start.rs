@@ -7,7 +7,6 @@ use crate::lifecycle::{LifecycleEvent, LifecycleState};
 use crate::supervisor::InstanceSupervisor;
 
 pub async fn apply(sup: &mut InstanceSupervisor, _order: &Order) -> Result<String> {
-    super::refuse_unsupported(sup)?;
     sup.stopped_by_order = false;
     if let Some(pid) = sup.pid() {
         sup.event(LifecycleEvent::ProcessUp);

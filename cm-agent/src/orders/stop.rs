@@ -8,7 +8,6 @@ use crate::lifecycle::LifecycleEvent;
 use crate::supervisor::InstanceSupervisor;
 
 pub async fn apply(sup: &mut InstanceSupervisor, _order: &Order) -> Result<String> {
-    super::refuse_unsupported(sup)?;
     sup.stopped_by_order = true;
     let was_running = sup.pid().is_some();
     sup.stop_now().await?;
