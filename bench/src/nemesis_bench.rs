@@ -9,11 +9,12 @@
 //! `cargo build --release --workspace --bins && target/release/nemesis_bench --faults 100`.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Parser;
-use mpp_ha_tests::nemesis::{run, Kind, Options};
+use mpp_ha_tests::nemesis::{describe, draw, run, Kind, Options, Topology};
 use mpp_ha_tests::LocalCluster;
 
 #[derive(Parser)]
@@ -37,6 +38,9 @@ struct Args {
     /// First port of the cluster (it uses port_base+1 ..= port_base+702).
     #[arg(long, default_value_t = 38000)]
     port_base: u16,
+    /// Print each run's schedule and start nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Seconds the cluster may take to settle after the last heal of a run.
     #[arg(long, default_value_t = 120)]
     settle_s: u64,
@@ -68,6 +72,14 @@ async fn main() -> Result<()> {
         opts.avoid_known_bugs = !args.all_faults;
         opts.settle = Duration::from_secs(args.settle_s);
         eprintln!("=== run with seed {run_seed}: {n} faults");
+        if args.dry_run {
+            let text = mpp_ha_tests::local_config_text(args.port_base, Path::new("/tmp/nemesis"));
+            let cfg = ha_common::ClusterConfig::parse(&text, Path::new("local.toml"))?;
+            let topo = Topology::of(&cfg);
+            println!("seed {run_seed}:\n{}", describe(&draw(&topo, &opts)));
+            run_seed += 1;
+            continue;
+        }
         let c = LocalCluster::netns("nemesis-bench", args.port_base, |t| t);
         let outcome = match c.up(240) {
             Ok(_) => run(&c, &opts).await,
@@ -102,6 +114,9 @@ async fn main() -> Result<()> {
         }
         drop(c);
         run_seed += 1;
+    }
+    if args.dry_run {
+        return Ok(());
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(

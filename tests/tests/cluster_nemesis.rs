@@ -15,8 +15,10 @@ use mpp_ha_tests::nemesis::{run_cluster, seed_from_env, Options};
 
 const PORT_BASE: u16 = 35000;
 
-/// A seed whose schedule mixes process faults, a partition and an overlap.
-const DEFAULT_SEED: u64 = 9;
+/// A seed whose schedule has a one-way drop, SIGSTOP of a member overlapped by kill -9
+/// of a GTM, and a host cut off (`nemesis_bench --dry-run --seed 2 --faults 5
+/// --per-run 5` prints it).
+const DEFAULT_SEED: u64 = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_random_fault_schedule_keeps_invariants_1_to_3() -> Result<()> {
