@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod nemesis;
 pub mod netns;
+pub mod workload;
 
 /// The `configs/local.toml` shipped with the project.
 pub const LOCAL_CONFIG: &str = include_str!("../../configs/local.toml");

@@ -133,6 +133,32 @@ pub trait Faults {
         )
     }
 
+    /// Undoes [`Faults::isolate`] of `host`.
+    fn rejoin(&self, host: &str) -> Result<()> {
+        Ok(cm_ctl::netns::ip(&[
+            "link",
+            "set",
+            &self.net().link(host),
+            "up",
+        ])?)
+    }
+
+    /// Undoes [`Faults::drop_one_way`] of `from` to `to`.
+    fn undrop(&self, from: &str, to: &str) -> Result<()> {
+        let net = self.net();
+        let table = format!("mpp_drop_{from}_{to}");
+        for h in [from, to] {
+            nft_in(&net.namespace(h), &format!("delete table ip {table}\n"))?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Faults::cut`] of `a` and `b`.
+    fn uncut(&self, a: &str, b: &str) -> Result<()> {
+        self.undrop(a, b)?;
+        self.undrop(b, a)
+    }
+
     /// Undoes every fault: every link up, every drop table removed.
     fn heal(&self) -> Result<()> {
         let net = self.net();
@@ -169,23 +195,7 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let ns = host
-        .map(|h| Namespace::open(&net.namespace_path(h)))
-        .transpose()?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let r = (|| {
-            if let Some(ns) = &ns {
-                ns.enter().context("enter the host's namespace")?;
-            }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(make())
-        })();
-        let _ = tx.send(r);
-    });
-    rx.await.context("the client thread died")?
+    crate::workload::Reach::host(net, host).run(make).await
 }
 
 /// Starts `make()`'s future on a thread inside `host`'s namespace (`None`: the
@@ -200,18 +210,7 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let ns = host
-        .map(|h| Namespace::open(&net.namespace_path(h)))
-        .transpose()?;
-    Ok(std::thread::spawn(move || {
-        if let Some(ns) = &ns {
-            ns.enter().context("enter the host's namespace")?;
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(make())
-    }))
+    crate::workload::Reach::host(net, host).spawn(make)
 }
 
 #[cfg(test)]

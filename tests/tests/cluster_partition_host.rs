@@ -68,19 +68,17 @@ async fn cut_off_host_loses_its_primaries_and_rejoins_without_losing_commits() -
     let watcher = if host == "h3" { "h1" } else { "h3" };
     eprintln!("cutting off {host}: {cms} primary in term {term}, {old} primary of {group}");
     let (m_old, m_new) = (Member::of(&c, old), Member::of(&c, new));
-    create_table(&net, watcher, &m_old).await?;
+    create_table(&Reach::host(&net, Some(watcher)), &m_old).await?;
     // A client on the cut-off host itself (it keeps reaching its local primary) and
     // one elsewhere following whichever member is primary.
     let local = Writer::start(
-        &net,
-        Some(&host),
+        &Reach::host(&net, Some(&host)),
         vec![m_old.clone()],
         1,
         Duration::from_secs(3),
     )?;
     let remote = Writer::start(
-        &net,
-        Some(watcher),
+        &Reach::host(&net, Some(watcher)),
         vec![m_old.clone(), m_new.clone()],
         10_000_000,
         Duration::from_secs(3),
@@ -254,7 +252,7 @@ async fn cut_off_host_loses_its_primaries_and_rejoins_without_losing_commits() -
         .chain(&outside.acks)
         .cloned()
         .collect();
-    let rows = assert_all_present(&net, watcher, &m_new, &all).await?;
+    let rows = assert_all_present(&Reach::host(&net, Some(watcher)), &m_new, &all).await?;
     eprintln!(
         "{} acknowledged commits ({} by the client on {host}, {} on {watcher}), all on {new} ({rows} rows)",
         all.len(),
