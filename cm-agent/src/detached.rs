@@ -1,5 +1,5 @@
-//! One of our own server binaries (`gtm serve`, `cn serve`) run as a detached process:
-//! its own session (so it outlives the agent), its pid in a pid file (so a restarted
+//! One of our own server binaries (`gtm serve`, `cn serve`, `dn_replicator serve`) run
+//! as a detached process: its own session (so it outlives the agent), its pid in a pid file (so a restarted
 //! agent adopts it instead of starting a second copy), its output appended to a log.
 
 use std::fs::File;
@@ -162,4 +162,20 @@ impl Detached {
         let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         all[all.len().saturating_sub(lines)..].join(" | ")
     }
+}
+
+/// Test support: the shipped local config with `base_dir` = `dir` and a `bin_dir`
+/// below it that holds no binaries.
+#[cfg(test)]
+pub(crate) fn config_without_binaries(dir: &Path) -> ClusterConfig {
+    let text = include_str!("../../configs/local.toml")
+        .replace(
+            "base_dir = \"/tmp/mpp-ha\"",
+            &format!("base_dir = {:?}", dir.display().to_string()),
+        )
+        .replace(
+            "# bin_dir = \"/usr/local/bin\"",
+            &format!("bin_dir = {:?}", dir.join("nobin").display().to_string()),
+        );
+    ClusterConfig::parse(&text, Path::new("t.toml")).expect("the local config parses")
 }

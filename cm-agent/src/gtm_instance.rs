@@ -209,19 +209,7 @@ mod tests {
     #[tokio::test]
     async fn missing_binary_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let text = include_str!("../../configs/local.toml")
-            .replace(
-                "base_dir = \"/tmp/mpp-ha\"",
-                &format!("base_dir = {:?}", dir.path().display().to_string()),
-            )
-            .replace(
-                "# bin_dir = \"/usr/local/bin\"",
-                &format!(
-                    "bin_dir = {:?}",
-                    dir.path().join("nobin").display().to_string()
-                ),
-            );
-        let cfg = ClusterConfig::parse(&text, Path::new("t.toml")).unwrap();
+        let cfg = crate::detached::config_without_binaries(dir.path());
         let mut g = GtmInstance::from_config(&cfg, "gtm1", Path::new("t.toml")).unwrap();
         let e = g.start().await.unwrap_err().to_string();
         assert!(e.contains("gtm binary not found"), "{e}");

@@ -623,6 +623,43 @@ impl PgInstance {
 
     /// Errs unless `upstream` runs as a primary (not in recovery).
     pub async fn require_primary_upstream(&self, upstream: &Upstream) -> Result<()> {
+        let purpose = |host: &str, port: u16| {
+            format!("checking that {host}:{port} is primary before pg_rewind")
+        };
+        let in_recovery = self
+            .on_upstream(
+                upstream,
+                purpose,
+                Duration::from_secs(10),
+                |db| async move {
+                    let row = db.query_one("SELECT pg_is_in_recovery()", &[]).await?;
+                    row.try_get::<_, bool>(0)
+                },
+            )
+            .await?;
+        if in_recovery {
+            return Err(AgentError::Instance(format!(
+                "{}: {}: it is still a standby (not promoted yet): not rewinding against its old timeline",
+                self.name,
+                purpose(&upstream.host, upstream.port)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Connects to `upstream` as the superuser and runs `work` on the session, both
+    /// within `timeout`; an error names this instance and `purpose(host, port)`.
+    async fn on_upstream<T, F, Fut>(
+        &self,
+        upstream: &Upstream,
+        purpose: impl Fn(&str, u16) -> String,
+        timeout: Duration,
+        work: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(tokio_postgres::Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    {
         let mut config = tokio_postgres::Config::new();
         config
             .host(&upstream.host)
@@ -631,36 +668,24 @@ impl PgInstance {
             .dbname("postgres")
             .application_name("cm_agent")
             .connect_timeout(Duration::from_secs(5));
-        let what = |e: String| {
-            AgentError::Instance(format!(
-                "{}: checking that {}:{} is primary before pg_rewind: {e}",
-                self.name, upstream.host, upstream.port
-            ))
-        };
-        let work = async {
-            let (client, conn) = config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| what(e.to_string()))?;
+        let session = async {
+            let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            let row = client
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .map_err(|e| what(e.to_string()))?;
-            Ok::<bool, AgentError>(row.get(0))
+            work(client).await
         };
-        let in_recovery = tokio::time::timeout(Duration::from_secs(10), work)
+        let what = |e: String| {
+            AgentError::Instance(format!(
+                "{}: {}: {e}",
+                self.name,
+                purpose(&upstream.host, upstream.port)
+            ))
+        };
+        tokio::time::timeout(timeout, session)
             .await
-            .map_err(|_| what("timed out".into()))??;
-        if in_recovery {
-            return Err(what(
-                "it is still a standby (not promoted yet): not rewinding against its old timeline"
-                    .into(),
-            ));
-        }
-        Ok(())
+            .map_err(|_| what("timed out".into()))?
+            .map_err(|e| what(e.to_string()))
     }
 
     /// The LSN of the last checkpoint in pg_control (pg_controldata). After a clean
@@ -679,37 +704,15 @@ impl PgInstance {
     /// Runs CHECKPOINT on `upstream` (a restartpoint on a standby), so that its
     /// control file names its current timeline.
     pub async fn checkpoint_upstream(&self, upstream: &Upstream) -> Result<()> {
-        let timeout = Duration::from_secs(60);
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(&upstream.host)
-            .port(upstream.port)
-            .user(SUPERUSER)
-            .dbname("postgres")
-            .application_name("cm_agent")
-            .connect_timeout(Duration::from_secs(5));
-        let what = |e: String| {
-            AgentError::Instance(format!(
-                "{}: CHECKPOINT on {}:{} before pg_rewind: {e}",
-                self.name, upstream.host, upstream.port
-            ))
-        };
-        let work = async {
-            let (client, conn) = config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| what(e.to_string()))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            client
-                .batch_execute("CHECKPOINT")
-                .await
-                .map_err(|e| what(e.to_string()))
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| what("timed out".into()))?
+        let purpose =
+            |host: &str, port: u16| format!("CHECKPOINT on {host}:{port} before pg_rewind");
+        self.on_upstream(
+            upstream,
+            purpose,
+            Duration::from_secs(60),
+            |db| async move { db.batch_execute("CHECKPOINT").await },
+        )
+        .await
     }
 
     /// Moves the data dir aside (`data.old`, replacing an older one) before a rebuild.

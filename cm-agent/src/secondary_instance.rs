@@ -4,11 +4,8 @@
 //! Replicator orders in the CMServer's term. Output goes to
 //! `<base_dir>/<name>.replicator.log`, its pid to `<base_dir>/<name>.replicator.pid`.
 
-use std::fs::File;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use ha_common::config::ClusterConfig;
 use ha_common::lsn::format_lsn;
@@ -19,23 +16,17 @@ use ha_common::proto::replicator::{
 };
 use tonic::transport::Endpoint;
 
+use crate::detached::Detached;
 use crate::error::{AgentError, Result};
-use crate::process;
 
-/// How long a freshly started dn_replicator must stay up to count as started.
-const STARTUP_GRACE: Duration = Duration::from_millis(300);
 const PROGRAM: &str = "dn_replicator";
 
 #[derive(Debug)]
 pub struct SecondaryInstance {
     pub name: String,
-    pub pid_file: PathBuf,
-    pub log_file: PathBuf,
     pub url: String,
-    pub binary: PathBuf,
-    pub config_path: PathBuf,
-    pub base_dir: PathBuf,
-    child: Option<Child>,
+    /// The `dn_replicator serve` process (pid file, adoption, start, stop).
+    process: Detached,
 }
 
 impl SecondaryInstance {
@@ -47,120 +38,35 @@ impl SecondaryInstance {
         let r = cfg.find(name).ok_or_else(|| {
             AgentError::Instance(format!("{name} is not an instance of the config"))
         })?;
-        let base_dir = cfg.cluster.base_dir.clone();
+        let mut process = Detached::serve(cfg, PROGRAM, name, config_path);
+        // `<name>.replicator.{pid,log}` (not `.dn_replicator.`): the names running
+        // clusters, operators and tests already know.
+        process.pid_file = process.base_dir.join(format!("{name}.replicator.pid"));
+        process.log_file = process.base_dir.join(format!("{name}.replicator.log"));
         Ok(SecondaryInstance {
             name: name.to_owned(),
-            pid_file: base_dir.join(format!("{name}.replicator.pid")),
-            log_file: base_dir.join(format!("{name}.replicator.log")),
             url: format!("http://{}", cfg.endpoint(r.instance)),
-            binary: cfg.bin_dir().join(PROGRAM),
-            config_path: config_path.to_owned(),
-            base_dir,
-            child: None,
+            process,
         })
     }
 
     /// The pid of the running dn_replicator of this instance, if any.
     pub fn pid(&mut self) -> Option<u32> {
-        if let Some(child) = self.child.as_mut() {
-            match child.try_wait() {
-                Ok(None) => return Some(child.id()),
-                _ => self.child = None,
-            }
-        }
-        let pid = process::read_pid_file(&self.pid_file)?;
-        process::runs(pid, PROGRAM, Some(&self.name)).then_some(pid)
+        self.process.pid()
     }
 
-    /// Starts `dn_replicator serve` detached; fails if the binary is missing or it
-    /// exits at once.
+    /// Starts `dn_replicator serve` detached, unless it already runs (then nothing to
+    /// do); fails if the binary is missing or it exits at once.
     pub async fn start(&mut self) -> Result<()> {
         if self.pid().is_some() {
             return Ok(());
         }
-        if !self.binary.exists() {
-            return Err(AgentError::Instance(format!(
-                "dn_replicator binary not found at {}",
-                self.binary.display()
-            )));
-        }
-        std::fs::create_dir_all(&self.base_dir)
-            .map_err(|e| AgentError::io("create directory", &self.base_dir, e))?;
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log_file)
-            .map_err(|e| AgentError::io("open", &self.log_file, e))?;
-        let err = log
-            .try_clone()
-            .map_err(|e| AgentError::io("open", &self.log_file, e))?;
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--node")
-            .arg(&self.name)
-            .arg("--base-dir")
-            .arg(&self.base_dir)
-            .current_dir(&self.base_dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
-            program: self.binary.display().to_string(),
-            source,
-        })?;
-        std::fs::write(&self.pid_file, format!("{}\n", child.id()))
-            .map_err(|e| AgentError::io("write", &self.pid_file, e))?;
-        let deadline = Instant::now() + STARTUP_GRACE;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                let _ = std::fs::remove_file(&self.pid_file);
-                return Err(AgentError::Instance(format!(
-                    "dn_replicator exited at once ({status}): {}",
-                    self.log_tail(3)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.child = Some(child);
-        Ok(())
+        self.process.start().await
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
     pub async fn stop(&mut self, grace: Duration) -> Result<()> {
-        let Some(pid) = self.pid() else {
-            return Ok(());
-        };
-        let target = nix::unistd::Pid::from_raw(pid as i32);
-        let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while self.pid().is_some() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if self.pid().is_some() {
-            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.pid().is_some() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        if self.pid().is_some() {
-            return Err(AgentError::Instance(format!(
-                "{}: dn_replicator (pid {pid}) does not stop",
-                self.name
-            )));
-        }
-        let _ = std::fs::remove_file(&self.pid_file);
-        Ok(())
+        self.process.stop(grace).await
     }
 
     async fn client(
@@ -177,12 +83,6 @@ impl SecondaryInstance {
             .await
             .map_err(|e| AgentError::Probe(format!("{}: connect {}: {e}", self.name, self.url)))?;
         Ok(ReplicatorClient::new(channel))
-    }
-
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
-        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        all[all.len().saturating_sub(lines)..].join(" | ")
     }
 
     fn rpc_error(&self, what: &str, e: tonic::Status) -> AgentError {
@@ -378,19 +278,7 @@ mod tests {
     #[tokio::test]
     async fn missing_binary_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let text = include_str!("../../configs/local.toml")
-            .replace(
-                "base_dir = \"/tmp/mpp-ha\"",
-                &format!("base_dir = {:?}", dir.path().display().to_string()),
-            )
-            .replace(
-                "# bin_dir = \"/usr/local/bin\"",
-                &format!(
-                    "bin_dir = {:?}",
-                    dir.path().join("nobin").display().to_string()
-                ),
-            );
-        let cfg = ClusterConfig::parse(&text, Path::new("t.toml")).unwrap();
+        let cfg = crate::detached::config_without_binaries(dir.path());
         let mut s = SecondaryInstance::from_config(&cfg, "dn1_h3", Path::new("t.toml")).unwrap();
         let e = s.start().await.unwrap_err().to_string();
         assert!(e.contains("dn_replicator binary not found"), "{e}");

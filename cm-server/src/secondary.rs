@@ -299,6 +299,19 @@ mod tests {
         ClusterState::initial(&local_config())
     }
 
+    /// The gate before promoting dn1_h2 after dn1_h1's loss, with the secondary's
+    /// latest and fresh reports and the standby's replay LSN.
+    fn promote_dn1_h2(
+        s: &mut ClusterState,
+        g: &DnGroup,
+        latest: Option<&InstanceReport>,
+        fresh: Option<&InstanceReport>,
+        standby_replay: u64,
+    ) -> Gate {
+        let standby = standby(standby_replay);
+        before_promote(s, g, "dn1_h1", "dn1_h2", latest, fresh, Some(&standby))
+    }
+
     #[test]
     fn a_lost_standby_starts_the_secondary_no_later_than_its_last_flush() {
         let g = group();
@@ -377,15 +390,7 @@ mod tests {
         let mut s = state();
         let idle = sec("idle", 1, 0, 0);
         assert_eq!(
-            before_promote(
-                &mut s,
-                &g,
-                "dn1_h1",
-                "dn1_h2",
-                Some(&idle),
-                Some(&idle),
-                Some(&standby(1))
-            ),
+            promote_dn1_h2(&mut s, &g, Some(&idle), Some(&idle), 1),
             Gate::Usual
         );
         assert!(!s.secondary.contains_key("dn1"));
@@ -403,44 +408,20 @@ mod tests {
             },
         );
         let streaming = sec("streaming", 1, 0x5000000, 10);
-        let gate = before_promote(
-            &mut s,
-            &g,
-            "dn1_h1",
-            "dn1_h2",
-            Some(&streaming),
-            Some(&streaming),
-            Some(&standby(0x5000000)),
-        );
+        let gate = promote_dn1_h2(&mut s, &g, Some(&streaming), Some(&streaming), 0x5000000);
         assert!(
             matches!(gate, Gate::Wait(ref w) if w.contains("fencing")),
             "{gate:?}"
         );
         assert_eq!(s.secondary["dn1"], SecondaryPlan::Hold);
         // Still streaming (the order has not arrived): wait.
-        let gate = before_promote(
-            &mut s,
-            &g,
-            "dn1_h1",
-            "dn1_h2",
-            Some(&streaming),
-            Some(&streaming),
-            Some(&standby(0x5000000)),
-        );
+        let gate = promote_dn1_h2(&mut s, &g, Some(&streaming), Some(&streaming), 0x5000000);
         assert!(
             matches!(gate, Gate::Wait(ref w) if w.contains("confirm")),
             "{gate:?}"
         );
         // Silent secondary: cannot confirm, no promotion.
-        let gate = before_promote(
-            &mut s,
-            &g,
-            "dn1_h1",
-            "dn1_h2",
-            Some(&streaming),
-            None,
-            Some(&standby(0x5000000)),
-        );
+        let gate = promote_dn1_h2(&mut s, &g, Some(&streaming), None, 0x5000000);
         assert!(
             matches!(gate, Gate::Wait(ref w) if w.contains("no fresh report")),
             "{gate:?}"
@@ -452,15 +433,7 @@ mod tests {
         let g = group();
         let mut s = state();
         let streaming = sec("streaming", 1, 0x5000000, 10);
-        let gate = before_promote(
-            &mut s,
-            &g,
-            "dn1_h1",
-            "dn1_h2",
-            Some(&streaming),
-            Some(&streaming),
-            Some(&standby(1)),
-        );
+        let gate = promote_dn1_h2(&mut s, &g, Some(&streaming), Some(&streaming), 1);
         assert!(matches!(gate, Gate::Wait(_)));
         assert_eq!(s.secondary["dn1"], SecondaryPlan::Hold);
     }
@@ -471,28 +444,12 @@ mod tests {
         let mut s = state();
         s.secondary.insert("dn1".into(), SecondaryPlan::Hold);
         let holding = sec("holding", 1, 0x5000000, 10);
-        let gate = before_promote(
-            &mut s,
-            &g,
-            "dn1_h1",
-            "dn1_h2",
-            Some(&holding),
-            Some(&holding),
-            Some(&standby(0x4000000)),
-        );
+        let gate = promote_dn1_h2(&mut s, &g, Some(&holding), Some(&holding), 0x4000000);
         assert!(
             matches!(gate, Gate::Wait(ref w) if w.contains("catching up")),
             "{gate:?}"
         );
-        let gate = before_promote(
-            &mut s,
-            &g,
-            "dn1_h1",
-            "dn1_h2",
-            Some(&holding),
-            Some(&holding),
-            Some(&standby(0x5000000)),
-        );
+        let gate = promote_dn1_h2(&mut s, &g, Some(&holding), Some(&holding), 0x5000000);
         assert_eq!(
             gate,
             Gate::CaughtUp {
@@ -501,15 +458,7 @@ mod tests {
         );
         // A hold from an older term than the state's is not a confirmation.
         s.term = ha_common::Term(2);
-        let gate = before_promote(
-            &mut s,
-            &g,
-            "dn1_h1",
-            "dn1_h2",
-            Some(&holding),
-            Some(&holding),
-            Some(&standby(0x5000000)),
-        );
+        let gate = promote_dn1_h2(&mut s, &g, Some(&holding), Some(&holding), 0x5000000);
         assert!(matches!(gate, Gate::Wait(_)));
     }
 

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod control_file;
 pub mod decisions;
+mod fast_lane;
 mod gxid_stream;
 pub mod node;
 pub mod replication;

@@ -12,6 +12,7 @@ use tokio::sync::{watch, RwLock};
 
 use crate::control_file::{ControlData, ControlError, ControlFile, PersistedRole};
 use crate::decisions::{Decision, DecisionError, DecisionStore};
+use crate::fast_lane::FastLane;
 use crate::replication::PeerLink;
 use crate::reservation::{AllocError, Reservation, Step};
 
@@ -143,6 +144,10 @@ pub struct Node {
     /// boundary that a stale primary's reservation raises right after.
     role_lock: RwLock<()>,
     reserve_events: watch::Sender<ReserveEvent>,
+    /// The hot path: grants within the current block without the lock (see
+    /// [`FastLane`]); open only while primary, closed around every change of `st`
+    /// that concerns allocation.
+    lane: FastLane,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -185,8 +190,10 @@ impl Node {
             gate: RwLock::new(()),
             role_lock: RwLock::new(()),
             reserve_events: watch::channel(ReserveEvent::default()).0,
+            lane: FastLane::default(),
             settings,
         };
+        node.reopen_lane(&lock(&node.st));
         Ok((Arc::new(node), data))
     }
 
@@ -263,7 +270,11 @@ impl Node {
             } as i32,
             term: st.term,
             boundary: st.boundary,
-            next_gxid: st.alloc.as_ref().map(|a| a.next()).unwrap_or(0),
+            next_gxid: st
+                .alloc
+                .as_ref()
+                .map(|a| a.next().max(self.lane.peek_next().unwrap_or(0)))
+                .unwrap_or(0),
             ready: st.ready,
             standby_attached: st.attached,
             run_alone: st.run_alone,
@@ -282,6 +293,9 @@ impl Node {
                 "count {count} is above the limit of {MAX_GXIDS_PER_REQUEST} GXIDs per request"
             )));
         }
+        if let Some(grant) = self.lane.try_grant(count) {
+            return Ok(grant);
+        }
         // Bounded: each round either grants, or waits for / performs one reservation.
         for _ in 0..64 {
             let mut events = self.reserve_events.subscribe();
@@ -290,11 +304,14 @@ impl Node {
                 if st.role != Role::Primary {
                     return Err(self.not_primary(&st));
                 }
+                self.close_lane(&mut st);
                 let (term, epoch) = (st.term, st.epoch);
                 let Some(alloc) = st.alloc.as_mut() else {
                     return Err(self.not_primary(&st));
                 };
-                (alloc.allocate(count)?, term, epoch)
+                let step = alloc.allocate(count);
+                self.reopen_lane(&st);
+                (step?, term, epoch)
             };
             match step {
                 Step::Grant(r) => return Ok((r, term)),
@@ -330,6 +347,28 @@ impl Node {
         ))
     }
 
+    /// Takes the lane back into the state machine (under `st`'s lock): what it
+    /// handed out is no longer the allocator's to give.
+    fn close_lane(&self, st: &mut State) {
+        if let Some(reached) = self.lane.close() {
+            if let Some(a) = st.alloc.as_mut() {
+                a.granted_up_to(reached);
+            }
+        }
+    }
+
+    /// Opens the lane on what the allocator may hand out without deciding anything,
+    /// while primary (under `st`'s lock, the lane closed).
+    fn reopen_lane(&self, st: &State) {
+        if st.role != Role::Primary {
+            return;
+        }
+        if let Some(a) = &st.alloc {
+            let (next, end) = a.lane();
+            self.lane.open(next, end, st.term);
+        }
+    }
+
     fn peer_name(&self) -> String {
         self.peer
             .as_ref()
@@ -344,12 +383,14 @@ impl Node {
         {
             let mut st = lock(&self.st);
             if st.epoch == epoch {
+                self.close_lane(&mut st);
                 if let Some(a) = st.alloc.as_mut() {
                     match &res {
                         Ok(()) => a.reserved(boundary),
                         Err(_) => a.reserve_failed(),
                     }
                 }
+                self.reopen_lane(&st);
             }
             if let Err(e) = &res {
                 st.last_error = e.to_string();
@@ -470,6 +511,7 @@ impl Node {
             if st.role == Role::Primary {
                 tracing::error!("stepping down: {reason}");
             }
+            self.close_lane(&mut st);
             st.role = Role::Standby;
             st.run_alone = false;
             st.alloc = None;
@@ -814,6 +856,7 @@ impl Node {
             .await?;
         {
             let mut st = lock(&self.st);
+            self.close_lane(&mut st);
             st.role = Role::Primary;
             st.term = new_term;
             st.alloc = Some(Reservation::starting_at(
@@ -821,6 +864,7 @@ impl Node {
                 self.settings.block_size,
             ));
             st.epoch += 1;
+            self.reopen_lane(&st);
             st.attached = false;
             st.run_alone |= run_alone;
             st.last_error.clear();

@@ -128,6 +128,24 @@ impl Reservation {
         }
     }
 
+    /// What may be handed out without this state machine (the lock-free lane):
+    /// `[next, end)`, ending where `allocate` would have something to decide — the
+    /// prefetch mark, or the limit while a reservation is in flight.
+    pub fn lane(&self) -> (u64, u64) {
+        let end = if self.in_flight.is_some() {
+            self.limit
+        } else {
+            // `allocate` prefetches once `limit - end < chunk / 2`.
+            self.limit.saturating_sub(self.stride * self.block_size / 2)
+        };
+        (self.next, end.max(self.next))
+    }
+
+    /// The lane handed out GXIDs below `end` (never past the limit).
+    pub fn granted_up_to(&mut self, end: u64) {
+        self.next = self.next.max(end.min(self.limit));
+    }
+
     /// The reservation failed: nothing changes but another may be tried.
     pub fn reserve_failed(&mut self) {
         self.in_flight = None;
@@ -181,6 +199,28 @@ mod tests {
             r.allocate(2).unwrap(),
             Step::GrantAndPrefetch(101..103, 401)
         );
+    }
+
+    #[test]
+    fn the_lane_ends_where_allocate_has_something_to_decide() {
+        let mut r = Reservation::starting_at(1, 100);
+        assert_eq!(r.lane(), (1, 1), "nothing reserved: an empty lane");
+        assert_eq!(r.allocate(1).unwrap(), Step::Reserve(101));
+        assert_eq!(r.lane(), (1, 1));
+        r.reserved(101);
+        // Up to the prefetch mark (half a reservation below the limit).
+        assert_eq!(r.lane(), (1, 51));
+        // The lane handed out up to 51: allocate continues there and prefetches.
+        r.granted_up_to(51);
+        assert_eq!(r.allocate(1).unwrap(), Step::GrantAndPrefetch(51..52, 201));
+        // With the prefetch in flight, the lane runs to the limit.
+        assert_eq!(r.lane(), (52, 101));
+        // What the lane reports past the limit (failed adds) is capped at it.
+        r.granted_up_to(5000);
+        assert_eq!(r.lane(), (101, 101));
+        assert_eq!(r.allocate(1).unwrap(), Step::Wait);
+        r.granted_up_to(10);
+        assert_eq!(r.lane(), (101, 101), "next never goes back");
     }
 
     #[test]
