@@ -46,7 +46,10 @@ async fn wait_cn(port: u16) -> Result<tokio_postgres::Client> {
 
 /// Text rows of a simple query.
 async fn rows(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
-    let msgs = c.simple_query(sql).await.with_context(|| sql.to_owned())?;
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .map_err(|e| anyhow::anyhow!("{sql}: {e:?}"))?;
     Ok(msgs
         .into_iter()
         .filter_map(|m| match m {
