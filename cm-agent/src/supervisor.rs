@@ -605,15 +605,14 @@ impl InstanceSupervisor {
                 }
                 Err(e) => facts = e.to_string(),
             },
-            // A CN is responding (serving) only while it accepts clients: one that is
-            // still copying the catalog runs but does not serve yet.
+            // A CN that answers its Status RPC is responding even before it accepts
+            // clients: the CMServer admits it to the DDL set only while its agent
+            // sees it alive, and it accepts clients only once admitted. Whether it
+            // serves, status tells from CnSync (`ddl_set::annotate`).
             Managed::Cn(c) if pid.is_some() => match c.probe(self.probe_timeout).await {
                 Ok(s) => {
-                    r.responding = s.accepting;
+                    r.responding = true;
                     facts = cn_instance::describe(&s);
-                    if !s.accepting {
-                        r.last_error = facts.clone();
-                    }
                 }
                 Err(e) => facts = e.to_string(),
             },

@@ -62,8 +62,8 @@ impl CnSeen {
 pub struct Memory {
     /// Latest `CnSync` per CN.
     pub seen: HashMap<String, CnSeen>,
-    /// When this CMServer started watching each member (the timer's start when the
-    /// member has not been good since).
+    /// When each member was last good (READY at the set's version), or when this
+    /// CMServer started watching it if not since: its removal timer's start.
     pub watched_since: HashMap<String, Instant>,
     /// Since when each CN's agent has continuously reported it dead or not answering.
     pub agent_bad_since: HashMap<String, Instant>,
@@ -135,6 +135,11 @@ pub fn decide(input: &Input<'_>) -> Plan {
             .filter(|s| s.ready() && s.catalog_version == set.catalog_version)
             .map(|s| s.at);
         let last_good = good_sync.map_or(watched, |at| at.max(watched));
+        // Remember it: once a DDL moves the set's version, the member's latest sync is
+        // behind until its next one, and its timer must run from when it was last
+        // good, not from when watching began (which took out every long-standing
+        // member at the first DDL).
+        memory.watched_since.insert(m.clone(), last_good);
         let silent = now.saturating_duration_since(last_good);
         let agent_bad = memory
             .agent_bad_since
@@ -395,6 +400,30 @@ mod tests {
             plan.notes
         );
         assert_eq!(w.set.catalog_version, 4);
+    }
+
+    #[test]
+    fn a_long_standing_member_is_not_taken_out_by_the_next_ddl() {
+        // Both members good for a long while; cn1 then reports a DDL's new version
+        // before cn2's next CnSync: cn2 was good a moment ago, so it stays.
+        let mut w = World::new(&["cn1", "cn2"], 0);
+        for t in 0..=10 {
+            w.ready("cn1", f64::from(t), 0);
+            w.ready("cn2", f64::from(t), 0);
+            assert!(w.tick(f64::from(t)).removed.is_empty());
+        }
+        w.ready("cn1", 10.5, 1);
+        assert!(w.tick(10.5).removed.is_empty(), "{:?}", w.members());
+        // Still behind a full timeout after it was last good: out.
+        w.ready("cn2", 11.0, 0);
+        assert!(w.tick(12.9).removed.is_empty());
+        let plan = w.tick(13.1);
+        assert_eq!(plan.removed, ["cn2"]);
+        assert!(
+            plan.notes["cn2"].contains("catalog version 0 is behind the set's 1 for 3.1 s"),
+            "{:?}",
+            plan.notes
+        );
     }
 
     #[test]
