@@ -739,14 +739,7 @@ impl Injector<'_> {
         }
         let net = self.c.net.as_ref().context("a netns cluster")?;
         let config = std::fs::canonicalize(&self.c.config)?;
-        let args = [
-            "--config".to_owned(),
-            config.display().to_string(),
-            "--node".to_owned(),
-            d.node.clone(),
-            "--base-dir".to_owned(),
-            base.display().to_string(),
-        ];
+        let args = d.args(&config, base);
         let ns = Namespace::open(&net.namespace_path(&d.host))?;
         let log = cm_ctl::commands::local::log_path(base, d);
         let pid =
