@@ -455,18 +455,25 @@ struct Sampled {
     gxids: Vec<u64>,
 }
 
-/// A background client thread that records into `T` until stopped.
+/// A background client thread that records into `T` until stopped (or dropped).
 struct Client<T> {
     out: Arc<Mutex<T>>,
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl<T> Drop for Client<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl<T: Clone + Send + 'static> Client<T> {
-    async fn stop(self) -> T {
+    async fn stop(mut self) -> T {
         self.stop.store(true, Ordering::Relaxed);
-        let thread = self.thread;
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         let out = self.out.lock().unwrap().clone();
         out
     }
@@ -563,7 +570,11 @@ fn start_sampler(
         }
         Ok(())
     })?;
-    Ok(Client { out, stop, thread })
+    Ok(Client {
+        out,
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// Takes one GXID after another (every 100 ms, bounded) from whichever GTM hands
@@ -587,7 +598,11 @@ fn start_gxid_taker(reach: &Reach, gtms: Vec<Member>) -> Result<Client<Vec<u64>>
         }
         Ok(())
     })?;
-    Ok(Client { out, stop, thread })
+    Ok(Client {
+        out,
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// What undoes a fault that is in force.
