@@ -52,6 +52,19 @@ impl Daemon {
             .collect()
     }
 
+    /// Its arguments as `local up` starts it: `--config C --node N --base-dir B`
+    /// (`is` recognises it by them).
+    pub fn args(&self, config: &Path, base_dir: &Path) -> Vec<String> {
+        vec![
+            "--config".to_owned(),
+            config.display().to_string(),
+            "--node".to_owned(),
+            self.node.clone(),
+            "--base-dir".to_owned(),
+            base_dir.display().to_string(),
+        ]
+    }
+
     /// `cm_server-cms1`, `cm_agent-h1`: the key in the pid file.
     pub fn key(&self) -> String {
         format!("{}-{}", self.program, self.node)

@@ -416,7 +416,8 @@ pub fn dual_primaries(probes: &[Probe], t0: Instant) -> Vec<String> {
     for p in probes {
         by_member.entry((&p.group, &p.member)).or_default().push(p);
     }
-    let mut by_group: BTreeMap<&str, Vec<(&str, Vec<(Instant, Instant)>)>> = BTreeMap::new();
+    type Spans<'a> = Vec<(&'a str, Vec<(Instant, Instant)>)>;
+    let mut by_group: BTreeMap<&str, Spans> = BTreeMap::new();
     for ((g, m), mut ps) in by_member {
         ps.sort_by_key(|p| p.sent);
         by_group.entry(g).or_default().push((m, spans(&ps)));
@@ -454,18 +455,25 @@ struct Sampled {
     gxids: Vec<u64>,
 }
 
-/// A background client thread that records into `T` until stopped.
+/// A background client thread that records into `T` until stopped (or dropped).
 struct Client<T> {
     out: Arc<Mutex<T>>,
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl<T> Drop for Client<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl<T: Clone + Send + 'static> Client<T> {
-    async fn stop(self) -> T {
+    async fn stop(mut self) -> T {
         self.stop.store(true, Ordering::Relaxed);
-        let thread = self.thread;
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         let out = self.out.lock().unwrap().clone();
         out
     }
@@ -562,7 +570,11 @@ fn start_sampler(
         }
         Ok(())
     })?;
-    Ok(Client { out, stop, thread })
+    Ok(Client {
+        out,
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// Takes one GXID after another (every 100 ms, bounded) from whichever GTM hands
@@ -586,7 +598,11 @@ fn start_gxid_taker(reach: &Reach, gtms: Vec<Member>) -> Result<Client<Vec<u64>>
         }
         Ok(())
     })?;
-    Ok(Client { out, stop, thread })
+    Ok(Client {
+        out,
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// What undoes a fault that is in force.
@@ -738,14 +754,7 @@ impl Injector<'_> {
         }
         let net = self.c.net.as_ref().context("a netns cluster")?;
         let config = std::fs::canonicalize(&self.c.config)?;
-        let args = [
-            "--config".to_owned(),
-            config.display().to_string(),
-            "--node".to_owned(),
-            d.node.clone(),
-            "--base-dir".to_owned(),
-            base.display().to_string(),
-        ];
+        let args = d.args(&config, base);
         let ns = Namespace::open(&net.namespace_path(&d.host))?;
         let log = cm_ctl::commands::local::log_path(base, d);
         let pid =
@@ -779,6 +788,9 @@ pub struct Report {
     pub acked: BTreeMap<String, usize>,
     /// (group, id): acknowledged, not on the group's final primary.
     pub lost: Vec<(String, i64)>,
+    /// How the lost ones were acknowledged: by which member, when (per member: the
+    /// count and the first and last offsets), and the final primary read.
+    pub lost_detail: Vec<String>,
     /// (group, id): acknowledged, more than once on the final primary.
     pub twice: Vec<(String, i64)>,
     pub gxids: usize,
@@ -844,6 +856,7 @@ impl Report {
             "reused GXIDs",
             self.reused_gxids.iter().map(|g| g.to_string()).collect(),
         );
+        list("lost, how", self.lost_detail.clone());
         list("dual primaries", self.dual_primaries.clone());
         list("problems", self.problems.clone());
         s
@@ -1055,12 +1068,25 @@ pub async fn run(c: &LocalCluster, opts: &Options) -> Result<Report> {
         let host = c.cfg.find(&m.name).context("member")?.instance.host.clone();
         match workload::ids_in_table(&Reach::host(&net, Some(&host)), m).await {
             Ok(present) => {
+                let mut by_member: BTreeMap<&str, (usize, f64, f64)> = BTreeMap::new();
                 for a in &group_acks {
                     match present.get(&a.id) {
-                        None => report.lost.push((g.clone(), a.id)),
+                        None => {
+                            report.lost.push((g.clone(), a.id));
+                            let at = a.at.saturating_duration_since(t0).as_secs_f64();
+                            let e = by_member.entry(&a.member).or_insert((0, at, at));
+                            e.0 += 1;
+                            e.1 = e.1.min(at);
+                            e.2 = e.2.max(at);
+                        }
                         Some(n) if *n > 1 => report.twice.push((g.clone(), a.id)),
                         _ => {}
                     }
+                }
+                for (m, (n, first, last)) in by_member {
+                    report.lost_detail.push(format!(
+                        "{g}: {n} acknowledged by {m} at +{first:.2}..+{last:.2}s, not on the final primary {primary}"
+                    ));
                 }
             }
             Err(e) => report

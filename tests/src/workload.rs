@@ -128,11 +128,18 @@ pub async fn writable(members: &[Member]) -> Option<(Member, tokio_postgres::Cli
 /// Inserts ids `first`, `first + 1`, … one row per transaction into `t` through
 /// whichever of its members accepts writes, reconnecting as needed; records an id
 /// only when its commit was acknowledged (an error or no answer within
-/// `commit_timeout`: unknown outcome, not recorded, connection dropped).
+/// `commit_timeout`: unknown outcome, not recorded, connection dropped). Dropped
+/// without [`Writer::stop`], it stops on its own (not waited for).
 pub struct Writer {
     acks: Arc<Mutex<Vec<Ack>>>,
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Writer {
@@ -179,7 +186,11 @@ impl Writer {
             }
             Ok(())
         })?;
-        Ok(Writer { acks, stop, thread })
+        Ok(Writer {
+            acks,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn count(&self) -> usize {
@@ -205,9 +216,11 @@ impl Writer {
     }
 
     /// Stops it (its current commit may take up to the commit timeout); blocking.
-    pub fn stop(self) -> Vec<Ack> {
+    pub fn stop(mut self) -> Vec<Ack> {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
         self.acks.lock().unwrap().clone()
     }
 

@@ -73,14 +73,7 @@ pub async fn run(
             }
             None => {
                 let log = log_path(&base, &d);
-                let args = [
-                    "--config".to_owned(),
-                    config.display().to_string(),
-                    "--node".to_owned(),
-                    d.node.clone(),
-                    "--base-dir".to_owned(),
-                    base.display().to_string(),
-                ];
+                let args = d.args(&config, &base);
                 let ns = match &network {
                     Some(n) => Some(Namespace::open(&n.namespace_path(&d.host))?),
                     None => None,
