@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{CancelToken, Client, NoTls, SimpleQueryMessage};
 
+use crate::cancel::InFlight;
 use crate::merge::Row;
 
 /// Where a group's primary is now.
@@ -78,10 +79,16 @@ pub struct DnConn {
     /// Session settings were applied: RESET ALL before it goes back to the pool.
     pub dirty: bool,
     pub broken: bool,
+    /// Names this connection's DN backend in a cancel request.
+    token: Arc<CancelToken>,
+    /// The statements of the session holding this connection, which a client's cancel
+    /// request reaches (None in the pool and during commit).
+    pub watch: Option<Arc<InFlight>>,
 }
 
 impl DnConn {
     pub async fn run(&mut self, group_name: &str, sql: &str) -> Result<Answer, DnError> {
+        let _running = self.watch.as_ref().map(|w| w.enter(self.token.clone()));
         match self.client.simple_query(sql).await {
             Ok(msgs) => Ok(answer(msgs)),
             Err(e) => {
@@ -186,15 +193,18 @@ impl Pool {
         });
         Ok(DnConn {
             group,
+            token: Arc::new(client.cancel_token()),
             client,
             endpoint,
             dirty: false,
             broken: false,
+            watch: None,
         })
     }
 
     /// Returns a connection that is outside any transaction.
     pub async fn put(&self, mut c: DnConn) {
+        c.watch = None;
         if c.broken || c.client.is_closed() {
             return;
         }

@@ -1,5 +1,6 @@
 //! Coordinator node (CN): PostgreSQL wire endpoint, catalog, router, two-phase commit.
 
+pub mod cancel;
 pub mod catalog;
 pub mod cli;
 pub mod distribute_clause;

@@ -79,6 +79,8 @@ pub struct Node {
     pub pool: Arc<Pool>,
     pub gtm: GtmClient,
     pub auth: Arc<UserAuth>,
+    /// Sessions by their BackendKeyData, for cancel requests.
+    pub cancels: Arc<crate::cancel::Registry>,
     /// One DDL at a time from this CN.
     pub ddl_lock: tokio::sync::Mutex<()>,
     /// gids this process is committing right now (the resolver leaves them alone).
@@ -121,6 +123,7 @@ impl Node {
         Node {
             name: name.to_owned(),
             auth: Arc::new(UserAuth::new(&cfg)),
+            cancels: Arc::default(),
             store: CatalogStore::new(&state_dir),
             state_dir,
             catalog: RwLock::new(catalog),

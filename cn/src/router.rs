@@ -27,6 +27,12 @@ pub enum Plan {
     Set {
         sql: String,
     },
+    /// SAVEPOINT / RELEASE / ROLLBACK TO inside a transaction: run on every DN group
+    /// the transaction holds (a group enlisted later replays the open savepoints).
+    Savepoint {
+        sql: String,
+        op: SavepointOp,
+    },
     /// SHOW and reads touching no distributed table (pg_catalog, `select 1`): any group.
     AnyGroup {
         sql: String,
@@ -69,6 +75,14 @@ pub enum Plan {
         dist: Option<(usize, KeyKind)>,
     },
     Unsupported(String),
+}
+
+/// What a savepoint statement does to the transaction's stack of savepoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SavepointOp {
+    Create(String),
+    Release(String),
+    RollbackTo(String),
 }
 
 /// How rows from several groups become one answer.
@@ -302,6 +316,21 @@ fn plan_statement(
             chain: false,
             savepoint: None,
         } => Plan::Rollback,
+        Statement::Rollback {
+            chain: false,
+            savepoint: Some(name),
+        } => Plan::Savepoint {
+            sql,
+            op: SavepointOp::RollbackTo(ident_name(name)),
+        },
+        Statement::Savepoint { name } => Plan::Savepoint {
+            sql,
+            op: SavepointOp::Create(ident_name(name)),
+        },
+        Statement::ReleaseSavepoint { name } => Plan::Savepoint {
+            sql,
+            op: SavepointOp::Release(ident_name(name)),
+        },
         Statement::Set(_) => Plan::Set { sql },
         Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => {
             Plan::AnyGroup { sql, tag: "SHOW" }
@@ -1887,5 +1916,24 @@ mod tests {
         }
         assert_unsupported("copy t from stdin with (format csv)");
         assert_unsupported("copy t to stdout");
+    }
+
+    #[test]
+    fn savepoints_keep_their_names() {
+        for (sql, op) in [
+            ("savepoint a", SavepointOp::Create("a".into())),
+            ("release savepoint a", SavepointOp::Release("a".into())),
+            ("release a", SavepointOp::Release("a".into())),
+            ("rollback to savepoint a", SavepointOp::RollbackTo("a".into())),
+            ("rollback to a", SavepointOp::RollbackTo("a".into())),
+        ] {
+            match one(sql) {
+                Plan::Savepoint { sql: s, op: o } => {
+                    assert_eq!(o, op, "{sql}");
+                    assert_eq!(s, sql);
+                }
+                p => panic!("{sql}: {p:?}"),
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use futures::{Sink, SinkExt};
 use pgwire::api::auth::sasl::scram::ScramAuth;
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
 use pgwire::api::auth::{DefaultServerParameterProvider, StartupHandler};
+use pgwire::api::cancel::CancelHandler;
 use pgwire::api::copy::CopyHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
@@ -27,14 +28,16 @@ use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::data::DataRow;
 use pgwire::messages::response::CommandComplete;
+use pgwire::messages::startup::{ParameterStatus, SecretKey};
 use pgwire::messages::PgWireBackendMessage;
 use tokio::sync::Mutex;
 use tokio_postgres::CopyInSink;
 
+use crate::cancel::{Canceller, InFlight};
 use crate::dn::{DnConn, DnError};
 use crate::merge::{self, Row};
 use crate::node::Node;
-use crate::router::{self, Merge, Plan};
+use crate::router::{self, Merge, Plan, SavepointOp};
 use crate::sql_text;
 
 /// What one statement produced.
@@ -57,8 +60,24 @@ struct Txn {
     explicit: bool,
     conns: BTreeMap<usize, DnConn>,
     wrote: BTreeSet<usize>,
-    /// An error happened: everything is rolled back; only ROLLBACK/COMMIT are accepted.
+    /// An error happened: only ROLLBACK/COMMIT (and ROLLBACK TO a savepoint) are
+    /// accepted. Without savepoints everything is rolled back at once.
     failed: bool,
+    /// Open savepoints, oldest first (PostgreSQL's folded names): a group enlisted
+    /// later replays them after BEGIN, so that ROLLBACK TO works on every group.
+    savepoints: Vec<String>,
+}
+
+impl Txn {
+    fn new(explicit: bool) -> Txn {
+        Txn {
+            explicit,
+            conns: BTreeMap::new(),
+            wrote: BTreeSet::new(),
+            failed: false,
+            savepoints: Vec::new(),
+        }
+    }
 }
 
 struct CopyState {
@@ -75,12 +94,18 @@ struct State {
     /// SET statements of the session, replayed on every DN connection it takes.
     settings: Vec<String>,
     copy: Option<CopyState>,
+    /// ParameterStatus messages the client is owed (a SET of a reported setting).
+    reports: Vec<(String, String)>,
 }
 
 pub struct Session {
     node: Arc<Node>,
     state: Mutex<State>,
     parser: Arc<CnParser>,
+    /// The DN statements running for this session (what a cancel request reaches).
+    inflight: Arc<InFlight>,
+    /// This session's BackendKeyData, registered with the node at its first query.
+    cancel_key: OnceLock<(i32, SecretKey)>,
 }
 
 impl Session {
@@ -89,7 +114,18 @@ impl Session {
             parser: Arc::new(CnParser { node: node.clone() }),
             node,
             state: Mutex::new(State::default()),
+            inflight: Arc::default(),
+            cancel_key: OnceLock::new(),
         })
+    }
+
+    /// Makes the session reachable by a cancel request naming its BackendKeyData.
+    fn register_cancel<C: ClientInfo>(&self, client: &C) {
+        if self.cancel_key.get().is_none() {
+            let (pid, secret) = client.pid_and_secret_key();
+            self.node.cancels.register(pid, &secret, &self.inflight);
+            let _ = self.cancel_key.set((pid, secret));
+        }
     }
 }
 
@@ -108,13 +144,22 @@ impl PgWireServerHandlers for Handlers {
     fn copy_handler(&self) -> Arc<impl CopyHandler> {
         self.session.clone()
     }
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::new(Canceller {
+            registry: self.session.node.cancels.clone(),
+        })
+    }
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         let mut params = DefaultServerParameterProvider::default();
         params.server_version = "15.0 (mpp-ha cn)".into();
         params.date_style = "ISO, MDY".into();
         let mut scram = ScramAuth::new(self.session.node.auth.clone());
         scram.set_iterations(crate::node::SCRAM_ITERATIONS);
-        Arc::new(SASLAuthStartupHandler::new(Arc::new(params)).with_scram(scram))
+        Arc::new(
+            SASLAuthStartupHandler::new(Arc::new(params))
+                .with_scram(scram)
+                .with_pid_secret_key_generator(self.session.node.cancels.clone()),
+        )
     }
 }
 
@@ -152,6 +197,7 @@ impl Session {
     async fn checkout(&self, st: &State, g: usize) -> Result<DnConn, DnError> {
         let target = self.node.target(g)?;
         let mut c = self.node.pool.get(g, &target).await?;
+        c.watch = Some(self.inflight.clone());
         if !st.settings.is_empty() {
             c.run(&target.group, &st.settings.join("; ")).await?;
             c.dirty = true;
@@ -167,7 +213,12 @@ impl Session {
                 continue;
             }
             let mut c = self.checkout(st, g).await?;
-            c.run(&self.group_name(g), "BEGIN").await?;
+            let mut begin = String::from("BEGIN");
+            for sp in st.txn.iter().flat_map(|t| t.savepoints.iter()) {
+                begin.push_str("; SAVEPOINT ");
+                begin.push_str(&sql_text::quote_ident(sp));
+            }
+            c.run(&self.group_name(g), &begin).await?;
             if let Some(t) = st.txn.as_mut() {
                 t.conns.insert(g, c);
             }
@@ -249,12 +300,7 @@ impl Session {
             return self.run_autocommit(st, work).await;
         }
         // A write on several groups outside BEGIN: its own transaction, 2PC at the end.
-        st.txn = Some(Txn {
-            explicit: false,
-            conns: BTreeMap::new(),
-            wrote: BTreeSet::new(),
-            failed: false,
-        });
+        st.txn = Some(Txn::new(false));
         let r = self.run_in_txn(st, work, write).await;
         match r {
             Ok(a) => {
@@ -276,6 +322,10 @@ impl Session {
         };
         let commit = commit && !txn.failed;
         let mut conns = txn.conns;
+        // A cancel request reaches the client's statements, never a commit's steps.
+        for c in conns.values_mut() {
+            c.watch = None;
+        }
         if !commit {
             for (_, mut c) in conns {
                 let name = self.group_name(c.group);
@@ -326,6 +376,12 @@ impl Session {
 
     async fn fail_txn(&self, st: &mut State) {
         if let Some(t) = st.txn.as_mut() {
+            if t.explicit && !t.savepoints.is_empty() {
+                // ROLLBACK TO a savepoint may still rescue the block: keep the DN
+                // transactions (the failed ones wait, aborted, for that ROLLBACK TO).
+                t.failed = true;
+                return;
+            }
             if t.explicit {
                 // Keep the block open (client must ROLLBACK) but release the DNs now.
                 let conns = std::mem::take(&mut t.conns);
@@ -346,7 +402,14 @@ impl Session {
     /// Runs one planned statement.
     async fn execute(&self, st: &mut State, plan: Plan) -> Result<Outcome, DnError> {
         if let Some(t) = &st.txn {
-            if t.failed && !matches!(plan, Plan::Commit | Plan::Rollback) {
+            let rescue = matches!(
+                plan,
+                Plan::Savepoint {
+                    op: SavepointOp::RollbackTo(_),
+                    ..
+                }
+            );
+            if t.failed && !rescue && !matches!(plan, Plan::Commit | Plan::Rollback) {
                 return Err(DnError::new(
                     "25P02",
                     "current transaction is aborted, commands ignored until end of transaction block",
@@ -356,12 +419,7 @@ impl Session {
         match plan {
             Plan::Begin => {
                 if st.txn.is_none() {
-                    st.txn = Some(Txn {
-                        explicit: true,
-                        conns: BTreeMap::new(),
-                        wrote: BTreeSet::new(),
-                        failed: false,
-                    });
+                    st.txn = Some(Txn::new(true));
                 }
                 Ok(Outcome::Begin)
             }
@@ -376,10 +434,25 @@ impl Session {
                 self.finish_txn(st, false).await?;
                 Ok(Outcome::End("ROLLBACK".into()))
             }
+            Plan::Savepoint { sql, op } => self.savepoint(st, sql, op).await,
             Plan::Set { sql } => {
                 // Check it on one DN first (a bad setting is the DN's error), then keep it.
                 let mut c = self.checkout(st, 0).await?;
-                let r = c.run(&self.group_name(0), &sql).await;
+                let mut r = c.run(&self.group_name(0), &sql).await.map(|_| ());
+                if r.is_ok() {
+                    if let Some(name) = sql_text::reported_setting(&sql) {
+                        // The client is told the new value, as PostgreSQL tells it.
+                        r = c
+                            .run(&self.group_name(0), &format!("SHOW {name}"))
+                            .await
+                            .map(|a| {
+                                let v = a.rows.first().and_then(|r| r.first().cloned());
+                                if let Some(Some(v)) = v {
+                                    st.reports.push((name.to_owned(), v));
+                                }
+                            });
+                    }
+                }
                 c.dirty = true;
                 self.node.pool.put(c).await;
                 r?;
@@ -476,12 +549,7 @@ impl Session {
                 dist,
             } => {
                 if st.txn.is_none() {
-                    st.txn = Some(Txn {
-                        explicit: false,
-                        conns: BTreeMap::new(),
-                        wrote: BTreeSet::new(),
-                        failed: false,
-                    });
+                    st.txn = Some(Txn::new(false));
                 }
                 let groups = router::all_groups(&self.node.catalog_read());
                 let r = self.start_copy(st, &sql, dist, groups).await;
@@ -493,6 +561,70 @@ impl Session {
             }
             Plan::Unsupported(msg) => Err(DnError::new("0A000", msg)),
         }
+    }
+
+    /// SAVEPOINT / RELEASE / ROLLBACK TO on every group the transaction holds, in
+    /// parallel; the stack of names is kept for groups enlisted later.
+    async fn savepoint(
+        &self,
+        st: &mut State,
+        sql: String,
+        op: SavepointOp,
+    ) -> Result<Outcome, DnError> {
+        let (what, tag) = match &op {
+            SavepointOp::Create(_) => ("SAVEPOINT", "SAVEPOINT"),
+            SavepointOp::Release(_) => ("RELEASE SAVEPOINT", "RELEASE"),
+            SavepointOp::RollbackTo(_) => ("ROLLBACK TO SAVEPOINT", "ROLLBACK"),
+        };
+        let Some(txn) = st.txn.as_mut().filter(|t| t.explicit) else {
+            return Err(DnError::new(
+                "25P01",
+                format!("{what} can only be used in transaction blocks"),
+            ));
+        };
+        let at = match &op {
+            SavepointOp::Create(_) => 0,
+            SavepointOp::Release(n) | SavepointOp::RollbackTo(n) => {
+                match txn.savepoints.iter().rposition(|s| s == n) {
+                    Some(i) => i,
+                    None => {
+                        return Err(DnError::new(
+                            "3B001",
+                            format!("savepoint \"{n}\" does not exist"),
+                        ))
+                    }
+                }
+            }
+        };
+        let held: Vec<DnConn> = std::mem::take(&mut txn.conns).into_values().collect();
+        let sql = &sql;
+        let results = futures::future::join_all(held.into_iter().map(|mut c| async move {
+            let name = self.group_name(c.group);
+            let r = c.run(&name, sql).await;
+            (c, r)
+        }))
+        .await;
+        let mut first_err = None;
+        for (c, r) in results {
+            txn.conns.insert(c.group, c);
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        match op {
+            SavepointOp::Create(n) => txn.savepoints.push(n),
+            // RELEASE destroys the savepoint and every later one.
+            SavepointOp::Release(_) => txn.savepoints.truncate(at),
+            // ROLLBACK TO keeps the savepoint itself, and ends the failed state.
+            SavepointOp::RollbackTo(_) => {
+                txn.savepoints.truncate(at + 1);
+                txn.failed = false;
+            }
+        }
+        Ok(Outcome::Command(tag.into()))
     }
 
     async fn start_copy(
@@ -527,8 +659,9 @@ impl Session {
         Ok(())
     }
 
-    /// Plans and runs a query string; returns one response per statement.
-    async fn run_query(&self, sql: &str) -> Vec<Response> {
+    /// Plans and runs a query string; returns one response per statement and the
+    /// ParameterStatus messages owed to the client.
+    async fn run_query(&self, sql: &str) -> (Vec<Response>, Vec<(String, String)>) {
         let mut st = self.state.lock().await;
         let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
         let plans = {
@@ -553,7 +686,7 @@ impl Session {
                 }
             }
         }
-        out
+        (out, std::mem::take(&mut st.reports))
     }
 }
 
@@ -694,7 +827,7 @@ fn tag_of(tag: &str) -> Tag {
 
 #[async_trait]
 impl SimpleQueryHandler for Session {
-    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
@@ -707,7 +840,10 @@ impl SimpleQueryHandler for Session {
                 "the coordinator is not accepting clients yet (catalog not up to date)",
             ));
         }
-        Ok(self.run_query(query).await)
+        self.register_cancel(client);
+        let (responses, reports) = self.run_query(query).await;
+        send_reports(client, reports).await?;
+        Ok(responses)
     }
 }
 
@@ -836,7 +972,7 @@ impl ExtendedQueryHandler for Session {
 
     async fn do_query<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         portal: &Portal<CnStatement>,
         _max_rows: usize,
     ) -> PgWireResult<Response>
@@ -880,7 +1016,10 @@ impl ExtendedQueryHandler for Session {
             ));
         }
         let plan = plans.remove(0);
-        match self.execute(&mut st, plan).await {
+        self.register_cancel(client);
+        let r = self.execute(&mut st, plan).await;
+        send_reports(client, std::mem::take(&mut st.reports)).await?;
+        match r {
             Ok(o) => Ok(to_response(
                 o,
                 Some((&stmt.fields, &portal.result_column_format)),
@@ -1044,9 +1183,29 @@ impl CopyHandler for Session {
     }
 }
 
+/// ParameterStatus messages, before the responses of the statement that changed them
+/// (where PostgreSQL sends them).
+async fn send_reports<C>(client: &mut C, reports: Vec<(String, String)>) -> PgWireResult<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    for (name, value) in reports {
+        client
+            .feed(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(
+                name, value,
+            )))
+            .await?;
+    }
+    Ok(())
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         // Connections of an unfinished transaction are dropped (closed): each DN rolls
-        // back what they did.
+        // back what they did. The session no longer takes cancel requests.
+        if let Some((pid, secret)) = self.cancel_key.get() {
+            self.node.cancels.unregister(*pid, secret);
+        }
     }
 }

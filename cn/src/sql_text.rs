@@ -58,6 +58,49 @@ pub fn bind_parameters(sql: &str, literals: &[String]) -> Result<String, String>
     Ok(out)
 }
 
+/// A name as a quoted identifier (`a"b` -> `"a""b"`), for names PostgreSQL already
+/// folded.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Settings PostgreSQL reports to the client by ParameterStatus when they change
+/// (GUC_REPORT), by their canonical spelling.
+const REPORTED: [&str; 8] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+    "session_authorization",
+];
+
+/// The reported setting a `SET`/`RESET` statement changes for the session, if any
+/// (`SET LOCAL` changes it for the transaction only and is not followed).
+pub fn reported_setting(sql: &str) -> Option<&'static str> {
+    let lower = sql.trim().to_ascii_lowercase();
+    let mut words = lower.split(|c: char| c.is_whitespace() || c == '=' || c == ';');
+    let words: Vec<&str> = std::iter::from_fn(|| words.next())
+        .filter(|w| !w.is_empty())
+        .take(4)
+        .collect();
+    let name = match words.as_slice() {
+        ["set", "local", ..] => return None,
+        ["set", "session", "time", "zone", ..] | ["set", "time", "zone", ..] => "timezone",
+        ["set", "session", "authorization", ..] => "session_authorization",
+        ["set", "names", ..] => "client_encoding",
+        ["set", "session", name, ..] | ["set", name, ..] | ["reset", name, ..] => name,
+        _ => return None,
+    };
+    let name = name.trim_matches('"');
+    REPORTED
+        .iter()
+        .copied()
+        .find(|r| r.eq_ignore_ascii_case(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +118,23 @@ mod tests {
         );
         assert!(bind_parameters("select $3", &lits).is_err());
         assert_eq!(bind_parameters("select a$1", &lits).unwrap(), "select a$1");
+    }
+
+    #[test]
+    fn reported_settings_by_statement() {
+        for (sql, want) in [
+            ("SET application_name = 'x'", Some("application_name")),
+            ("set session datestyle to 'ISO, DMY'", Some("DateStyle")),
+            ("SET TIME ZONE 'UTC'", Some("TimeZone")),
+            ("set timezone='UTC'", Some("TimeZone")),
+            ("RESET IntervalStyle", Some("IntervalStyle")),
+            ("SET NAMES 'UTF8'", Some("client_encoding")),
+            ("SET LOCAL application_name = 'x'", None),
+            ("SET work_mem = '8MB'", None),
+            ("SET search_path TO public", None),
+        ] {
+            assert_eq!(reported_setting(sql), want, "{sql}");
+        }
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }

@@ -159,6 +159,142 @@ fn normalise(rows: Vec<Vec<Option<String>>>) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// A client connection whose `application_name` as the server last reported it (by
+/// ParameterStatus) is watched.
+async fn reported_client(
+    port: u16,
+) -> Result<(
+    tokio_postgres::Client,
+    tokio::sync::watch::Receiver<Option<String>>,
+)> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .password("postgres")
+        .dbname("postgres");
+    let (client, mut conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        loop {
+            let polled = futures::future::poll_fn(|cx| {
+                let p = conn.poll_message(cx);
+                tx.send_replace(conn.parameter("application_name").map(str::to_owned));
+                p
+            })
+            .await;
+            if !matches!(polled, Some(Ok(_))) {
+                break;
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_owned())
+}
+
+async fn protocol_checks(port: u16, client: &tokio_postgres::Client) -> Result<()> {
+    client
+        .batch_execute(
+            "create table sp (id int primary key, v int); \
+             insert into sp select g, 0 from generate_series(1, 6) g",
+        )
+        .await?;
+    // A savepoint taken before any group is touched; ROLLBACK TO undoes writes on
+    // every group, also on groups the transaction enlisted after the savepoint.
+    client
+        .batch_execute(
+            "begin; savepoint a; update sp set v = 1; rollback to savepoint a; \
+             update sp set v = 2 where id = 1; savepoint b; release savepoint b; commit",
+        )
+        .await?;
+    assert_eq!(scalar(client, "select sum(v) from sp").await?, "2");
+    // ROLLBACK TO rescues a transaction after the DN's error; the error is the DN's own.
+    client.batch_execute("begin").await?;
+    client.batch_execute("insert into sp values (7, 7)").await?;
+    client.batch_execute("savepoint s").await?;
+    let e = client
+        .batch_execute("insert into sp values (1, 9)")
+        .await
+        .err()
+        .context("a duplicate key was accepted")?;
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+    let msg = e.as_db_error().map(|d| d.message().to_owned());
+    assert!(
+        msg.as_deref()
+            .is_some_and(|m| m.starts_with("duplicate key value violates unique constraint")),
+        "not the DN's message: {msg:?}"
+    );
+    let e = client
+        .batch_execute("insert into sp values (8, 8)")
+        .await
+        .err()
+        .context("a statement ran in an aborted transaction")?;
+    assert_eq!(sqlstate(&e).as_deref(), Some("25P02"), "{e}");
+    client.batch_execute("rollback to savepoint s").await?;
+    client.batch_execute("insert into sp values (8, 8)").await?;
+    client.batch_execute("commit").await?;
+    assert_eq!(
+        rows(client, "select count(*), sum(v) from sp").await?,
+        vec![vec![Some("8".to_owned()), Some("17".to_owned())]]
+    );
+    let e = client
+        .batch_execute("savepoint outside")
+        .await
+        .err()
+        .context("SAVEPOINT outside a transaction block succeeded")?;
+    assert_eq!(sqlstate(&e).as_deref(), Some("25P01"), "{e}");
+
+    // A cancel request (its own connection, the session's BackendKeyData) stops the
+    // statement on the DN: the client gets the DN's 57014 long before it would end.
+    let sleeper_client = cn_client(port).await?;
+    let token = sleeper_client.cancel_token();
+    let started = std::time::Instant::now();
+    let sleeper = tokio::spawn(async move {
+        sleeper_client
+            .simple_query("select pg_sleep(60)")
+            .await
+            .map(|_| ())
+    });
+    // The statement may not have reached the DN yet: cancel until it ends.
+    wait_for("the cancelled statement to end", Duration::from_secs(30), || {
+        let token = token.clone();
+        let done = sleeper.is_finished();
+        async move {
+            if done {
+                return Ok(Some(()));
+            }
+            token.cancel_query(tokio_postgres::NoTls).await?;
+            Ok(None)
+        }
+    })
+    .await?;
+    let e = sleeper
+        .await?
+        .err()
+        .context("pg_sleep(60) was not cancelled")?;
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(40));
+
+    // ParameterStatus after SET of a reported setting, as PostgreSQL sends it.
+    let (reporter, mut reported) = reported_client(port).await?;
+    reporter
+        .batch_execute("set application_name = 'cn-protocol-check'")
+        .await?;
+    wait_for("ParameterStatus application_name", Duration::from_secs(5), || {
+        let v = reported.borrow_and_update().clone();
+        async move { Ok((v.as_deref() == Some("cn-protocol-check")).then_some(())) }
+    })
+    .await?;
+    assert_eq!(
+        scalar(&reporter, "show application_name").await?,
+        "cn-protocol-check"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()> {
     let c = LocalCluster::new("cn-coordinator", PORT_BASE);
@@ -244,6 +380,10 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
         .execute("update items set grp = grp where id = $1", &[&8i32])
         .await?;
     assert_eq!(n, 1);
+
+    // 3b. Protocol: savepoints on every group a transaction touches, a cancel request
+    //     reaches the DN backend, ParameterStatus follows SET, the DN's own errors.
+    protocol_checks(cn1_port, &client).await?;
 
     // 4. Differential: the same rows in one plain PostgreSQL (a database of its own on
     //    a DN primary, which is a stock PostgreSQL 15).
