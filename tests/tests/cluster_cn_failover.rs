@@ -1,0 +1,143 @@
+//! A DN failover under load through a CN: a writer commits one row per transaction
+//! through cn2 (agent-run, on h2) while h1 is lost (its agent and dn1's primary
+//! SIGKILLed; a lone postmaster crash would be restarted by its agent instead). The writes go on
+//! after the failover, errors come only around it (transactions cut by it), no
+//! acknowledged row is lost, and cn2 writes to the new primary soon after the CMServer
+//! names it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use mpp_ha_tests::{connect_cn, kill9, member_state, wait_for, LocalCluster};
+
+const PORT_BASE: u16 = 32000;
+
+/// What the writer saw: acknowledged ids and when each error happened.
+#[derive(Default)]
+struct Seen {
+    acked: Vec<(i64, Instant)>,
+    errors: Vec<(Instant, String)>,
+}
+
+/// Inserts ids from 1 up through the CN until `until`; reconnects after an error. An id
+/// is recorded only when its commit was acknowledged.
+async fn write_through(port: u16, until: Instant) -> Seen {
+    let mut seen = Seen::default();
+    let mut client = None;
+    let mut next = 1i64;
+    while Instant::now() < until {
+        if client.is_none() {
+            match connect_cn(port, Duration::from_secs(2)).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    seen.errors
+                        .push((Instant::now(), format!("connect: {e:#}")));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.execute("insert into acked (id, v) values ($1, 'x')", &[&next]),
+        )
+        .await;
+        match r {
+            Ok(Ok(_)) => seen.acked.push((next, Instant::now())),
+            Ok(Err(e)) => {
+                seen.errors.push((Instant::now(), format!("{e:?}")));
+                client = None;
+            }
+            Err(_) => {
+                seen.errors
+                    .push((Instant::now(), "no answer in 5 s".into()));
+                client = None;
+            }
+        }
+        // An id whose outcome is unknown is never reused.
+        next += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dn_failover_under_writes_through_a_cn_loses_no_acknowledged_row() -> Result<()> {
+    let c = LocalCluster::new("cluster-cn-failover", PORT_BASE);
+    c.up(180)?;
+    let cn_port = c.port("cn2");
+    let cn = connect_cn(cn_port, Duration::from_secs(10)).await?;
+    cn.batch_execute("create table acked (id bigint primary key, v text)")
+        .await
+        .context("create acked")?;
+
+    let t_start = Instant::now();
+    let writer = tokio::spawn(write_through(cn_port, t_start + Duration::from_secs(30)));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // h1 is lost: its agent and dn1's primary die.
+    let agent = c.recorded_pid("cm_agent-h1").context("no agent h1")?;
+    let pid = c.postmaster_pid("dn1_h1").context("dn1_h1 not running")?;
+    let t_kill = Instant::now();
+    kill9(agent);
+    kill9(pid);
+    let t_promoted = wait_for(
+        "dn1_h2 to be dn1's normal primary",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status()?;
+            let promoted = mpp_ha_tests::status_member(&s, "dn1_h2")
+                .is_some_and(|m| m["role"] == "primary" && m["state"] == "normal");
+            Ok(promoted.then(Instant::now))
+        },
+    )
+    .await
+    .with_context(|| c.logs())?;
+    let seen = writer.await?;
+
+    let before = seen.acked.iter().filter(|(_, at)| *at < t_kill).count();
+    let after = seen.acked.iter().filter(|(_, at)| *at > t_promoted).count();
+    let last_error = seen.errors.last().map_or(t_kill, |(at, _)| *at);
+    eprintln!(
+        "acked {} ({before} before the kill, {after} after the promotion), {} errors; \
+         kill -> promoted {:.1} s, kill -> last error {:.1} s",
+        seen.acked.len(),
+        seen.errors.len(),
+        t_promoted.duration_since(t_kill).as_secs_f64(),
+        last_error.duration_since(t_kill).as_secs_f64()
+    );
+    assert!(before > 0, "the writer wrote before the kill");
+    assert!(after > 10, "the run goes on after the failover: {after}");
+    // Errors only for transactions cut by the failover (rows hashed to dn1 while it
+    // has no primary; rows of dn2 go on): none before the kill, none once the CN
+    // follows the new primary, which it does within a heartbeat of status naming it
+    // (plus a heartbeat of slack for the status poll and the CnSync round).
+    let heartbeat = c.cfg.timing.heartbeat_interval();
+    let follow_by = t_promoted + heartbeat * 2;
+    for (at, e) in &seen.errors {
+        assert!(
+            *at >= t_kill && *at <= follow_by,
+            "an error outside the failover ({:.1} s after the kill, promoted after {:.1} s): {e}",
+            at.duration_since(t_kill).as_secs_f64(),
+            t_promoted.duration_since(t_kill).as_secs_f64()
+        );
+    }
+
+    // No acknowledged row is lost: every acked id is there, read through the CN.
+    let cn = connect_cn(cn_port, Duration::from_secs(10)).await?;
+    let present: std::collections::HashSet<i64> = cn
+        .query("select id from acked", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<i64> = seen
+        .acked
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged ids lost: {lost:?}");
+    assert_eq!(member_state(&c.status()?, "cn2"), "normal");
+    Ok(())
+}
