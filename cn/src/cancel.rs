@@ -82,7 +82,10 @@ impl Registry {
     /// Sends a cancel to every DN backend running a statement of the session; returns
     /// how many were sent. An unknown key is ignored, as PostgreSQL does.
     pub async fn cancel(&self, pid: i32, secret: &SecretKey) -> usize {
-        let set = self.lock().get(&key_of(pid, secret)).and_then(Weak::upgrade);
+        let set = self
+            .lock()
+            .get(&key_of(pid, secret))
+            .and_then(Weak::upgrade);
         let Some(set) = set else { return 0 };
         let tokens = set.snapshot();
         let sent = futures::future::join_all(tokens.iter().map(|t| t.cancel_query(NoTls))).await;
@@ -93,7 +96,10 @@ impl Registry {
 impl PidSecretKeyGenerator for Registry {
     fn generate(&self, _client: &dyn ClientInfo) -> (i32, SecretKey) {
         // Protocol 3.0's four-byte key; the pid only has to be distinct per process.
-        let pid = 1 + self.next_pid.fetch_add(1, Ordering::Relaxed).rem_euclid(i32::MAX - 1);
+        let pid = 1 + self
+            .next_pid
+            .fetch_add(1, Ordering::Relaxed)
+            .rem_euclid(i32::MAX - 1);
         (pid, SecretKey::I32(rand::random::<i32>()))
     }
 }

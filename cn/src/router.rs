@@ -1924,7 +1924,10 @@ mod tests {
             ("savepoint a", SavepointOp::Create("a".into())),
             ("release savepoint a", SavepointOp::Release("a".into())),
             ("release a", SavepointOp::Release("a".into())),
-            ("rollback to savepoint a", SavepointOp::RollbackTo("a".into())),
+            (
+                "rollback to savepoint a",
+                SavepointOp::RollbackTo("a".into()),
+            ),
             ("rollback to a", SavepointOp::RollbackTo("a".into())),
         ] {
             match one(sql) {

@@ -196,11 +196,12 @@ fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
 }
 
 async fn protocol_checks(port: u16, client: &tokio_postgres::Client) -> Result<()> {
+    // One statement per query string: the CN plans a string before running it.
     client
-        .batch_execute(
-            "create table sp (id int primary key, v int); \
-             insert into sp select g, 0 from generate_series(1, 6) g",
-        )
+        .batch_execute("create table sp (id int primary key, v int)")
+        .await?;
+    client
+        .batch_execute("insert into sp values (1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (6, 0)")
         .await?;
     // A savepoint taken before any group is touched; ROLLBACK TO undoes writes on
     // every group, also on groups the transaction enlisted after the savepoint.
@@ -259,17 +260,21 @@ async fn protocol_checks(port: u16, client: &tokio_postgres::Client) -> Result<(
             .map(|_| ())
     });
     // The statement may not have reached the DN yet: cancel until it ends.
-    wait_for("the cancelled statement to end", Duration::from_secs(30), || {
-        let token = token.clone();
-        let done = sleeper.is_finished();
-        async move {
-            if done {
-                return Ok(Some(()));
+    wait_for(
+        "the cancelled statement to end",
+        Duration::from_secs(30),
+        || {
+            let token = token.clone();
+            let done = sleeper.is_finished();
+            async move {
+                if done {
+                    return Ok(Some(()));
+                }
+                token.cancel_query(tokio_postgres::NoTls).await?;
+                Ok(None)
             }
-            token.cancel_query(tokio_postgres::NoTls).await?;
-            Ok(None)
-        }
-    })
+        },
+    )
     .await?;
     let e = sleeper
         .await?
@@ -283,10 +288,14 @@ async fn protocol_checks(port: u16, client: &tokio_postgres::Client) -> Result<(
     reporter
         .batch_execute("set application_name = 'cn-protocol-check'")
         .await?;
-    wait_for("ParameterStatus application_name", Duration::from_secs(5), || {
-        let v = reported.borrow_and_update().clone();
-        async move { Ok((v.as_deref() == Some("cn-protocol-check")).then_some(())) }
-    })
+    wait_for(
+        "ParameterStatus application_name",
+        Duration::from_secs(5),
+        || {
+            let v = reported.borrow_and_update().clone();
+            async move { Ok((v.as_deref() == Some("cn-protocol-check")).then_some(())) }
+        },
+    )
     .await?;
     assert_eq!(
         scalar(&reporter, "show application_name").await?,
