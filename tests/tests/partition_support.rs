@@ -60,7 +60,8 @@ async fn writable(members: &[Member]) -> Option<(String, tokio_postgres::Client)
 
 /// Inserts ids `first`, `first + 1`, … one row per transaction into `t`; records an
 /// id only when its commit was acknowledged (no answer within `commit_timeout`:
-/// unknown, not recorded, connection dropped).
+/// unknown, not recorded, connection dropped, and the member moves to the end of the
+/// list).
 pub struct Writer {
     acks: Arc<Mutex<Vec<Ack>>>,
     stop: Arc<AtomicBool>,
@@ -79,6 +80,7 @@ impl Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let (a, s) = (acks.clone(), stop.clone());
         let thread = spawn_in_host(net, host, move || async move {
+            let mut members = members;
             let mut next = first;
             let mut conn: Option<(String, tokio_postgres::Client)> = None;
             // Bounded: the tests stop it long before.
@@ -107,6 +109,12 @@ impl Writer {
                         at: Instant::now(),
                     });
                     conn = Some((member, client));
+                } else if let Some(i) = members.iter().position(|m| m.name == member) {
+                    // Like a client with a multi-host list: after a failed commit try
+                    // the others first (a deposed primary cut off from its partners
+                    // still looks writable, but its commits hang).
+                    let m = members.remove(i);
+                    members.push(m);
                 }
             }
             Ok(())
