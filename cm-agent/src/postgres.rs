@@ -45,6 +45,13 @@ pub struct PgSettings {
     /// A standby's `restore_command`: fetch WAL from the group's secondary (what it
     /// lacks when its primary is gone, the partial last segment included).
     pub restore_command: Option<String>,
+    /// `wal_sender_timeout` (and the standby's `wal_receiver_timeout`): a link that
+    /// silently drops packets (a partition, not a refused connection) must end the
+    /// replication connection within the failover timeout, or the primary's
+    /// `pg_stat_replication` keeps showing the lost standby as synchronous for
+    /// PostgreSQL's default minute, nobody moves the stream to the secondary, and every
+    /// commit hangs that long (issue 9 §3 c).
+    pub replication_timeout_ms: u64,
 }
 
 impl PgSettings {
@@ -74,6 +81,8 @@ impl PgSettings {
                 .as_ref()
                 .and_then(|_| restore_from_secondary(cfg, group)),
             upstream,
+            replication_timeout_ms: u64::try_from(cfg.timing.dn_failover_timeout().as_millis())
+                .unwrap_or(u64::MAX),
         })
     }
 
@@ -155,6 +164,10 @@ pub fn render_settings(s: &PgSettings) -> String {
          max_replication_slots = 10\n\
          wal_keep_size = '256MB'\n\
          hot_standby_feedback = on\n\
+         # A silently dropping link ends replication within the failover timeout (the\n\
+         # sender asks for a reply after half of it).\n\
+         wal_sender_timeout = {repl_timeout}\n\
+         wal_receiver_timeout = {repl_timeout}\n\
          # Logs go to the file pg_ctl -l names (<instance_dir>/postgresql.log).\n\
          logging_collector = off\n\
          log_destination = 'stderr'\n\
@@ -164,6 +177,7 @@ pub fn render_settings(s: &PgSettings) -> String {
         port = s.port,
         name_q = conf_quote(&s.instance),
         sync = conf_quote(&sync),
+        repl_timeout = s.replication_timeout_ms,
     );
     if let Some(up) = &s.upstream {
         out.push_str(&format!(
@@ -998,6 +1012,10 @@ mod tests {
         assert!(text.contains("listen_addresses = '127.0.0.1'"), "{text}");
         assert!(text.contains("unix_socket_directories = ''"), "{text}");
         assert!(!text.contains("primary_conninfo"), "{text}");
+        // A silently dropped standby stops counting as synchronous within the
+        // failover timeout (3 s in local.toml), not PostgreSQL's default minute.
+        assert!(text.contains("wal_sender_timeout = 3000\n"), "{text}");
+        assert!(text.contains("wal_receiver_timeout = 3000\n"), "{text}");
     }
 
     #[test]

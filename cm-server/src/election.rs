@@ -11,6 +11,13 @@
 //!   free, expired or its own (so nobody else can hold a majority), and it is not
 //!   backing off. Its term is one above every term it knows (its persisted state,
 //!   agents' reports, state syncs).
+//! - Pre-vote (Raft's, from the agents' reports): only a host heard from recently
+//!   counts as free. A host this CMServer cannot hear (cut off from it, but maybe not
+//!   from the other CMServer) last reported a lease that merely runs out in our
+//!   books; counting it would start campaigns that cannot win and only raise the
+//!   terms of the agents that can hear us, so that they later refuse the real
+//!   primary's orders (issue 9 §3 c). "Recently" is shorter than a renewed lease's
+//!   remaining time, so a silent host's last grant never looks expired while fresh.
 //! - A candidate that a majority grants wins: the term is persisted in the state file
 //!   (`Elected`, then `confirm`) BEFORE it acts as primary.
 //! - A primary stays primary only while a majority of the hosts report an unexpired
@@ -19,7 +26,9 @@
 //!   (each request has an id that the agent echoes in its grant; a lease cannot start
 //!   before its request was sent), so the CMServer always believes its lease ends
 //!   before the agents do, however late the reports arrive. It steps down the moment
-//!   it cannot prove a majority, or when it learns a higher term from another CMServer.
+//!   it cannot prove a majority, or when it learns a higher term from another CMServer
+//!   or an agent (Raft's rule: an agent in a higher term refuses its renewals and
+//!   orders; campaigning again, above that term, brings it back).
 //! - Before acting, a newly elected CMServer takes the other's state if that is newer
 //!   (`pair.rs`).
 //! - Against duels: a candidate that lost (another holder in a term >= its own) backs
@@ -93,6 +102,8 @@ pub struct Election {
     /// Highest term known from anywhere (own state, reports, syncs).
     highest: u64,
     grants: HashMap<String, Option<SeenGrant>>,
+    /// When each host's latest report arrived (see `fresh`).
+    heard: HashMap<String, Instant>,
     rng: u64,
     /// When each of our lease requests was sent, by id (the last two leases' worth).
     requests: std::collections::BTreeMap<u64, Instant>,
@@ -107,6 +118,7 @@ impl Election {
             role: Role::Follower { not_before: now },
             highest: persisted_term,
             grants: HashMap::new(),
+            heard: HashMap::new(),
             rng: seed | 1,
             requests: Default::default(),
             // Distinct from a previous incarnation's ids (which are not trusted anyway).
@@ -196,6 +208,7 @@ impl Election {
             .max(agent_term)
             .max(seen.as_ref().map_or(0, |g| g.term));
         self.grants.insert(host.to_owned(), seen);
+        self.heard.insert(host.to_owned(), now);
         self.tick(state_term, now)
     }
 
@@ -272,6 +285,11 @@ impl Election {
                 if self.granted_to_me(term, now) < majority {
                     let back_off = self.jitter(heartbeat);
                     self.become_follower(now + back_off, "cannot prove a majority of leases");
+                } else if self.highest > term.max(state_term) {
+                    // Our own leases stay "mine": we campaign again at once, above it.
+                    let back_off = self.jitter(heartbeat);
+                    let why = format!("an agent is in term {}", self.highest);
+                    self.become_follower(now + back_off, &why);
                 }
                 None
             }
@@ -301,15 +319,32 @@ impl Election {
             .count()
     }
 
-    /// Hosts whose latest report shows no lease held by another CMServer.
+    /// Hosts heard from recently whose latest report shows no lease held by another
+    /// CMServer (the pre-vote: they would grant us a lease now).
     fn free_or_mine(&self, now: Instant) -> usize {
         self.grants
-            .values()
-            .filter(|g| match g {
+            .iter()
+            .filter(|(host, _)| self.fresh(host, now))
+            .filter(|(_, g)| match g {
                 None => true,
                 Some(g) => g.holder == self.params.me || g.until_liberal <= now,
             })
             .count()
+    }
+
+    /// Whether `host`'s latest report is recent enough to speak for it now: younger
+    /// than the least time a renewed lease has left in a report (a lease minus the
+    /// heartbeat between renewal and report, minus the margin), and at least one
+    /// heartbeat (agents report every heartbeat).
+    fn fresh(&self, host: &str, now: Instant) -> bool {
+        let p = &self.params;
+        let window = p
+            .lease
+            .saturating_sub(p.heartbeat + p.margin())
+            .max(p.heartbeat);
+        self.heard
+            .get(host)
+            .is_some_and(|at| now.saturating_duration_since(*at) < window)
     }
 
     fn other_holder_at_or_above(&self, term: u64, now: Instant) -> bool {
@@ -509,9 +544,16 @@ mod tests {
         e.on_report("h2", Some(&grant("cms1", 6, 2000)), 6, 3, t);
         e.on_report("h3", FREE, 6, 3, t);
         assert!(matches!(e.role(), Role::Follower { .. }));
-        // The holder stops renewing (killed); the leases lapse.
+        // The holder stops renewing (killed); the leases lapse and the agents, still
+        // reporting, say so.
         let later = t + Duration::from_millis(2000);
         e.tick(3, later);
+        assert!(
+            matches!(e.role(), Role::Follower { .. }),
+            "reports from 2 s ago no longer speak for their hosts"
+        );
+        e.on_report("h1", FREE, 6, 3, later);
+        e.on_report("h3", FREE, 6, 3, later);
         assert_eq!(
             e.role(),
             Role::Candidate {
@@ -564,7 +606,9 @@ mod tests {
         second.on_report("h1", FREE, 1, 1, t);
         second.on_report("h2", FREE, 1, 1, t);
         assert!(matches!(second.role(), Role::Follower { .. }));
-        second.tick(1, t + LEASE + HB * 3);
+        let later = t + LEASE + HB * 3;
+        second.on_report("h1", FREE, 1, 1, later);
+        second.on_report("h2", FREE, 1, 1, later);
         assert!(matches!(second.role(), Role::Candidate { .. }));
     }
 
@@ -594,6 +638,76 @@ mod tests {
         f.on_report("h1", Some(&forged), 2, 2, t);
         f.on_report("h2", Some(&forged), 2, 2, t);
         assert!(!f.is_primary(t));
+    }
+
+    #[test]
+    fn a_host_that_cannot_report_to_us_does_not_count_as_free() {
+        // h1 and h2 cut apart (issue 9 §3 c): cms2 (on h2) last heard h1 report cms1's
+        // lease; h2 reports no lease (cms1 cannot reach it); h3 keeps cms1's lease.
+        let t = Instant::now();
+        let mut e = Election::new(params("cms2", true), 3, t, 5);
+        e.on_report("h1", Some(&grant("cms1", 3, 2000)), 3, 3, t);
+        // Bounded: 20 heartbeats, far beyond h1's lease in cms2's books.
+        for i in 1..=20u32 {
+            let now = t + HB * i;
+            e.on_report("h2", FREE, 3, 3, now);
+            e.on_report("h3", Some(&grant("cms1", 3, 2000)), 3, 3, now);
+            assert!(
+                matches!(e.role(), Role::Follower { .. }),
+                "heartbeat {i}: campaigned (a term nobody can grant a majority of)"
+            );
+        }
+        assert_eq!(e.highest_term(), 3, "no term raised");
+        // h1 reachable again and free: now a majority would grant.
+        let now = t + HB * 21;
+        e.on_report("h1", FREE, 3, 3, now);
+        assert_eq!(
+            e.role(),
+            Role::Candidate {
+                term: 4,
+                since: now
+            }
+        );
+    }
+
+    #[test]
+    fn a_report_younger_than_a_renewed_lease_speaks_for_its_host() {
+        let t = Instant::now();
+        let mut e = Election::new(params("cms2", true), 3, t, 5);
+        let window = LEASE - HB - e.params.margin();
+        e.on_report("h1", FREE, 3, 3, t);
+        assert!(e.fresh("h1", t + window - Duration::from_millis(1)));
+        assert!(!e.fresh("h1", t + window));
+        assert!(!e.fresh("h2", t), "never heard");
+        // A renewed lease, reported one heartbeat after its renewal, has more left
+        // than the window: a silent host's last grant never looks expired while fresh.
+        assert!(LEASE - HB > window);
+    }
+
+    #[test]
+    fn a_primary_that_sees_an_agent_in_a_higher_term_steps_down_and_campaigns_above_it() {
+        let t = Instant::now();
+        let mut e = primary_at(t);
+        // h3's agent was raised to term 5 by a campaign that failed; it refuses our
+        // term-2 renewals and orders.
+        let t1 = t + Duration::from_millis(200);
+        e.on_report("h3", FREE, 5, 2, t1);
+        assert!(matches!(e.role(), Role::Follower { .. }), "{:?}", e.role());
+        assert!(!e.is_primary(t1));
+        // Our own leases on h1 and h2 still run: we campaign at once above term 5.
+        let t2 = t1 + HB;
+        let g = mine(&mut e, 2, 2000, t1);
+        e.on_report("h1", Some(&g), 2, 2, t2);
+        assert_eq!(e.role(), Role::Candidate { term: 6, since: t2 });
+        // The agents renew their lease to us in the higher term: elected.
+        let (g1, g2) = (mine(&mut e, 6, 3000, t2), mine(&mut e, 6, 3000, t2));
+        e.on_report("h1", Some(&g1), 6, 2, t2);
+        assert_eq!(e.on_report("h2", Some(&g2), 6, 2, t2), Some(6));
+        assert!(e.confirm(6, 6, t2));
+        assert!(e.is_primary(t2));
+        // Its own higher state term is no reason to step down.
+        e.tick(7, t2);
+        assert!(e.is_primary(t2));
     }
 
     #[test]

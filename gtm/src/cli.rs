@@ -47,7 +47,10 @@ pub enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         count: u64,
     },
-    /// Promote a standby to primary with a new term (prints the term).
+    /// Promote a standby to primary with a new term (prints the term). LOW-LEVEL, needs
+    /// --force: it bypasses the CMServers, which neither fence the old primary first nor
+    /// record the new roles. Use `cm_ctl switchover --instance NODE` or `cm_ctl failover
+    /// --instance NODE`.
     Promote {
         /// Cluster config (TOML) naming the GTM pair.
         #[arg(long)]
@@ -65,6 +68,10 @@ pub enum Command {
         /// Then allocate one GXID from it and print the time from the order to that GXID.
         #[arg(long)]
         time_first_gxid: bool,
+        /// Promote behind the CMServers' back: nothing fences the old primary, so two
+        /// GTM primaries may hand out GXIDs, and the CMServers may undo it.
+        #[arg(long)]
+        force: bool,
     },
     /// Demote a primary to standby (it then copies the primary's state).
     Demote {
@@ -177,6 +184,24 @@ fn gtm_endpoint(cfg: &ClusterConfig, node: &str) -> Result<String, CliError> {
     }
 }
 
+/// `gtm promote` bypasses the CMServers (every config names them): no fencing of the
+/// old primary, no recorded roles. Refused unless forced, and then loudly warned.
+fn check_unmanaged_promote(cfg: &ClusterConfig, node: &str, force: bool) -> Result<(), CliError> {
+    if !force {
+        return Err(CliError::Usage(format!(
+            "gtm promote bypasses the CMServers of {}: promote through them so that the old \
+             primary is fenced first (`cm_ctl switchover --instance {node}` or `cm_ctl failover \
+             --instance {node}`); --force promotes anyway",
+            cfg.source.display()
+        )));
+    }
+    eprintln!(
+        "WARNING: promoting {node} behind the CMServers' back: the old primary is not fenced \
+         (two GTM primaries may hand out GXIDs) and the CMServers may demote {node} again"
+    );
+    Ok(())
+}
+
 async fn client_for(cfg: &ClusterConfig) -> Result<GtmClient, CliError> {
     Ok(GtmClient::connect(cfg.gtm_endpoints()).await?)
 }
@@ -241,9 +266,11 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
             term,
             run_alone,
             time_first_gxid,
+            force,
         } => {
             let cfg = ClusterConfig::load(&config)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
+            check_unmanaged_promote(&cfg, &node, force)?;
             let client = client_for(&cfg).await?;
             let started = Instant::now();
             let s = client.promote_with(&endpoint, term, run_alone).await?;
@@ -335,4 +362,24 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gtm_promote_needs_force_and_names_the_cmserver_way() {
+        let cfg = ClusterConfig::parse(
+            include_str!("../../configs/local.toml"),
+            std::path::Path::new("local.toml"),
+        )
+        .unwrap();
+        let e = check_unmanaged_promote(&cfg, "gtm2", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cm_ctl failover --instance gtm2"), "{e}");
+        assert!(e.contains("--force"), "{e}");
+        assert!(check_unmanaged_promote(&cfg, "gtm2", true).is_ok());
+    }
 }

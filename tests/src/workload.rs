@@ -128,7 +128,8 @@ pub async fn writable(members: &[Member]) -> Option<(Member, tokio_postgres::Cli
 /// Inserts ids `first`, `first + 1`, … one row per transaction into `t` through
 /// whichever of its members accepts writes, reconnecting as needed; records an id
 /// only when its commit was acknowledged (an error or no answer within
-/// `commit_timeout`: unknown outcome, not recorded, connection dropped). Dropped
+/// `commit_timeout`: unknown outcome, not recorded, connection dropped, and the member
+/// moves to the end of the list). Dropped
 /// without [`Writer::stop`], it stops on its own (not waited for).
 pub struct Writer {
     acks: Arc<Mutex<Vec<Ack>>>,
@@ -153,6 +154,7 @@ impl Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let (a, s) = (acks.clone(), stop.clone());
         let thread = reach.spawn(move || async move {
+            let mut members = members;
             let mut next = first;
             let mut conn: Option<(Member, tokio_postgres::Client)> = None;
             // Bounded: the tests stop it long before.
@@ -182,6 +184,12 @@ impl Writer {
                         at: Instant::now(),
                     });
                     conn = Some((member, client));
+                } else if let Some(i) = members.iter().position(|m| m.name == member.name) {
+                    // Like a client with a multi-host list: after a failed commit try
+                    // the others first (a deposed primary cut off from its partners
+                    // still looks writable, but its commits hang).
+                    let m = members.remove(i);
+                    members.push(m);
                 }
             }
             Ok(())

@@ -100,6 +100,8 @@ async fn gtm_failover_keeps_gxids_unique_and_decisions() -> Result<()> {
             "--node",
             "gtm2",
             "--run-alone",
+            // The test's config names CMServers, but none runs: the pair is alone.
+            "--force",
         ])
         .await?;
     ensure!(ok, "gtm promote failed: {err}");

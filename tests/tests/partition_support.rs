@@ -2,7 +2,8 @@
 //! network namespace (`mpp_ha_tests::workload`), a CMServer's answer, and a sampler of
 //! writable DN and GTM primaries in rounds.
 
-#![allow(dead_code)]
+// Each test binary includes this file and uses a part of it.
+#![allow(dead_code, unused_imports)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
