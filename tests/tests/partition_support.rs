@@ -237,6 +237,20 @@ pub struct GtmMember {
     pub port: u16,
 }
 
+/// The cluster's GTM pair as clients see it.
+pub fn gtm_members(c: &mpp_ha_tests::LocalCluster) -> Vec<GtmMember> {
+    c.cfg
+        .gtm
+        .instances
+        .iter()
+        .map(|i| GtmMember {
+            name: i.name.clone(),
+            address: c.address_of(&i.name),
+            port: c.port(&i.name),
+        })
+        .collect()
+}
+
 /// Asks the GTM at `address:port` for one GXID (bounded by 1 s); `None` if it
 /// hands out none (standby, fenced, cut off).
 pub async fn take_gxid(address: &str, port: u16) -> Option<u64> {
