@@ -84,14 +84,7 @@ async fn cut_off_host_loses_its_primaries_and_rejoins_without_losing_commits() -
         Duration::from_secs(3),
     )?;
     // GXIDs and probe commits sampled from both sides of the cut.
-    let gtms: Vec<GtmMember> = ["gtm1", "gtm2"]
-        .iter()
-        .map(|n| GtmMember {
-            name: n.to_string(),
-            address: c.address_of(n),
-            port: c.port(n),
-        })
-        .collect();
+    let gtms = gtm_members(&c);
     let group_members = vec![(group.to_string(), vec![m_old.clone(), m_new.clone()])];
     let outside = Sampler::start(&net, watcher, group_members, gtms.clone(), 50_000_000)?;
     let inside = Sampler::start(&net, &host, Vec::new(), gtms, 60_000_000)?;

@@ -86,14 +86,7 @@ async fn hosts_cut_from_each_other_keep_one_primary_each_and_heal_without_losing
             )
         })
         .collect::<Result<_>>()?;
-    let gtms: Vec<GtmMember> = ["gtm1", "gtm2"]
-        .iter()
-        .map(|n| GtmMember {
-            name: n.to_string(),
-            address: c.address_of(n),
-            port: c.port(n),
-        })
-        .collect();
+    let gtms = gtm_members(&c);
     let sampler = Sampler::start(&net, "h3", groups.clone(), gtms, 50_000_000)?;
     let cms: Vec<(String, String, u16)> = ["cms1", "cms2"]
         .iter()

@@ -105,12 +105,8 @@ async fn a_cmserver_cut_off_while_the_primary_decided_never_acts_on_its_older_st
         .find(|n| role_of(&s, n) == "primary")
         .unwrap_or("none");
     eprintln!("primary after the heal: {now_primary}");
-    wait_for("both CMServers normal", Duration::from_secs(40), || async {
-        let s = c.status()?;
-        let rows = s["cm_servers"].as_array().cloned().unwrap_or_default();
-        Ok(rows.iter().all(|r| r["state"] == "normal").then_some(()))
-    })
-    .await?;
+    c.wait_states(&["cms1", "cms2"], "normal", Duration::from_secs(40))
+        .await?;
     ensure!(
         c.postmaster_pid("dn2_h3").is_none(),
         "dn2_h3 was started again"

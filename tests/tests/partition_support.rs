@@ -57,6 +57,16 @@ pub async fn ask_cms(address: &str, port: u16) -> CmsAnswer {
 /// A GTM instance as a client sees it.
 pub type GtmMember = Member;
 
+/// The cluster's GTM pair as clients see it.
+pub fn gtm_members(c: &mpp_ha_tests::LocalCluster) -> Vec<GtmMember> {
+    c.cfg
+        .gtm
+        .instances
+        .iter()
+        .map(|i| Member::of(c, &i.name))
+        .collect()
+}
+
 /// What the sampler saw.
 #[derive(Debug, Default, Clone)]
 pub struct Samples {
