@@ -226,6 +226,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::Next { config, count } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let client = client_for(&cfg).await?;
             let range = client.next_gxid_unary(count).await?;
             let mut out = String::new();
@@ -243,6 +245,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
             time_first_gxid,
         } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
             let client = client_for(&cfg).await?;
             let started = Instant::now();
@@ -263,6 +267,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::Demote { config, node, term } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
             let client = client_for(&cfg).await?;
             let term = if term == 0 {
@@ -275,6 +281,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::RunAlone { config, node, off } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
             let client = client_for(&cfg).await?;
             let term = client.status(&endpoint).await?.term;
@@ -283,6 +291,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::Status { config, node } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let client = client_for(&cfg).await?;
             if let Some(node) = node {
                 let endpoint = gtm_endpoint(&cfg, &node)?;
@@ -318,6 +328,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
                 )));
             }
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             for clients in clients {
                 let report = bench::run(
                     cfg.gtm_endpoints(),

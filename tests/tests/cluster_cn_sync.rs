@@ -26,9 +26,17 @@ async fn cn_sync(
     let mut primary = None;
     let mut primaries = 0;
     for ep in c.cfg.cm_server_endpoints() {
-        let mut client = CmServerClient::connect(format!("http://{ep}"))
-            .await
-            .with_context(|| format!("connect {ep}"))?;
+        // CnSync is a CN's call: present a cn certificate.
+        let cn_cert = ha_common::tls::TlsMaterial::load(&c.cfg, ha_common::tls::CertRole::Cn)?;
+        let channel = ha_common::tls::endpoint_with(
+            cn_cert.as_ref(),
+            &ep,
+            ha_common::tls::CertRole::CmServer,
+        )?
+        .connect()
+        .await
+        .with_context(|| format!("connect {ep}"))?;
+        let mut client = CmServerClient::new(channel);
         let reply = client
             .cn_sync(CnSyncRequest {
                 cn: cn.into(),

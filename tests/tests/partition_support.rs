@@ -199,7 +199,10 @@ pub enum CmsAnswer {
 pub async fn ask_cms(address: &str, port: u16) -> CmsAnswer {
     use ha_common::proto::cm::cm_server_client::CmServerClient;
     use ha_common::proto::cm::ClusterStatusRequest;
-    let ep = match tonic::transport::Endpoint::from_shared(format!("http://{address}:{port}")) {
+    let ep = match ha_common::tls::endpoint(
+        &format!("{address}:{port}"),
+        ha_common::tls::CertRole::CmServer,
+    ) {
         Ok(ep) => ep
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(1)),
@@ -234,7 +237,7 @@ pub struct GtmMember {
 pub async fn take_gxid(address: &str, port: u16) -> Option<u64> {
     use ha_common::proto::gtm::gtm_client::GtmClient;
     use ha_common::proto::gtm::NextGxidRequest;
-    let ep = tonic::transport::Endpoint::from_shared(format!("http://{address}:{port}"))
+    let ep = ha_common::tls::endpoint(&format!("{address}:{port}"), ha_common::tls::CertRole::Gtm)
         .ok()?
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(1));
