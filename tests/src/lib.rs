@@ -140,6 +140,12 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
                 "base_dir = {:?}\n",
                 base_dir.display().to_string()
             ));
+        } else if trimmed == "enabled = true" {
+            // Test clusters run plaintext unless a test asks for TLS (`with_tls`):
+            // in-process clients of older tests and `dn_replicator restore-wal` (no
+            // certificate yet) speak plaintext.
+            out.push_str(TLS_OFF_LINE);
+            out.push('\n');
         } else if trimmed.starts_with("# dir = ") {
             // An explicit [tls] dir: a daemon started with --base-dir still finds it.
             out.push_str(&format!(
@@ -152,6 +158,14 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
         }
     }
     out
+}
+
+/// The `[tls]` line `local_config_text` writes.
+const TLS_OFF_LINE: &str = "enabled = false # test harness: TLS off";
+
+/// Turns `[tls]` on in a `local_config_text` (for `LocalCluster::with_config_edit`).
+pub fn with_tls(text: String) -> String {
+    text.replace(TLS_OFF_LINE, "enabled = true")
 }
 
 /// `(key, port)` of a line `<something>port = N` (port, rpc_port, ...).

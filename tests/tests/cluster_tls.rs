@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::{ClusterStatusRequest, FailoverRequest};
 use ha_common::tls::{self, Ca, CertRole, IssueOptions, TlsMaterial};
-use mpp_ha_tests::{status_member, LocalCluster};
+use mpp_ha_tests::{status_member, with_tls, LocalCluster};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const PORT_BASE: u16 = 39000;
@@ -59,7 +59,8 @@ fn client_tls(ca: &str, identity: Option<(&str, &str)>) -> ClientTlsConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result<()> {
-    let c = LocalCluster::new("cluster-tls", PORT_BASE);
+    let c = LocalCluster::with_config_edit("cluster-tls", PORT_BASE, with_tls);
+    assert!(c.cfg.tls.enabled);
     c.up(150)?;
     let before = snapshot(&c)?;
     assert_eq!(before.0, "primary", "dn1_h1 starts as primary");
