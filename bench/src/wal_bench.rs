@@ -135,9 +135,13 @@ async fn main() -> Result<()> {
     )?;
     let mut rep = wait_for("dn_replicator", Duration::from_secs(20), || async {
         Ok(
-            ReplicatorClient::connect(format!("http://127.0.0.1:{sec_port}"))
-                .await
-                .ok(),
+            match ha_common::tls::endpoint(
+                &format!("127.0.0.1:{sec_port}"),
+                ha_common::tls::CertRole::Replicator,
+            ) {
+                Ok(ep) => ep.connect().await.ok().map(ReplicatorClient::new),
+                Err(_) => None,
+            },
         )
     })
     .await?;

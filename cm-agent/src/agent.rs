@@ -35,6 +35,8 @@ const ORDER_QUEUE: usize = 16;
 pub fn load(opts: &AgentOptions) -> Result<(Arc<ClusterConfig>, PathBuf, OsUser)> {
     let config_path = std::path::absolute(&opts.config).unwrap_or_else(|_| opts.config.clone());
     let cfg = ClusterConfig::load(&config_path)?.with_base_dir(opts.base_dir.clone());
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Agent)
+        .map_err(ha_common::ConfigError::from)?;
     if cfg.host(&opts.node).is_none() {
         return Err(AgentError::UnknownHost {
             config: config_path,

@@ -8,7 +8,6 @@ use std::time::Duration;
 use ha_common::config::ClusterConfig;
 use ha_common::proto::cn::coordinator_client::CoordinatorClient;
 use ha_common::proto::cn::{CnStatusReply, CnStatusRequest};
-use tonic::transport::Endpoint;
 
 use crate::detached::Detached;
 use crate::error::{AgentError, Result};
@@ -61,7 +60,7 @@ impl CnInstance {
 
     /// The CN's own view of itself (Status RPC).
     pub async fn probe(&self, timeout: Duration) -> Result<CnStatusReply> {
-        let endpoint = Endpoint::from_shared(self.rpc_url.clone())
+        let endpoint = ha_common::tls::endpoint(&self.rpc_url, ha_common::tls::CertRole::Cn)
             .map_err(|e| {
                 AgentError::Probe(format!("{}: bad endpoint {}: {e}", self.name, self.rpc_url))
             })?

@@ -11,7 +11,6 @@ use ha_common::proto::gtm::gtm_client::GtmClient;
 use ha_common::proto::gtm::{
     DemoteRequest, GtmStatus, PromoteRequest, SetRunAloneRequest, StatusRequest,
 };
-use tonic::transport::Endpoint;
 
 use crate::detached::Detached;
 use crate::error::{AgentError, Result};
@@ -76,7 +75,7 @@ impl GtmInstance {
     }
 
     async fn client(&self, timeout: Duration) -> Result<GtmClient<tonic::transport::Channel>> {
-        let endpoint = Endpoint::from_shared(self.url.clone())
+        let endpoint = ha_common::tls::endpoint(&self.url, ha_common::tls::CertRole::Gtm)
             .map_err(|e| {
                 AgentError::Probe(format!("{}: bad endpoint {}: {e}", self.name, self.url))
             })?

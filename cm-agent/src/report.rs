@@ -16,7 +16,7 @@ use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::{AgentReport, Order, OrderOutcome, ReportReply};
 use ha_common::Term;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{AgentError, Result};
 use crate::lease::{Decision, LeaseState};
@@ -152,7 +152,7 @@ impl Reporter {
         let lease = LeaseState::new(Instant::now(), cfg.timing.cm_lease());
         let mut servers = Vec::new();
         for ep in cfg.cm_server_endpoints() {
-            let channel = Endpoint::from_shared(format!("http://{ep}"))
+            let channel = ha_common::tls::endpoint(&ep, ha_common::tls::CertRole::CmServer)
                 .map_err(|e| AgentError::Instance(format!("CMServer endpoint {ep}: {e}")))?
                 .connect_timeout(timeout)
                 .timeout(timeout)

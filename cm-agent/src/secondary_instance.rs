@@ -14,7 +14,6 @@ use ha_common::proto::replicator::replicator_client::ReplicatorClient;
 use ha_common::proto::replicator::{
     ReplicatorState, ReplicatorStatus, StatusRequest, StopOrder, StreamOrder,
 };
-use tonic::transport::Endpoint;
 
 use crate::detached::Detached;
 use crate::error::{AgentError, Result};
@@ -73,7 +72,7 @@ impl SecondaryInstance {
         &self,
         timeout: Duration,
     ) -> Result<ReplicatorClient<tonic::transport::Channel>> {
-        let channel = Endpoint::from_shared(self.url.clone())
+        let channel = ha_common::tls::endpoint(&self.url, ha_common::tls::CertRole::Replicator)
             .map_err(|e| {
                 AgentError::Probe(format!("{}: bad endpoint {}: {e}", self.name, self.url))
             })?

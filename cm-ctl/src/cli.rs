@@ -52,6 +52,11 @@ pub enum Command {
     /// Rebuilds the named standby from its primary over the data-unit build channel:
     /// incremental (only blocks that differ travel) when it has data, else a full copy.
     Build(BuildArgs),
+    /// The cluster CA and one certificate per role (mutual TLS on every gRPC link).
+    Cert {
+        #[command(subcommand)]
+        action: CertAction,
+    },
     /// A whole cluster as background processes on this machine.
     Local {
         #[command(subcommand)]
@@ -89,6 +94,24 @@ pub struct BuildArgs {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum CertAction {
+    /// Makes DIR hold ca.crt (+ ca.key) and <role>.crt/<role>.key for the roles operator,
+    /// agent, cmserver, gtm, cn and replicator, valid for the config's host addresses.
+    /// Refuses a DIR that already holds a ca.crt. Point `[tls] dir` at DIR.
+    Init {
+        /// Where to write; default: the config's tls.dir (<base_dir>/tls).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Sign with this existing CA certificate (PEM) instead of making a new CA.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The existing CA's private key (PEM); it is not copied into DIR.
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum LocalAction {
     /// Starts the CMServers and one cm_agent per host, then every instance.
     Up {
@@ -118,5 +141,27 @@ impl Cli {
     /// The config, with `--base-dir` applied.
     pub fn load_config(&self) -> Result<ClusterConfig, CtlError> {
         Ok(ClusterConfig::load(&self.config)?.with_base_dir(self.base_dir.clone()))
+    }
+
+    /// The config, with this process's operator certificate loaded when `[tls]` is on.
+    /// `local up` first makes the certificates when the cluster has none yet.
+    pub fn load_config_and_tls(&self) -> Result<ClusterConfig, CtlError> {
+        let cfg = self.load_config()?;
+        let first_local_up = matches!(
+            self.command,
+            Command::Local {
+                action: LocalAction::Up { .. }
+            }
+        );
+        if first_local_up && cfg.tls.enabled && !cfg.tls_dir().join("ca.crt").exists() {
+            let opts = ha_common::tls::IssueOptions::for_config(&cfg);
+            ha_common::tls::init_dir(&cfg.tls_dir(), &cfg.cluster.name, None, &opts)
+                .map_err(ha_common::ConfigError::from)?;
+        }
+        if !matches!(self.command, Command::Cert { .. }) {
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
+        }
+        Ok(cfg)
     }
 }

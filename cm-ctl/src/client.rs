@@ -6,7 +6,7 @@ use std::time::Duration;
 use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::{ClusterStatus, ClusterStatusRequest, SetDesiredStateRequest};
 use ha_common::ClusterConfig;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::CtlError;
 
@@ -73,7 +73,7 @@ impl Primary {
         &self,
         timeout: Duration,
     ) -> Result<CmServerClient<Channel>, CtlError> {
-        let ep = Endpoint::from_shared(format!("http://{}", self.endpoint))
+        let ep = ha_common::tls::endpoint(&self.endpoint, ha_common::tls::CertRole::CmServer)
             .map_err(|e| CtlError::Other(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(timeout);
@@ -100,7 +100,7 @@ impl Primary {
 }
 
 async fn try_one(endpoint: &str) -> Result<CmServerClient<Channel>, String> {
-    let ep = Endpoint::from_shared(format!("http://{endpoint}"))
+    let ep = ha_common::tls::endpoint(endpoint, ha_common::tls::CertRole::CmServer)
         .map_err(|e| e.to_string())?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RPC_TIMEOUT);

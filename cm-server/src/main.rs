@@ -32,6 +32,7 @@ async fn main() {
 
 async fn run(args: Args) -> Result<()> {
     let cfg = ClusterConfig::load(&args.config)?.with_base_dir(args.base_dir);
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::CmServer)?;
     cm_server::serve(cfg, &args.node).await?;
     Ok(())
 }

@@ -28,7 +28,7 @@ use ha_common::config::ClusterConfig;
 use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::{LeaseGrant, SyncStateReply, SyncStateRequest};
 use ha_common::Term;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::election::{Election, Params, Role};
@@ -100,7 +100,9 @@ impl Pair {
             .iter()
             .filter(|s| s.name != node)
             .filter_map(|s| {
-                let ep = Endpoint::from_shared(format!("http://{}", cfg.endpoint(s))).ok()?;
+                let ep =
+                    ha_common::tls::endpoint(&cfg.endpoint(s), ha_common::tls::CertRole::CmServer)
+                        .ok()?;
                 let channel = ep
                     .connect_timeout(rpc_timeout)
                     .timeout(rpc_timeout)

@@ -23,7 +23,6 @@ use ha_common::proto::cm::{
     SwitchoverRequest, SyncStateReply, SyncStateRequest,
 };
 use ha_common::ClusterConfig;
-use tonic::transport::Endpoint;
 use tonic::{Code, Request, Response, Status};
 
 use crate::assignments;
@@ -160,6 +159,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[tonic::async_trait]
 impl CmServer for CmService {
     async fn report(&self, request: Request<AgentReport>) -> Result<Response<ReportReply>, Status> {
+        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Agent])?;
         let sh = &self.shared;
         let report = request.into_inner();
         let host = report.host.clone();
@@ -230,6 +230,7 @@ impl CmServer for CmService {
         &self,
         request: Request<SetDesiredStateRequest>,
     ) -> Result<Response<SetDesiredStateReply>, Status> {
+        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Operator])?;
         let sh = &self.shared;
         sh.require_primary()?;
         let req = request.into_inner();
@@ -281,6 +282,7 @@ impl CmServer for CmService {
         &self,
         request: Request<SyncStateRequest>,
     ) -> Result<Response<SyncStateReply>, Status> {
+        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::CmServer])?;
         let sh = &self.shared;
         let req = request.into_inner();
         let from = req.from.clone();
@@ -295,6 +297,7 @@ impl CmServer for CmService {
         &self,
         request: Request<SwitchoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
+        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Operator])?;
         self.shared.require_primary()?;
         // Run to the end even if cm_ctl goes away: a half-done role change must not
         // be abandoned midway.
@@ -311,6 +314,7 @@ impl CmServer for CmService {
         &self,
         request: Request<FailoverRequest>,
     ) -> Result<Response<OperationReply>, Status> {
+        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Operator])?;
         self.shared.require_primary()?;
         // Run to the end even if cm_ctl goes away: a half-done role change must not
         // be abandoned midway.
@@ -327,6 +331,7 @@ impl CmServer for CmService {
         &self,
         request: Request<BuildRequest>,
     ) -> Result<Response<OperationReply>, Status> {
+        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Operator])?;
         self.shared.require_primary()?;
         // Run to the end even if cm_ctl goes away: a half-done role change must not
         // be abandoned midway.
@@ -343,6 +348,7 @@ impl CmServer for CmService {
         &self,
         request: Request<CnSyncRequest>,
     ) -> Result<Response<CnSyncReply>, Status> {
+        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Cn])?;
         let sh = &self.shared;
         let req = request.into_inner();
         // Standby too: a new primary knows the CNs the moment it is elected.
@@ -424,7 +430,7 @@ pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
     });
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    tonic::transport::Server::builder()
+    ha_common::tls::server()
         .add_service(CmServerServer::new(service))
         .serve_with_incoming_shutdown(incoming, ha_common::shutdown::signal())
         .await?;
@@ -513,7 +519,7 @@ async fn keep_ddl_set(service: CmService) {
 }
 
 async fn ping(endpoint: &str, timeout: Duration) -> bool {
-    let Ok(ep) = Endpoint::from_shared(format!("http://{endpoint}")) else {
+    let Ok(ep) = ha_common::tls::endpoint(endpoint, ha_common::tls::CertRole::CmServer) else {
         return false;
     };
     let Ok(channel) = ep.connect_timeout(timeout).timeout(timeout).connect().await else {

@@ -50,6 +50,8 @@ pub async fn serve(
     if let Some(b) = base_dir {
         cfg.cluster.base_dir = b;
     }
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Cn)
+        .map_err(ha_common::ConfigError::from)?;
     let me = match cfg.find(name) {
         Some(r) if r.kind == InstanceKind::Coordinator => r.instance.clone(),
         _ => {
@@ -99,7 +101,7 @@ pub async fn serve(
     let svc = CoordinatorServer::new(CoordinatorService { node: node.clone() });
     tokio::spawn(async move {
         let incoming = tokio_stream_from(rpc_listener);
-        if let Err(e) = tonic::transport::Server::builder()
+        if let Err(e) = ha_common::tls::server()
             .add_service(svc)
             .serve_with_incoming(incoming)
             .await

@@ -28,7 +28,7 @@ async fn cn_sync(node: &Node, phase: CnPhase) -> SyncResult {
     let mut unimplemented = 0;
     for cms in &node.cfg.cm_servers {
         let url = format!("http://{}", node.cfg.endpoint(cms));
-        let Ok(ep) = tonic::transport::Endpoint::from_shared(url) else {
+        let Ok(ep) = ha_common::tls::endpoint(&url, ha_common::tls::CertRole::CmServer) else {
             continue;
         };
         let ep = ep
@@ -65,7 +65,7 @@ pub async fn copy_catalog_from(node: &Node, peers: &[Peer]) -> Result<bool, Stri
     let mine = node.catalog_read().version;
     let mut best: Option<catalog::Catalog> = None;
     for p in peers {
-        let Ok(ep) = tonic::transport::Endpoint::from_shared(p.rpc.clone()) else {
+        let Ok(ep) = ha_common::tls::endpoint(&p.rpc, ha_common::tls::CertRole::Cn) else {
             continue;
         };
         let ep = ep
@@ -102,7 +102,7 @@ async fn follow_status(node: &Node) {
     let mut best: Option<ha_common::proto::cm::ClusterStatus> = None;
     for cms in &node.cfg.cm_servers {
         let url = format!("http://{}", node.cfg.endpoint(cms));
-        let Ok(ep) = tonic::transport::Endpoint::from_shared(url) else {
+        let Ok(ep) = ha_common::tls::endpoint(&url, ha_common::tls::CertRole::CmServer) else {
             continue;
         };
         let ep = ep

@@ -44,7 +44,7 @@ fn group_name(node: &Node, g: usize) -> String {
 }
 
 async fn rpc_client(peer: &Peer) -> Result<CoordinatorClient<tonic::transport::Channel>, String> {
-    let ep = tonic::transport::Endpoint::from_shared(peer.rpc.clone())
+    let ep = ha_common::tls::endpoint(&peer.rpc, ha_common::tls::CertRole::Cn)
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5));

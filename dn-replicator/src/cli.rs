@@ -30,7 +30,7 @@ pub fn restore_wal(from: &str, file: &str, path: &Path) -> anyhow::Result<ExitCo
         .context("start the tokio runtime")?;
     rt.block_on(async {
         let timeout = Duration::from_secs(2);
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{from}"))
+        let ep = ha_common::tls::endpoint(from, ha_common::tls::CertRole::Replicator)
             .with_context(|| format!("bad --from {from:?}"))?
             .connect_timeout(timeout);
         let Ok(ch) = ep.connect().await else {

@@ -136,6 +136,8 @@ pub async fn serve(
     base_dir: Option<PathBuf>,
 ) -> Result<(), ServeError> {
     let cfg = ClusterConfig::load(config)?.with_base_dir(base_dir);
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Replicator)
+        .map_err(ha_common::ConfigError::from)?;
     let me = cfg
         .find(node)
         .filter(|r| r.kind == InstanceKind::DnMember && r.instance.role() == Some(Role::Secondary))
@@ -169,7 +171,7 @@ pub async fn serve(
     let st = n.status().await;
     tracing::info!(node = %me.name, addr = %addr_text, dir = %dir.display(), term = st.term, state = ?st.state(), "dn_replicator serving");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    ha_common::tls::server()
         .add_service(ReplicatorServer::new(Service { node: n }))
         .serve_with_incoming_shutdown(incoming, ha_common::shutdown::signal())
         .await?;

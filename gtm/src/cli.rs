@@ -251,6 +251,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::Next { config, count } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let client = client_for(&cfg).await?;
             let range = client.next_gxid_unary(count).await?;
             let mut out = String::new();
@@ -269,6 +271,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
             force,
         } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
             check_unmanaged_promote(&cfg, &node, force)?;
             let client = client_for(&cfg).await?;
@@ -290,6 +294,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::Demote { config, node, term } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
             let client = client_for(&cfg).await?;
             let term = if term == 0 {
@@ -302,6 +308,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::RunAlone { config, node, off } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
             let client = client_for(&cfg).await?;
             let term = client.status(&endpoint).await?.term;
@@ -310,6 +318,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::Status { config, node } => {
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             let client = client_for(&cfg).await?;
             if let Some(node) = node {
                 let endpoint = gtm_endpoint(&cfg, &node)?;
@@ -345,6 +355,8 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
                 )));
             }
             let cfg = ClusterConfig::load(&config)?;
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+                .map_err(ha_common::ConfigError::from)?;
             for clients in clients {
                 let report = bench::run(
                     cfg.gtm_endpoints(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ha_common::proto::gtm as pb;
 use pb::gtm_client::GtmClient as RawClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::decisions::Decision;
 use crate::node::{to_records, Node, Role};
@@ -30,10 +30,12 @@ pub fn lazy_channel(
     endpoint: &str,
     connect_timeout: Duration,
 ) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{endpoint}"))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .connect_lazy())
+    Ok(
+        ha_common::tls::endpoint(endpoint, ha_common::tls::CertRole::Gtm)?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    )
 }
 
 impl PeerLink {

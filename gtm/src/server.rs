@@ -293,6 +293,8 @@ pub struct ServeOptions {
 /// Runs one GTM instance until SIGINT/SIGTERM.
 pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let cfg = ClusterConfig::load(&opts.config)?.with_base_dir(opts.base_dir.clone());
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Gtm)
+        .map_err(ha_common::ConfigError::from)?;
     let Some(me) = cfg.gtm.instances.iter().find(|i| i.name == opts.node) else {
         return Err(ServeError::UnknownNode {
             config: opts.config.clone(),
@@ -369,7 +371,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let bg = tokio::spawn(replication::run(node.clone(), stop_rx));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    let result = ha_common::tls::server()
         .add_service(GtmServer::new(GtmService::new(node)))
         .serve_with_incoming_shutdown(incoming, ha_common::shutdown::signal())
         .await;

@@ -30,6 +30,9 @@ pub enum ConfigError {
         key: String,
         problem: String,
     },
+    /// The `[tls]` files the config names are missing or unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The role an instance is configured with. At run time the CMServer may change it;
@@ -74,6 +77,18 @@ pub struct ClusterSection {
     /// Where our own binaries (gtm, cn, cm_agent ...) live; default: beside the running one.
     #[serde(default)]
     pub bin_dir: Option<PathBuf>,
+}
+
+/// `[tls]`: where the cluster CA and the per-role certificates live (see `ha_common::tls`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Every gRPC link uses mutual TLS with the cluster CA.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Holds `ca.crt` and `<role>.crt`/`<role>.key` per role; default `<base_dir>/tls`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 fn default_base_dir() -> PathBuf {
@@ -278,6 +293,9 @@ pub struct ClusterConfig {
     /// Users the CNs authenticate clients against (SCRAM-SHA-256).
     #[serde(rename = "user", default)]
     pub users: Vec<User>,
+    /// Mutual TLS on every gRPC link (`[tls]`); off when the section is absent.
+    #[serde(default)]
+    pub tls: TlsSection,
     /// Where the config was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
@@ -679,6 +697,14 @@ impl ClusterConfig {
     /// e.g. an agent named after its host): `<base_dir>/<name>`.
     pub fn instance_dir(&self, name: &str) -> PathBuf {
         self.cluster.base_dir.join(name)
+    }
+
+    /// The directory of the cluster CA and the role certificates (`tls.dir`).
+    pub fn tls_dir(&self) -> PathBuf {
+        match &self.tls.dir {
+            Some(dir) => dir.clone(),
+            None => self.cluster.base_dir.join("tls"),
+        }
     }
 
     /// Overrides `cluster.base_dir` (the `--base-dir` flag).

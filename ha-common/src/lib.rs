@@ -9,6 +9,7 @@ pub mod message;
 pub mod process;
 pub mod shutdown;
 pub mod term;
+pub mod tls;
 
 pub use config::{ClusterConfig, ConfigError, Role};
 pub use term::Term;

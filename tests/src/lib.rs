@@ -142,12 +142,32 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
                 "base_dir = {:?}\n",
                 base_dir.display().to_string()
             ));
+        } else if trimmed == "enabled = true" {
+            // Test clusters run plaintext unless a test asks for TLS (`with_tls`):
+            // in-process clients of older tests and `dn_replicator restore-wal` (no
+            // certificate yet) speak plaintext.
+            out.push_str(TLS_OFF_LINE);
+            out.push('\n');
+        } else if trimmed.starts_with("# dir = ") {
+            // An explicit [tls] dir: a daemon started with --base-dir still finds it.
+            out.push_str(&format!(
+                "dir = {:?}\n",
+                base_dir.join("tls").display().to_string()
+            ));
         } else {
             out.push_str(line);
             out.push('\n');
         }
     }
     out
+}
+
+/// The `[tls]` line `local_config_text` writes.
+const TLS_OFF_LINE: &str = "enabled = false # test harness: TLS off";
+
+/// Turns `[tls]` on in a `local_config_text` (for `LocalCluster::with_config_edit`).
+pub fn with_tls(text: String) -> String {
+    text.replace(TLS_OFF_LINE, "enabled = true")
 }
 
 /// `(key, port)` of a line `<something>port = N` (port, rpc_port, ...).
@@ -160,11 +180,38 @@ fn port_line(line: &str) -> Option<(&str, u16)> {
     Some((key, value.trim().parse().expect("port in local.toml")))
 }
 
-/// Writes a config file for a test cluster into its dir and returns its path.
+/// Writes a config file for a test cluster into its dir and returns its path. When
+/// the config has `[tls] enabled = true` it also makes the cluster's CA and role
+/// certificates (as `cm_ctl cert init` does) and loads the operator certificate into
+/// this test process, so in-process clients built with `ha_common::tls::endpoint`
+/// (and the `gtm` client library) speak TLS to the cluster.
 pub fn write_config(dir: &TestDir, text: &str) -> PathBuf {
     let p = dir.path().join("cluster.toml");
     std::fs::write(&p, text).expect("write config");
+    if let Ok(cfg) = ha_common::ClusterConfig::parse(text, &p) {
+        prepare_tls(&cfg);
+    }
     p
+}
+
+/// Certificates for `cfg` when it has TLS on (made once per tls dir), and this
+/// process's operator identity.
+pub fn prepare_tls(cfg: &ha_common::ClusterConfig) {
+    use ha_common::tls;
+    if !cfg.tls.enabled {
+        return;
+    }
+    let dir = cfg.tls_dir();
+    if !dir.join("ca.crt").exists() {
+        tls::init_dir(
+            &dir,
+            &cfg.cluster.name,
+            None,
+            &tls::IssueOptions::for_config(cfg),
+        )
+        .expect("make the test cluster's certificates");
+    }
+    tls::init(cfg, tls::CertRole::Operator).expect("load the operator certificate");
 }
 
 /// A process started by a test. Dropping it kills it (SIGKILL, by its pid) and reaps it.

@@ -335,7 +335,7 @@ pub async fn probe_commit(m: &Member, id: i64, timeout: Duration) -> Option<(Ins
 pub async fn take_gxid(address: &str, port: u16) -> Option<u64> {
     use ha_common::proto::gtm::gtm_client::GtmClient;
     use ha_common::proto::gtm::NextGxidRequest;
-    let ep = tonic::transport::Endpoint::from_shared(format!("http://{address}:{port}"))
+    let ep = ha_common::tls::endpoint(&format!("{address}:{port}"), ha_common::tls::CertRole::Gtm)
         .ok()?
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(1));

@@ -32,7 +32,10 @@ pub enum CmsAnswer {
 pub async fn ask_cms(address: &str, port: u16) -> CmsAnswer {
     use ha_common::proto::cm::cm_server_client::CmServerClient;
     use ha_common::proto::cm::ClusterStatusRequest;
-    let ep = match tonic::transport::Endpoint::from_shared(format!("http://{address}:{port}")) {
+    let ep = match ha_common::tls::endpoint(
+        &format!("{address}:{port}"),
+        ha_common::tls::CertRole::CmServer,
+    ) {
         Ok(ep) => ep
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(1)),

@@ -50,9 +50,13 @@ async fn replicator(port: u16) -> Result<Client> {
         Duration::from_secs(20),
         || async move {
             Ok(
-                ReplicatorClient::connect(format!("http://127.0.0.1:{port}"))
-                    .await
-                    .ok(),
+                match ha_common::tls::endpoint(
+                    &format!("127.0.0.1:{port}"),
+                    ha_common::tls::CertRole::Replicator,
+                ) {
+                    Ok(ep) => ep.connect().await.ok().map(ReplicatorClient::new),
+                    Err(_) => None,
+                },
             )
         },
     )

@@ -11,11 +11,11 @@ pub mod switchover;
 use ha_common::config::InstanceKind;
 use ha_common::ClusterConfig;
 
-use crate::cli::{Cli, Command, LocalAction};
+use crate::cli::{CertAction, Cli, Command, LocalAction};
 use crate::error::CtlError;
 
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
-    let cfg = cli.load_config()?;
+    let cfg = cli.load_config_and_tls()?;
     match &cli.command {
         Command::Status { json } => status::run(&cfg, *json).await,
         Command::Start(t) => start::run(&cfg, t).await,
@@ -23,6 +23,14 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Switchover(op) => switchover::run(&cfg, op).await,
         Command::Failover { instance, force } => failover::run(&cfg, instance, *force).await,
         Command::Build(op) => build::run(&cfg, op).await,
+        Command::Cert {
+            action:
+                CertAction::Init {
+                    out,
+                    ca_cert,
+                    ca_key,
+                },
+        } => cert_init(&cfg, out.as_deref(), ca_cert.as_deref(), ca_key.as_deref()),
         Command::Local { action } => match action {
             LocalAction::Up { timeout, netns } => {
                 local::up::run(&cfg, &cli, *timeout, netns.as_deref()).await
@@ -55,4 +63,30 @@ fn print_done(reply: &ha_common::proto::cm::OperationReply, started: std::time::
         reply.message,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// `cm_ctl cert init`: the CA (new, or the operator's own) and one certificate per role.
+fn cert_init(
+    cfg: &ClusterConfig,
+    out: Option<&std::path::Path>,
+    ca_cert: Option<&std::path::Path>,
+    ca_key: Option<&std::path::Path>,
+) -> Result<(), CtlError> {
+    use ha_common::tls;
+    let dir = out.map(Into::into).unwrap_or_else(|| cfg.tls_dir());
+    let ca = match (ca_cert, ca_key) {
+        (Some(c), Some(k)) => {
+            Some(tls::Ca::from_files(c, k).map_err(ha_common::ConfigError::from)?)
+        }
+        _ => None,
+    };
+    let opts = tls::IssueOptions::for_config(cfg);
+    tls::init_dir(&dir, &cfg.cluster.name, ca, &opts).map_err(ha_common::ConfigError::from)?;
+    println!(
+        "certificates for {} written to {} (roles: {})",
+        cfg.cluster.name,
+        dir.display(),
+        tls::CertRole::ALL.map(|r| r.as_str()).join(", ")
+    );
+    Ok(())
 }

@@ -1,0 +1,164 @@
+//! Mutual TLS on a running cluster: the cluster works with TLS on, and a client with no certificate, a certificate from another CA, an expired certificate, plaintext, or an agent certificate ordering a failover is refused without changing anything.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use ha_common::proto::cm::cm_server_client::CmServerClient;
+use ha_common::proto::cm::{ClusterStatusRequest, FailoverRequest};
+use ha_common::tls::{self, Ca, CertRole, IssueOptions, TlsMaterial};
+use mpp_ha_tests::{status_member, with_tls, LocalCluster};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+const PORT_BASE: u16 = 39000;
+
+/// The primary DN of dn1 and the CMServer term, as `cm_ctl status --json` shows them.
+fn snapshot(c: &LocalCluster) -> Result<(String, String)> {
+    let s = c.status()?;
+    let role = status_member(&s, "dn1_h1")
+        .map(|m| m["role"].as_str().unwrap_or("?").to_owned())
+        .unwrap_or_default();
+    Ok((role, s["term"].to_string()))
+}
+
+/// A `GetClusterStatus` call through `ep` to every CMServer; the first answer or the
+/// last error.
+async fn ask(c: &LocalCluster, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+    let mut last = String::new();
+    for ep in c.cfg.cm_server_endpoints() {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut e = Endpoint::from_shared(format!("{scheme}://{ep}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(3));
+        if let Some(t) = tls.clone() {
+            e = e.tls_config(t).map_err(|e| e.to_string())?;
+        }
+        match e.connect().await {
+            Err(err) => last = format!("{ep}: connect: {err:?}"),
+            Ok(ch) => match CmServerClient::new(ch)
+                .get_cluster_status(ClusterStatusRequest {})
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(s) => last = format!("{ep}: {:?}: {}", s.code(), s.message()),
+            },
+        }
+    }
+    Err(last)
+}
+
+fn client_tls(ca: &str, identity: Option<(&str, &str)>) -> ClientTlsConfig {
+    let mut t = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(CertRole::CmServer.server_name());
+    if let Some((cert, key)) = identity {
+        t = t.identity(Identity::from_pem(cert, key));
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result<()> {
+    let c = LocalCluster::with_config_edit("cluster-tls", PORT_BASE, with_tls);
+    assert!(c.cfg.tls.enabled);
+    c.up(150)?;
+    let before = snapshot(&c)?;
+    assert_eq!(before.0, "primary", "dn1_h1 starts as primary");
+    let dir = c.cfg.tls_dir();
+    let ca_pem = std::fs::read_to_string(dir.join("ca.crt"))?;
+    let op_cert = std::fs::read_to_string(dir.join("operator.crt"))?;
+    let op_key = std::fs::read_to_string(dir.join("operator.key"))?;
+
+    // The operator's own certificate gets an answer: the check below can fail.
+    if let Err(e) = ask(&c, Some(client_tls(&ca_pem, Some((&op_cert, &op_key))))).await {
+        bail!("the operator certificate was refused: {e}");
+    }
+
+    // Plaintext on a TLS port.
+    let e = ask(&c, None).await.expect_err("plaintext must be refused");
+    eprintln!("plaintext: {e}");
+
+    // TLS without a client certificate: the server requires one.
+    let e = ask(&c, Some(client_tls(&ca_pem, None)))
+        .await
+        .expect_err("no client certificate must be refused");
+    eprintln!("no certificate: {e}");
+
+    // An operator certificate from another CA.
+    let opts = IssueOptions::for_config(&c.cfg);
+    let other = Ca::generate("intruder", &opts)?;
+    let (cert, key) = other.issue(CertRole::Operator, &opts)?;
+    let e = ask(&c, Some(client_tls(&ca_pem, Some((&cert, &key)))))
+        .await
+        .expect_err("a certificate of another CA must be refused");
+    eprintln!("other CA: {e}");
+
+    // An expired operator certificate from the cluster CA.
+    let ca = Ca::from_files(&dir.join("ca.crt"), &dir.join("ca.key"))?;
+    let expired = IssueOptions {
+        valid_days: -1,
+        backdate_days: 30,
+        ..opts.clone()
+    };
+    let (cert, key) = ca.issue(CertRole::Operator, &expired)?;
+    let e = ask(&c, Some(client_tls(&ca_pem, Some((&cert, &key)))))
+        .await
+        .expect_err("an expired certificate must be refused");
+    eprintln!("expired: {e}");
+
+    // A cm_ctl without TLS (a config with [tls] off) ordering a failover.
+    let plain = std::fs::read_to_string(&c.config)?.replace("enabled = true", "enabled = false");
+    let plain_path = c.dir.path().join("plain.toml");
+    std::fs::write(&plain_path, plain)?;
+    let out = mpp_ha_tests::run_bin(
+        "cm_ctl",
+        &[
+            "--config",
+            &plain_path.display().to_string(),
+            "failover",
+            "--instance",
+            "dn1_h2",
+            "--force",
+        ],
+    );
+    assert!(
+        !out.success,
+        "plaintext cm_ctl failover must fail: {}",
+        out.stdout
+    );
+    eprintln!("plaintext cm_ctl failover: {}", out.stderr.trim());
+
+    // An agent certificate (valid, cluster CA) ordering a failover: refused by role.
+    let agent = TlsMaterial::load(&c.cfg, CertRole::Agent)?.expect("tls is on");
+    let mut refused = 0;
+    for ep in c.cfg.cm_server_endpoints() {
+        let ch = tls::endpoint_with(Some(&agent), &ep, CertRole::CmServer)?
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        let r = CmServerClient::new(ch)
+            .failover(FailoverRequest {
+                instance: "dn1_h2".into(),
+                force: true,
+            })
+            .await;
+        match r {
+            Ok(reply) => bail!("an agent certificate ordered a failover: {reply:?}"),
+            Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                assert!(s.message().contains("operator"), "{}", s.message());
+                refused += 1;
+            }
+            // The standby CMServer may answer "not primary" before looking further.
+            Err(s) => eprintln!("{ep}: {:?} {}", s.code(), s.message()),
+        }
+    }
+    assert!(
+        refused >= 1,
+        "the primary CMServer refused the agent's order by role"
+    );
+
+    // Nothing changed: same primary, same term.
+    let after = snapshot(&c)?;
+    assert_eq!(before, after, "refused requests changed the cluster");
+    Ok(())
+}
