@@ -142,7 +142,8 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
                 "base_dir = {:?}\n",
                 base_dir.display().to_string()
             ));
-        } else if trimmed == "enabled = true" {
+        } else if trimmed == "enabled = true" || trimmed == "enabled = false" {
+            // local.toml's only `enabled` key is `[tls]`'s.
             // Test clusters run plaintext unless a test asks for TLS (`with_tls`):
             // in-process clients of older tests and `dn_replicator restore-wal` (no
             // certificate yet) speak plaintext.
