@@ -32,6 +32,17 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// A config text whose `bin_dir` names `target/debug`: for tests in which the test
+/// binary itself plays the agent (our binaries are not beside it, in `deps/`), e.g. a
+/// standby's `restore_command` copy of dn_replicator is installed from there.
+pub fn with_bin_dir(text: &str) -> String {
+    text.replacen(
+        "# bin_dir = \"/usr/local/bin\"",
+        &format!("bin_dir = {:?}", bin_dir().display().to_string()),
+        1,
+    )
+}
+
 /// Path of one of our binaries; fails clearly if it was not built.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);

@@ -9,17 +9,13 @@ use anyhow::{bail, Context, Result};
 use cm_agent::gtm_instance::{describe, GtmInstance};
 use ha_common::proto::gtm::Role;
 use ha_common::ClusterConfig;
-use mpp_ha_tests::{bin, bin_dir, local_config_text, wait_for, write_config, TestDir};
+use mpp_ha_tests::{bin, local_config_text, wait_for, with_bin_dir, write_config, TestDir};
 
 const PORT_BASE: u16 = 27000;
 
 fn config(dir: &TestDir) -> Result<(ClusterConfig, std::path::PathBuf)> {
     bin("gtm"); // built?
-    let text = local_config_text(PORT_BASE, dir.path()).replacen(
-        "# bin_dir = \"/usr/local/bin\"",
-        &format!("bin_dir = {:?}", bin_dir().display().to_string()),
-        1,
-    );
+    let text = with_bin_dir(&local_config_text(PORT_BASE, dir.path()));
     let path = write_config(dir, &text);
     Ok((ClusterConfig::load(&path)?, path))
 }

@@ -41,13 +41,7 @@ async fn agent_postgres_primary_standby_probe_and_crash_detection() -> Result<()
     let dir = TestDir::new("agent-postgres");
     // The test binary plays the agent: our binaries (the standby's restore_command
     // needs dn_replicator) are not beside it but in target/debug.
-    let text = local_config_text(PORT_BASE, dir.path()).replace(
-        "# bin_dir = \"/usr/local/bin\"",
-        &format!(
-            "bin_dir = {:?}",
-            mpp_ha_tests::bin_dir().display().to_string()
-        ),
-    );
+    let text = mpp_ha_tests::with_bin_dir(&local_config_text(PORT_BASE, dir.path()));
     let path = write_config(&dir, &text);
     let cfg = ClusterConfig::load(&path)?;
     let user = os_user(&cfg)?;

@@ -132,7 +132,12 @@ fn pg_checksums(pg: &PgInstance) -> Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_channel_resumes_refuses_corruption_and_rebuilds_incrementally() -> Result<()> {
     let dir = TestDir::new("build-channel");
-    let path = write_config(&dir, &local_config_text(PORT_BASE, dir.path()));
+    // The test binary plays the agent: the standby's restore_command copy of
+    // dn_replicator is installed from target/debug.
+    let path = write_config(
+        &dir,
+        &mpp_ha_tests::with_bin_dir(&local_config_text(PORT_BASE, dir.path())),
+    );
     let cfg = ClusterConfig::load(&path)?;
     let user = OsUser::resolve(&cfg.cluster.os_user)?;
     let group = cfg
