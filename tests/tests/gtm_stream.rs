@@ -139,12 +139,14 @@ async fn stream_callers_survive_a_hung_primary_without_errors() -> Result<()> {
         max_before < new_start,
         "the old primary handed out {max_before}, at or above the promoted boundary {new_start}"
     );
-    // Callers waiting on the hung primary were answered only after the client's RPC
-    // timeout (1.5 s; this client is not the one that ordered the promotion), by
-    // re-sending their messages to the new primary.
+    // Callers waiting on the hung primary were answered only after the promotion, by
+    // re-sending their messages to the new primary (after the client's RPC timeout, or
+    // sooner when the client learns of the new term first: on a quiet machine that
+    // takes well under a second, so "waited through" is "answered after the promotion",
+    // not "waited 1 s").
     let caught: Vec<&Alloc> = allocs
         .iter()
-        .filter(|a| a.started < hung && a.ended > hung + Duration::from_secs(1))
+        .filter(|a| a.started < hung && a.ended > promoted)
         .collect();
     ensure!(!caught.is_empty(), "no caller waited through the hang");
     let after: Vec<&Alloc> = allocs.iter().filter(|a| a.started > promoted).collect();
