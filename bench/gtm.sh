@@ -65,4 +65,5 @@ echo "GTM pair: block_size $BLOCK_SIZE, standby attached, ${DURATION}s of GXIDs 
 # Failover: SIGKILL the primary, promote the standby, time the first GXID from it.
 kill -9 "$PID_gtm1"
 wait "$PID_gtm1" 2>/dev/null || true
-"$GTM" promote --config "$CONFIG" --node gtm2 --run-alone --time-first-gxid
+# --force: this bare pair has no CMServer to fence the old primary (it is already dead here).
+"$GTM" promote --config "$CONFIG" --node gtm2 --run-alone --force --time-first-gxid
