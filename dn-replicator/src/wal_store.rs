@@ -379,11 +379,12 @@ impl WalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("open", &path)(e)),
         };
+        // A partial last segment is served as far as written, never padded: the
+        // restoring standby overlays it on its own copy of that segment, which may
+        // hold more of it (`cli::restored_segment`).
         let mut buf = Vec::new();
         f.read_to_end(&mut buf).map_err(io_err("read", &path))?;
-        if is_segment {
-            buf.resize(self.meta.seg_size as usize, 0);
-        }
+        buf.truncate(self.meta.seg_size as usize);
         Ok(Some(buf))
     }
 }
@@ -435,11 +436,10 @@ mod tests {
         assert_eq!(first.len(), SEG as usize);
         assert_eq!(&first[..300], &[7u8; 300]);
         assert_eq!(first[300], 9);
-        // The partial last segment is served padded.
+        // The partial last segment is served as far as written (not padded).
         let last = s.read_file(&segment_name(1, 2, SEG)).unwrap().unwrap();
-        assert_eq!(last.len(), SEG as usize);
+        assert_eq!(last.len(), 300);
         assert_eq!(last[299], 9);
-        assert_eq!(last[300], 0);
         assert!(s.read_file(&segment_name(1, 3, SEG)).unwrap().is_none());
         assert!(s.read_file("../../etc/passwd").unwrap().is_none());
     }
@@ -472,7 +472,7 @@ mod tests {
         s.switch_timeline(2, SEG + 200).unwrap();
         let old = s.read_file(&segment_name(1, 1, SEG)).unwrap().unwrap();
         assert_eq!(old[199], 1);
-        assert_eq!(old[200], 0, "truncated past the fork point");
+        assert_eq!(old.len(), 200, "truncated past the fork point");
         assert_eq!(
             s.end(),
             SEG,
