@@ -2,7 +2,8 @@
 //!
 //! In one run, on one machine: a whole local cluster (`cm_ctl local up`, two DN groups,
 //! two CNs) and one plain PostgreSQL 15 (initdb'd here, same binaries, no replication).
-//!   * pgbench `-S` (select-only) and the default TPC-B-like script, the same clients
+//!   * pgbench `-S` (select-only; `-M simple`, `extended` and `prepared`) and the
+//!     default TPC-B-like script, the same clients
 //!     and duration, through cn1 and against the plain PostgreSQL: TPS and the ratio
 //!     CN / plain (goal for `-S`: ≥ 0.8; the anchor is PgDog at ≈ 0.93× PgBouncer).
 //!     The plain server has no synchronous standby: TPC-B there commits one copy,
@@ -80,6 +81,8 @@ async fn main() -> Result<()> {
     );
     for (label, extra) in [
         ("-S (select only)", vec!["-S"]),
+        ("-S -M extended", vec!["-S", "-M", "extended"]),
+        ("-S -M prepared", vec!["-S", "-M", "prepared"]),
         ("TPC-B (default)", vec![]),
     ] {
         let p = run(plain.port, &extra)?;

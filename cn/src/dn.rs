@@ -56,6 +56,32 @@ impl DnError {
     }
 }
 
+/// SQLSTATE of "no connection to the DN could be made": nothing was sent, so the
+/// transaction asking for it surely did not commit there.
+pub const UNREACHABLE: &str = "08001";
+
+impl DnError {
+    /// The error of a transaction that surely did not commit: a connection to a DN could
+    /// not be had (nothing was sent), or, `before_commit`, one was lost before the
+    /// transaction's commit point. Reported as 40001 (serialization_failure) so that
+    /// clients retry it, as pgbench `--max-tries` does; every other error is unchanged
+    /// (a connection lost at a commit point keeps 08006: outcome unknown).
+    pub fn not_committed(self, before_commit: bool) -> DnError {
+        let cut = self.code == UNREACHABLE || before_commit && self.code == "08006";
+        if !cut {
+            return self;
+        }
+        DnError {
+            code: "40001".into(),
+            message: format!(
+                "the transaction was cut by a DN failover before its commit and did not commit; retry it ({})",
+                self.message
+            ),
+            detail: self.detail,
+        }
+    }
+}
+
 impl std::fmt::Display for DnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.message, self.code)
@@ -150,7 +176,7 @@ impl Pool {
     pub async fn get(&self, group: usize, target: &Target) -> Result<DnConn, DnError> {
         if !target.available {
             return Err(DnError::new(
-                "08006",
+                UNREACHABLE,
                 format!(
                     "DN group {} has no writable primary right now (failover in progress); retry",
                     target.group
@@ -177,10 +203,18 @@ impl Pool {
         let connected = tokio::time::timeout(self.connect_timeout, cfg.connect(NoTls)).await;
         let (client, conn) = match connected {
             Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(DnError::from_pg(&target.group, &e)),
+            Ok(Err(e)) => {
+                return Err(DnError::new(
+                    UNREACHABLE,
+                    format!(
+                        "cannot connect to DN group {} at {}:{}: {e}",
+                        target.group, target.host, target.port
+                    ),
+                ))
+            }
             Err(_) => {
                 return Err(DnError::new(
-                    "08006",
+                    UNREACHABLE,
                     format!(
                         "connecting to DN group {} at {}:{} timed out",
                         target.group, target.host, target.port

@@ -309,7 +309,7 @@ impl Session {
             }
             Err(e) => {
                 let _ = self.finish_txn(st, false).await;
-                Err(e)
+                Err(cut_before_commit(e, true).await)
             }
         }
     }
@@ -399,8 +399,29 @@ impl Session {
         let _ = self.finish_txn(st, false).await;
     }
 
-    /// Runs one planned statement.
+    /// Runs one planned statement. A DN connection lost (or not to be had) before the
+    /// transaction's commit point becomes SQLSTATE 40001: the transaction surely did not
+    /// commit, so a client may retry it (pgbench `--max-tries` does); a connection lost
+    /// at a commit point keeps 08006 (outcome unknown, never 40001).
     async fn execute(&self, st: &mut State, plan: Plan) -> Result<Outcome, DnError> {
+        let before_commit = match &plan {
+            Plan::Read { .. }
+            | Plan::AnyGroup { .. }
+            | Plan::Set { .. }
+            | Plan::Savepoint { .. }
+            | Plan::CopyIn { .. } => true,
+            // Inside a transaction a write is no commit point; in autocommit on one
+            // group it is (run_work tells the several-group case itself).
+            Plan::Write { .. } | Plan::InsertSplit { .. } => st.txn.is_some(),
+            _ => false,
+        };
+        match self.execute_plan(st, plan).await {
+            Ok(o) => Ok(o),
+            Err(e) => Err(cut_before_commit(e, before_commit).await),
+        }
+    }
+
+    async fn execute_plan(&self, st: &mut State, plan: Plan) -> Result<Outcome, DnError> {
         if let Some(t) = &st.txn {
             let rescue = matches!(
                 plan,
@@ -418,8 +439,11 @@ impl Session {
         }
         match plan {
             Plan::Begin => {
-                if st.txn.is_none() {
-                    st.txn = Some(Txn::new(true));
+                // BEGIN inside a query string's implicit transaction makes it a block
+                // (PostgreSQL does the same: the statements before it belong to it).
+                match st.txn.as_mut() {
+                    Some(t) => t.explicit = true,
+                    None => st.txn = Some(Txn::new(true)),
                 }
                 Ok(Outcome::Begin)
             }
@@ -663,6 +687,11 @@ impl Session {
     /// ParameterStatus messages owed to the client.
     async fn run_query(&self, sql: &str) -> (Vec<Response>, Vec<(String, String)>) {
         let mut st = self.state.lock().await;
+        let statements = sql_text::split_statements(sql);
+        if statements.len() > 1 {
+            let out = self.run_statements(&mut st, &statements).await;
+            return (out, std::mem::take(&mut st.reports));
+        }
         let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
         let plans = {
             let catalog = self.node.catalog_read();
@@ -670,8 +699,7 @@ impl Session {
         };
         let mut out = Vec::new();
         for plan in plans {
-            let r = self.execute(&mut st, plan).await;
-            match r {
+            match self.execute(&mut st, plan).await {
                 Ok(o) => {
                     let stop = matches!(o, Outcome::CopyIn { .. });
                     out.push(to_response(o, None));
@@ -688,6 +716,69 @@ impl Session {
         }
         (out, std::mem::take(&mut st.reports))
     }
+
+    /// A query string of several statements, as PostgreSQL runs one: each statement is
+    /// planned just before it runs (an earlier one may create what a later one names);
+    /// all of them run in one implicit transaction unless the string has its own
+    /// BEGIN/COMMIT; the first error rolls the implicit transaction back and skips the
+    /// rest. DDL cannot join a DN transaction (it commits by its own two-phase commit),
+    /// so the implicit transaction so far commits before a DDL statement and a new one
+    /// starts after it.
+    async fn run_statements(&self, st: &mut State, statements: &[&str]) -> Vec<Response> {
+        let mut out = Vec::new();
+        for text in statements {
+            if st.txn.is_none() {
+                st.txn = Some(Txn::new(false));
+            }
+            let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
+            let plans = {
+                let catalog = self.node.catalog_read();
+                router::plan_query(text, &catalog, in_txn)
+            };
+            for plan in plans {
+                let implicit = st.txn.as_ref().is_some_and(|t| !t.explicit);
+                let r = if implicit && matches!(plan, Plan::Ddl { .. }) {
+                    match self.finish_txn(st, true).await {
+                        Ok(()) => self.execute(st, plan).await,
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    self.execute(st, plan).await
+                };
+                match r {
+                    Ok(o) => {
+                        let copy = matches!(o, Outcome::CopyIn { .. });
+                        out.push(to_response(o, None));
+                        if copy {
+                            // COPY ends the string (as in PostgreSQL, the client's data
+                            // follows); its implicit transaction ends with the COPY.
+                            return out;
+                        }
+                    }
+                    Err(e) => {
+                        self.fail_txn(st).await;
+                        out.push(error_response(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        if st.txn.as_ref().is_some_and(|t| !t.explicit) {
+            if let Err(e) = self.finish_txn(st, true).await {
+                out.push(error_response(e));
+            }
+        }
+        out
+    }
+}
+
+/// [`DnError::not_committed`], after a short pause when the DN was unreachable: a
+/// failover takes seconds, and a client retrying at once would only spin.
+async fn cut_before_commit(e: DnError, before_commit: bool) -> DnError {
+    if e.code == crate::dn::UNREACHABLE {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    e.not_committed(before_commit)
 }
 
 fn rows_outcome(columns: Option<Vec<String>>, rows: Vec<Row>, tag: &str) -> Outcome {

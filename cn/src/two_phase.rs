@@ -346,7 +346,10 @@ pub async fn commit_prepared_txn(node: &Node, conns: Vec<DnConn>) -> Result<(), 
                 node.pool.put(c).await;
             }
         }
-        return Err(e);
+        // No Commit decision is recorded, and only this CN would record it: the
+        // transaction surely did not commit anywhere (the resolver rolls back what stays
+        // prepared), so a DN lost in phase one is safe to retry.
+        return Err(e.not_committed(true));
     }
     if let Err(e) = node.gtm.record_decision(gxid, Decision::Commit).await {
         return Err(DnError::new(

@@ -139,6 +139,52 @@ impl Drop for TestDir {
     }
 }
 
+/// Runs pgbench (PostgreSQL 15's, from PATH) against `port` as user postgres: whether
+/// it exited 0, and its stdout and stderr together.
+pub fn pgbench_run(port: u16, args: &[&str]) -> Result<(bool, String)> {
+    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let out = Command::new("pgbench")
+        .args(args)
+        .arg(&conn)
+        .env("PGPASSWORD", "postgres")
+        .output()
+        .context("running pgbench")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// [`pgbench_run`] that must succeed: an error naming the arguments otherwise.
+pub fn pgbench(port: u16, args: &[&str]) -> Result<String> {
+    let (ok, text) = pgbench_run(port, args)?;
+    if !ok {
+        bail!("pgbench {args:?} failed:\n{text}");
+    }
+    Ok(text)
+}
+
+/// A count pgbench prints as `<label>: N` (e.g. "number of transactions actually
+/// processed", "number of failed transactions").
+pub fn pgbench_count(output: &str, label: &str) -> Option<u64> {
+    output.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix(label)?.strip_prefix(':')?;
+        rest.split_whitespace()
+            .next()?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// The transactions pgbench reports as processed (committed, acknowledged).
+pub fn pgbench_processed(output: &str) -> Option<u64> {
+    pgbench_count(output, "number of transactions actually processed")
+}
+
 /// The local.toml layout with every port moved into `[port_base, port_base + 1000)`
 /// and the given base dir. Distinct tests use distinct port bases.
 pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mpp_ha_tests::{connect, kill9, wait_for, LocalCluster};
+use mpp_ha_tests::{connect, kill9, pgbench, wait_for, LocalCluster};
 use tokio_postgres::SimpleQueryMessage;
 
 const PORT_BASE: u16 = 14000;
@@ -123,24 +123,6 @@ fn psql(port: u16, script: &str, dir: &Path) -> Result<String> {
     Ok(stdout)
 }
 
-fn pgbench(port: u16, args: &[&str]) -> Result<String> {
-    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-    let out = Command::new("pgbench")
-        .args(args)
-        .arg(&conn)
-        .env("PGPASSWORD", "postgres")
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        bail!("pgbench {args:?} failed:\n{text}");
-    }
-    Ok(text)
-}
-
 /// Values compared as PostgreSQL text, numbers compared as numbers (avg's scale is
 /// the CN's choice: 16 fractional digits).
 fn normalise(rows: Vec<Vec<Option<String>>>) -> Vec<Vec<String>> {
@@ -196,7 +178,38 @@ fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
 }
 
 async fn protocol_checks(port: u16, client: &tokio_postgres::Client) -> Result<()> {
-    // One statement per query string: the CN plans a string before running it.
+    // A query string of several statements (drivers' batch_execute): each is planned
+    // when the ones before it have run, so a table created first can be written next.
+    client
+        .batch_execute(
+            "create table ms (id int primary key, v int); \
+             insert into ms values (1, 1), (2, 2), (3, 3); select count(*) from ms",
+        )
+        .await?;
+    assert_eq!(scalar(client, "select sum(v) from ms").await?, "6");
+    // One implicit transaction around the string: the error rolls back the writes
+    // before it (on every group) and skips the statements after it.
+    let e = client
+        .batch_execute(
+            "insert into ms values (4, 4), (5, 5), (6, 6); insert into ms values (1, 9); \
+             insert into ms values (7, 7)",
+        )
+        .await
+        .err()
+        .context("a duplicate key in a query string was accepted")?;
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+    assert_eq!(
+        rows(client, "select count(*), sum(v) from ms").await?,
+        vec![vec![Some("3".to_owned()), Some("6".to_owned())]]
+    );
+    // Its own COMMIT ends the implicit transaction: what came before stays.
+    let e = client
+        .batch_execute("insert into ms values (4, 4), (5, 5); commit; insert into ms values (1, 9)")
+        .await
+        .err()
+        .context("a duplicate key after COMMIT was accepted")?;
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+    assert_eq!(scalar(client, "select sum(v) from ms").await?, "15");
     client
         .batch_execute("create table sp (id int primary key, v int)")
         .await?;
@@ -499,14 +512,16 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
         .context("1/0 succeeded")?;
     assert_eq!(e.code().map(|c| c.code()), Some("22012"));
 
-    // 6. pgbench -i and a short TPC-B run through the CN; the sums agree.
+    // 6. pgbench -i and a 30 s TPC-B run through the CN; the sums agree and every
+    //    transaction pgbench counts as processed left its history row (no more).
     pgbench(cn1_port, &["-i", "-s", "2"])?;
     assert_eq!(
         scalar(&client, "select count(*) from pgbench_accounts").await?,
         "200000"
     );
-    let run = pgbench(cn1_port, &["-c", "4", "-T", "8", "-M", "prepared"])?;
+    let run = pgbench(cn1_port, &["-c", "4", "-T", "30", "-M", "prepared"])?;
     assert!(run.contains("number of failed transactions: 0"), "{run}");
+    let processed = mpp_ha_tests::pgbench_processed(&run).context("no processed count")?;
     let a = scalar(&client, "select sum(abalance) from pgbench_accounts").await?;
     let b = scalar(&client, "select sum(bbalance) from pgbench_branches").await?;
     let t = scalar(&client, "select sum(tbalance) from pgbench_tellers").await?;
@@ -514,8 +529,14 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
         a == b && b == t,
         "sums disagree: accounts {a}, branches {b}, tellers {t}"
     );
-    let h = scalar(&client, "select count(*) from pgbench_history").await?;
-    assert!(h.parse::<u64>()? > 0, "no history rows after the run");
+    let h: u64 = scalar(&client, "select count(*) from pgbench_history")
+        .await?
+        .parse()?;
+    assert!(processed > 0, "pgbench processed nothing:\n{run}");
+    assert_eq!(
+        h, processed,
+        "history rows against processed transactions:\n{run}"
+    );
 
     // 7. A CN killed after the decision and before phase two: restarted by its agent,
     //    its resolver commits the DDL on every DN primary and on both CNs' catalogs.
