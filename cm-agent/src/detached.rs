@@ -29,6 +29,8 @@ pub struct Detached {
     pub base_dir: PathBuf,
     /// Set when this agent started it: reaped here so that it never lingers as a zombie.
     child: Option<Child>,
+    /// Appended to the `serve` command line (e.g. the GTM's `--require-lease`).
+    pub extra_args: Vec<String>,
 }
 
 impl Detached {
@@ -46,6 +48,7 @@ impl Detached {
             config_path: config_path.to_owned(),
             base_dir,
             child: None,
+            extra_args: Vec::new(),
         }
     }
 
@@ -95,6 +98,7 @@ impl Detached {
             .arg(&self.name)
             .arg("--base-dir")
             .arg(&self.base_dir)
+            .args(&self.extra_args)
             .current_dir(&self.base_dir)
             .stdin(Stdio::null())
             .stdout(log)

@@ -91,6 +91,10 @@ pub struct Memory {
     /// Primaries last seen being restarted by their agent, until seen healthy: one
     /// just started again may not answer its first probe yet.
     pub was_restarting: HashSet<String>,
+    /// When this CMServer's tenure as primary began (set by the engine): no GTM is
+    /// promoted within `gtm_failover_timeout` of it, which outlasts every GTM lease an
+    /// earlier primary granted (`gtm_lease.rs`).
+    pub tenure_started: Option<Instant>,
 }
 
 /// The CMServer's own successful probe of an instance whose agent is silent: when it
@@ -734,6 +738,24 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
         return;
     }
     if !state.should_run(&p.name) || lost < timeout {
+        return;
+    }
+    if let Some(left) = cx
+        .input
+        .memory
+        .tenure_started
+        .and_then(|t| (t + timeout).checked_duration_since(cx.input.now))
+    {
+        // Our view of the primary may predate a lease the previous primary CMServer
+        // granted it from a newer observation: wait until any such lease has run out.
+        cx.note(
+            GTM_PAIR,
+            format!(
+                "primary {} lost; a new primary CMServer waits {} ms more (the previous one's GTM lease) before promoting",
+                p.name,
+                left.as_millis()
+            ),
+        );
         return;
     }
     let why = cx.why_unhealthy(&p.name, &p.host);

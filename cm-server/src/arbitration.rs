@@ -39,6 +39,8 @@ struct EngineState {
     preempted: BTreeSet<String>,
     /// The CMServer's own latest successful probe of instances whose agent is silent.
     outside: std::collections::HashMap<String, arbiter::SeenFromOutside>,
+    /// GTM leases granted in this tenure: instance → when the latest one ends.
+    gtm_leases: std::collections::HashMap<String, Instant>,
 }
 
 /// Arbitration state shared by the Report handler, the tick and the operations.
@@ -110,10 +112,47 @@ impl Engine {
                 "new tenure: arbitration starts afresh"
             );
             st.tenure = tenure;
-            st.memory = Memory::default();
+            st.memory = Memory {
+                tenure_started: Some(Instant::now()),
+                ..Memory::default()
+            };
+            st.gtm_leases.clear();
             st.book = OrderBook::starting_at(first_order_id);
             st.notes.clear();
         }
+    }
+
+    /// The GTM lease for the GTM primary on `host` in a reply to its agent (see
+    /// `gtm_lease.rs`), recorded so that an operation never promotes another GTM
+    /// before it ends.
+    pub fn grant_gtm_lease(
+        &self,
+        cfg: &ClusterConfig,
+        state: &ClusterState,
+        host: &str,
+    ) -> Option<ha_common::proto::cm::GtmLeaseGrant> {
+        let now = Instant::now();
+        let mut st = lock(&self.inner);
+        let healthy = st.memory.healthy_at.clone();
+        let (grant, end) =
+            crate::gtm_lease::grant(cfg, state, host, |n| healthy.get(n).copied(), now)?;
+        let e = st.gtm_leases.entry(grant.instance.clone()).or_insert(end);
+        *e = (*e).max(end);
+        Some(grant)
+    }
+
+    /// When the last GTM lease granted to `instance` in this tenure ends; a new tenure
+    /// counts an earlier primary's as ending `gtm_failover_timeout` after it began.
+    pub fn gtm_lease_end(&self, cfg: &ClusterConfig, instance: &str) -> Option<Instant> {
+        let st = lock(&self.inner);
+        let earlier = st
+            .memory
+            .tenure_started
+            .map(|t| t + cfg.timing.gtm_failover_timeout());
+        [st.gtm_leases.get(instance).copied(), earlier]
+            .into_iter()
+            .flatten()
+            .max()
     }
 
     /// Stops sending order `id` (see [`OrderBook::withdraw`]).

@@ -415,9 +415,27 @@ async fn promote_gtm(
     t: &Target,
     what: &str,
     risk: &str,
+    fenced: bool,
 ) -> Result<OperationReply, Status> {
     let (p, s) = (&t.primary, &t.standby);
     let term = swap_roles(cx, t, p, s).await?;
+    // Not demoted first (unreachable): it may hold a lease this CMServer (or an
+    // earlier primary) granted; the new roles stop its renewals, so wait it out.
+    if !fenced {
+        if let Some(end) = cx.engine.gtm_lease_end(cx.cfg, p) {
+            let left = end.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                cx.engine.note(
+                    &t.group,
+                    format!(
+                        "{what}: waiting {} ms for {p}'s GTM lease to run out",
+                        left.as_millis()
+                    ),
+                );
+                tokio::time::sleep(left).await;
+            }
+        }
+    }
     match run_order(cx, s, OrderKind::Promote, 0, ORDER_TIMEOUT).await {
         Ok(o) => Ok(reply(
             term,
@@ -466,7 +484,7 @@ async fn gtm_switchover(
             "switchover aborted: {p} could not be demoted: {e}; {s} not promoted"
         )));
     }
-    let r = promote_gtm(cx, t, "switchover", "").await;
+    let r = promote_gtm(cx, t, "switchover", "", true).await;
     cx.engine.note(&t.group, String::new());
     r
 }
@@ -496,7 +514,8 @@ async fn gtm_failover(
         tracing::warn!(standby = %s, "forced GTM failover: {why}");
         risk = format!("; FORCED, at this risk: {why}");
     }
-    if responding_as(fresh(cx, p).as_ref(), MemberRole::Primary) {
+    let fenced = responding_as(fresh(cx, p).as_ref(), MemberRole::Primary);
+    if fenced {
         if let Err(e) = fence_gtm(cx, p).await {
             return Err(Status::aborted(format!(
                 "failover aborted: {p} still runs as primary and could not be demoted: {e}; {s} not promoted"
@@ -507,7 +526,7 @@ async fn gtm_failover(
             "; {p} is unreachable and ran alone: if it still runs, it may hand out GXIDs until it learns the new term"
         ));
     }
-    promote_gtm(cx, t, "failover", &risk).await
+    promote_gtm(cx, t, "failover", &risk, fenced).await
 }
 
 /// Rebuilds a DN standby from its primary over the data-unit build channel: the

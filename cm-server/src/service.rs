@@ -195,6 +195,10 @@ impl CmServer for CmService {
             reply.assignments = assignments::for_host(&sh.cfg, &state, &host);
             reply.orders = sh.engine.orders_for(&host);
             reply.next_report_ms = sh.engine.next_report_ms();
+            // Under the state lock: a tick promoting the GTM standby holds it from
+            // its decision until the new roles are installed, so no lease is granted
+            // to a GTM primary being replaced.
+            reply.gtm_lease = sh.engine.grant_gtm_lease(&sh.cfg, &state, &host);
         }
         Ok(Response::new(reply))
     }

@@ -37,6 +37,12 @@ pub enum Command {
         /// Overrides cluster.base_dir.
         #[arg(long)]
         base_dir: Option<PathBuf>,
+        /// Hand out GXIDs (and record decisions) only while this host's cm_agent
+        /// confirms the primary CMServer's lease (ConfirmLease): a primary cut off
+        /// from the CMServer stops before its standby can be promoted. The agent
+        /// always passes it; leave it off for a bare GTM pair run without agents.
+        #[arg(long)]
+        require_lease: bool,
     },
     /// Allocate GXIDs from the primary and print them, one per line.
     Next {
@@ -240,12 +246,14 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
             config,
             node,
             base_dir,
+            require_lease,
         } => {
             ha_common::logging::init("gtm");
             server::serve(ServeOptions {
                 config,
                 node,
                 base_dir,
+                require_lease,
             })
             .await?;
         }

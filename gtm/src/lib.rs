@@ -9,6 +9,7 @@ pub mod control_file;
 pub mod decisions;
 mod fast_lane;
 mod gxid_stream;
+pub mod lease;
 pub mod node;
 pub mod replication;
 pub mod reservation;

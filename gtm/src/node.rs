@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use tokio::sync::{watch, RwLock};
 use crate::control_file::{ControlData, ControlError, ControlFile, PersistedRole};
 use crate::decisions::{Decision, DecisionError, DecisionStore};
 use crate::fast_lane::FastLane;
+use crate::lease::{self, LeaseState};
 use crate::replication::PeerLink;
 use crate::reservation::{AllocError, Reservation, Step};
 
@@ -57,6 +59,10 @@ pub enum GtmError {
         waited_ms: u64,
         last: String,
     },
+    /// A primary whose lease lapsed (or never came): clients move on and retry, as
+    /// from a standby, until a primary with a lease answers.
+    #[error("not primary: {node} holds no primary lease ({why})")]
+    NoLease { node: String, why: String },
     #[error("{0}")]
     NotReady(String),
     #[error("{0}")]
@@ -106,6 +112,9 @@ pub struct NodeSettings {
     pub name: String,
     pub block_size: u64,
     pub sync_timeout: Duration,
+    /// Hand out GXIDs and record decisions only under an unexpired lease (see
+    /// [`crate::lease`]); the agent-run GTM always requires one.
+    pub require_lease: bool,
 }
 
 struct State {
@@ -148,6 +157,10 @@ pub struct Node {
     /// [`FastLane`]); open only while primary, closed around every change of `st`
     /// that concerns allocation.
     lane: FastLane,
+    /// The lease's state machine; its deadline mirrored in `lease_until` (monotonic
+    /// ns) for the lock-free hot path.
+    lease: Mutex<LeaseState>,
+    lease_until: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,6 +204,8 @@ impl Node {
             role_lock: RwLock::new(()),
             reserve_events: watch::channel(ReserveEvent::default()).0,
             lane: FastLane::default(),
+            lease: Mutex::new(LeaseState::default()),
+            lease_until: AtomicU64::new(0),
             settings,
         };
         node.reopen_lane(&lock(&node.st));
@@ -280,7 +295,70 @@ impl Node {
             run_alone: st.run_alone,
             decisions: self.decisions.len() as u64,
             last_error: st.last_error.clone(),
+            lease_required: self.settings.require_lease,
+            lease_ms_left: self
+                .lease_until
+                .load(SeqCst)
+                .saturating_sub(ha_common::clock::monotonic_ns())
+                / 1_000_000,
         }
+    }
+
+    // ---------------------------------------------------------------- lease
+
+    /// `Ok` while GXIDs may be handed out as far as the lease goes (always, without
+    /// `--require-lease`). One atomic load and one clock read on the hot path.
+    fn check_lease(&self) -> Result<(), GtmError> {
+        if !self.settings.require_lease {
+            return Ok(());
+        }
+        let now = ha_common::clock::monotonic_ns();
+        if now < self.lease_until.load(SeqCst) {
+            return Ok(());
+        }
+        let mut l = lock(&self.lease);
+        *l = l.transition(lease::Event::Tick { now }).unwrap_or(*l);
+        Err(GtmError::NoLease {
+            node: self.settings.name.clone(),
+            why: l.why_not(now),
+        })
+    }
+
+    /// ConfirmLease: the agent passes on the primary CMServer's promise (in any role:
+    /// a standby named primary holds it the moment it is promoted).
+    pub fn confirm_lease(
+        &self,
+        cm_term: u64,
+        valid_for_ms: u64,
+        sent_at_ns: u64,
+    ) -> Result<pb::GtmStatus, GtmError> {
+        let now = ha_common::clock::monotonic_ns();
+        let confirmed = lease::deadline(sent_at_ns, valid_for_ms, now).and_then(|until| {
+            let mut l = lock(&self.lease);
+            *l = l.transition(lease::Event::Confirm {
+                cm_term,
+                until,
+                now,
+            })?;
+            self.lease_until.store(l.until(), SeqCst);
+            Ok(())
+        });
+        confirmed.map_err(|e| match e {
+            lease::LeaseError::StaleTerm { .. } => GtmError::StaleTerm {
+                node: self.settings.name.clone(),
+                own: lock(&self.lease).cm_term,
+                got: cm_term,
+            },
+            other => GtmError::InvalidArgument(other.to_string()),
+        })?;
+        Ok(self.status())
+    }
+
+    /// The primary role is gone, and with it whatever was promised to it.
+    fn revoke_lease(&self) {
+        let mut l = lock(&self.lease);
+        *l = l.transition(lease::Event::Revoke).unwrap_or(*l);
+        self.lease_until.store(0, SeqCst);
     }
 
     // ---------------------------------------------------------------- primary side
@@ -293,6 +371,7 @@ impl Node {
                 "count {count} is above the limit of {MAX_GXIDS_PER_REQUEST} GXIDs per request"
             )));
         }
+        self.check_lease()?;
         if let Some(grant) = self.lane.try_grant(count) {
             return Ok(grant);
         }
@@ -314,12 +393,17 @@ impl Node {
                 (step?, term, epoch)
             };
             match step {
-                Step::Grant(r) => return Ok((r, term)),
+                Step::Grant(r) => {
+                    // Again: a reservation may have taken up to the sync timeout.
+                    self.check_lease()?;
+                    return Ok((r, term));
+                }
                 Step::GrantAndPrefetch(r, boundary) => {
                     let me = self.clone();
                     tokio::spawn(async move {
                         let _ = me.reserve(boundary, epoch).await;
                     });
+                    self.check_lease()?;
                     return Ok((r, term));
                 }
                 Step::Reserve(boundary) => self.reserve(boundary, epoch).await?,
@@ -522,6 +606,7 @@ impl Node {
             st.last_error = format!("stepped down: {reason}");
             st.term
         };
+        self.revoke_lease();
         if let Err(e) = self
             .persist(move |d| ControlData {
                 term: d.term.max(term),
@@ -547,6 +632,7 @@ impl Node {
             ));
         }
         let term = self.primary_term()?;
+        self.check_lease()?;
         self.decisions.claim(gxid, d)?;
         let _gate = self.gate.read().await;
         let records = [(gxid, d)];
@@ -976,6 +1062,7 @@ mod tests {
             name: "g".into(),
             block_size: 100,
             sync_timeout: Duration::from_millis(100),
+            require_lease: false,
         };
         Node::open(settings, dir, role, None).unwrap().0
     }

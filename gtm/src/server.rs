@@ -53,6 +53,7 @@ fn to_status(node: &str, e: GtmError) -> Status {
         GtmError::NotPrimary { .. }
         | GtmError::NotStandby { .. }
         | GtmError::StaleTerm { .. }
+        | GtmError::NoLease { .. }
         | GtmError::NotReady(_) => tonic::Code::FailedPrecondition,
         GtmError::StandbyUnavailable { .. } => tonic::Code::Unavailable,
         GtmError::Conflict(_) => tonic::Code::AlreadyExists,
@@ -241,6 +242,18 @@ impl Gtm for GtmService {
         Ok(Response::new(s))
     }
 
+    async fn confirm_lease(
+        &self,
+        req: Request<pb::ConfirmLeaseRequest>,
+    ) -> Result<Response<pb::GtmStatus>, Status> {
+        let r = req.into_inner();
+        let s = self
+            .node
+            .confirm_lease(r.cm_term, r.valid_for_ms, r.sent_at_ns)
+            .map_err(|e| self.err(e))?;
+        Ok(Response::new(s))
+    }
+
     async fn reserve_block(
         &self,
         req: Request<pb::ReserveBlockRequest>,
@@ -288,6 +301,8 @@ pub struct ServeOptions {
     pub config: PathBuf,
     pub node: String,
     pub base_dir: Option<PathBuf>,
+    /// Hand out GXIDs only under the lease the agent confirms (`--require-lease`).
+    pub require_lease: bool,
 }
 
 /// Runs one GTM instance until SIGINT/SIGTERM.
@@ -323,6 +338,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         name: me.name.clone(),
         block_size: cfg.gtm.block_size,
         sync_timeout: cfg.gtm.sync_timeout(),
+        require_lease: opts.require_lease,
     };
     let data_dir = cfg.instance_dir(&me.name);
     let (node, data) = Node::open(settings, &data_dir, config_role, peer.clone())?;

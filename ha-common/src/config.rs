@@ -186,6 +186,13 @@ impl TimingSection {
     pub fn cm_lease(&self) -> Duration {
         Duration::from_millis(self.cm_lease_ms)
     }
+    /// What the GTM primary's lease keeps back from `gtm_failover_timeout` (clock rate
+    /// error between hosts, the arbiter's tick): a tenth, at least 50 ms. The lease
+    /// ends at (last healthy observation + gtm_failover_timeout − this), strictly
+    /// before the earliest moment the CMServer may promote the standby.
+    pub fn gtm_lease_margin(&self) -> Duration {
+        (self.gtm_failover_timeout() / 10).max(Duration::from_millis(50))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -394,6 +401,24 @@ impl ClusterConfig {
                     ),
                 ));
             }
+        }
+        // The GTM lease runs (failover timeout − margin) from a healthy observation and
+        // is renewed about once a heartbeat from an observation up to a heartbeat old:
+        // shorter than 1.5 heartbeats, GXIDs would pause between renewals.
+        let lease = self
+            .timing
+            .gtm_failover_timeout()
+            .saturating_sub(self.timing.gtm_lease_margin());
+        if lease.as_millis() * 2 < 3 * u128::from(self.timing.heartbeat_interval_ms) {
+            return Err(self.invalid(
+                "timing.gtm_failover_timeout_ms",
+                format!(
+                    "{} ms leaves the GTM primary a lease of {} ms (the timeout less a tenth, at least 50 ms), less than 1.5 × timing.heartbeat_interval_ms ({} ms): GXIDs would pause between renewals",
+                    self.timing.gtm_failover_timeout_ms,
+                    lease.as_millis(),
+                    self.timing.heartbeat_interval_ms
+                ),
+            ));
         }
         if self.gtm.block_size == 0 {
             return Err(self.invalid("gtm.block_size", "must be > 0"));

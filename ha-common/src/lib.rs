@@ -1,6 +1,7 @@
 //! Shared parts of mpp-ha: the cluster config, terms, durable state files, logging,
 //! and the gRPC protocol every role speaks.
 
+pub mod clock;
 pub mod config;
 pub mod durable;
 pub mod logging;
