@@ -436,6 +436,9 @@ impl Pair {
             return;
         }
         let (term, bytes) = (state.term.0, state.to_bytes());
+        // Counted by bench/cm_scale (RUST_LOG=cm_server::pair=debug): the stream's
+        // size and rate.
+        tracing::debug!(bytes = bytes.len(), version = state.version, "state pushed");
         for peer in &self.peers {
             let req = SyncStateRequest {
                 term,
