@@ -299,6 +299,31 @@ pub struct ClusterConfig {
     /// Where the config was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
+    /// Instances and hosts by name, built on the first lookup (see [`NameIndex`]).
+    #[serde(skip)]
+    index: std::sync::OnceLock<NameIndex>,
+}
+
+/// Where an instance sits in the config.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    CmServer(usize),
+    Gtm(usize),
+    Cn(usize),
+    Dn(usize, usize),
+}
+
+/// Name lookups in O(1): the CMServer looks up every reported instance and host on
+/// every heartbeat, and a linear scan of a thousand hosts' instances per lookup made
+/// its cost grow with N² (bench `cm_scale`). Positions, checked on use: a config
+/// changed after its first lookup (tests edit them) falls back to the scan.
+#[derive(Debug, Clone, Default)]
+struct NameIndex {
+    instances: std::collections::HashMap<String, Slot>,
+    hosts: std::collections::HashMap<String, usize>,
+    by_host: std::collections::HashMap<String, Vec<Slot>>,
+    /// Instance and host counts when built (a changed config no longer matches).
+    counts: (usize, usize),
 }
 
 /// What kind of instance a name refers to.
@@ -639,7 +664,87 @@ impl ClusterConfig {
     }
 
     pub fn host(&self, name: &str) -> Option<&Host> {
+        if let Some(ix) = self.index() {
+            if let Some(h) = ix.hosts.get(name).and_then(|&i| self.hosts.get(i)) {
+                if h.name == name {
+                    return Some(h);
+                }
+            } else {
+                return None;
+            }
+        }
         self.hosts.iter().find(|h| h.name == name)
+    }
+
+    fn instance_count(&self) -> usize {
+        self.cm_servers.len()
+            + self.gtm.instances.len()
+            + self.cns.len()
+            + self
+                .dn_groups
+                .iter()
+                .map(|g| g.members.len())
+                .sum::<usize>()
+    }
+
+    /// The name index, if it still matches the config (see [`NameIndex`]).
+    fn index(&self) -> Option<&NameIndex> {
+        let ix = self.index.get_or_init(|| {
+            let mut ix = NameIndex {
+                counts: (self.instance_count(), self.hosts.len()),
+                ..NameIndex::default()
+            };
+            for (i, h) in self.hosts.iter().enumerate() {
+                ix.hosts.entry(h.name.clone()).or_insert(i);
+            }
+            let mut add = |slot: Slot, inst: &Instance| {
+                ix.instances.entry(inst.name.clone()).or_insert(slot);
+                ix.by_host.entry(inst.host.clone()).or_default().push(slot);
+            };
+            for (i, s) in self.cm_servers.iter().enumerate() {
+                add(Slot::CmServer(i), s);
+            }
+            for (i, s) in self.gtm.instances.iter().enumerate() {
+                add(Slot::Gtm(i), s);
+            }
+            for (i, s) in self.cns.iter().enumerate() {
+                add(Slot::Cn(i), s);
+            }
+            for (gi, g) in self.dn_groups.iter().enumerate() {
+                for (mi, m) in g.members.iter().enumerate() {
+                    add(Slot::Dn(gi, mi), m);
+                }
+            }
+            ix
+        });
+        (ix.counts == (self.instance_count(), self.hosts.len())).then_some(ix)
+    }
+
+    fn at(&self, slot: Slot) -> Option<InstanceRef<'_>> {
+        let plain = |kind, instance| InstanceRef {
+            kind,
+            instance,
+            group: None,
+        };
+        match slot {
+            Slot::CmServer(i) => self
+                .cm_servers
+                .get(i)
+                .map(|s| plain(InstanceKind::CmServer, s)),
+            Slot::Gtm(i) => self
+                .gtm
+                .instances
+                .get(i)
+                .map(|s| plain(InstanceKind::Gtm, s)),
+            Slot::Cn(i) => self.cns.get(i).map(|s| plain(InstanceKind::Coordinator, s)),
+            Slot::Dn(gi, mi) => self.dn_groups.get(gi).and_then(|g| {
+                g.members.get(mi).map(|instance| InstanceRef {
+                    kind: InstanceKind::DnMember,
+                    instance,
+                    group: Some(g),
+                })
+            }),
+        }
     }
 
     /// The address of the host an instance runs on (validated to exist).
@@ -656,6 +761,14 @@ impl ClusterConfig {
 
     /// Finds any instance (CMServer, GTM, CN, DN member) by name.
     pub fn find(&self, name: &str) -> Option<InstanceRef<'_>> {
+        if let Some(ix) = self.index() {
+            match ix.instances.get(name).and_then(|&slot| self.at(slot)) {
+                Some(r) if r.instance.name == name => return Some(r),
+                None if !ix.instances.contains_key(name) => return None,
+                // Moved since the index was built: scan.
+                _ => {}
+            }
+        }
         self.all_refs()
             .into_iter()
             .find(|r| r.instance.name == name)
@@ -663,6 +776,14 @@ impl ClusterConfig {
 
     /// Every instance placed on `host`, CMServers included.
     pub fn instances_on_host(&self, host: &str) -> Vec<InstanceRef<'_>> {
+        if let Some(ix) = self.index() {
+            let slots = ix.by_host.get(host).map_or(&[][..], |v| v.as_slice());
+            let refs: Vec<InstanceRef<'_>> =
+                slots.iter().filter_map(|&slot| self.at(slot)).collect();
+            if refs.len() == slots.len() && refs.iter().all(|r| r.instance.host == host) {
+                return refs;
+            }
+        }
         self.all_refs()
             .into_iter()
             .filter(|r| r.instance.host == host)

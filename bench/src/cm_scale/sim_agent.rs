@@ -225,14 +225,18 @@ impl SimAgent {
     /// report goes out after `offset` (agents of real hosts are not in step).
     pub async fn run(mut self, offset: Duration, stop: tokio::sync::watch::Receiver<bool>) {
         tokio::time::sleep(offset).await;
+        // Like the real agent: a fixed-rate ticker (a slow reply does not stretch the
+        // cycle), reset to report sooner after a grant or when the primary asks.
+        let mut ticker = tokio::time::interval(self.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            ticker.tick().await;
             if *stop.borrow() {
                 return;
             }
-            let next = self.cycle().await;
-            // A lease just granted: tell its holder at once, as the real agent does.
-            let wait = next.unwrap_or(self.heartbeat);
-            tokio::time::sleep(wait).await;
+            if let Some(soon) = self.cycle().await {
+                ticker.reset_after(soon);
+            }
         }
     }
 
