@@ -315,8 +315,11 @@ enum Slot {
 
 /// Name lookups in O(1): the CMServer looks up every reported instance and host on
 /// every heartbeat, and a linear scan of a thousand hosts' instances per lookup made
-/// its cost grow with N² (bench `cm_scale`). Positions, checked on use: a config
-/// changed after its first lookup (tests edit them) falls back to the scan.
+/// its cost grow with N² (bench `cm_scale`). Positions, checked on use: a lookup
+/// whose slot no longer holds that name, or a config whose instance or host count
+/// changed, falls back to the scan. Moving an instance to another host after the
+/// first lookup is not detected by `instances_on_host` of its new host: edit a
+/// config before using it (every caller does).
 #[derive(Debug, Clone, Default)]
 struct NameIndex {
     instances: std::collections::HashMap<String, Slot>,
@@ -764,8 +767,7 @@ impl ClusterConfig {
         if let Some(ix) = self.index() {
             match ix.instances.get(name).and_then(|&slot| self.at(slot)) {
                 Some(r) if r.instance.name == name => return Some(r),
-                None if !ix.instances.contains_key(name) => return None,
-                // Moved since the index was built: scan.
+                // Unknown, or renamed/moved since the index was built: scan (rare).
                 _ => {}
             }
         }
@@ -865,6 +867,39 @@ mod tests {
     use super::*;
 
     pub(crate) const LOCAL: &str = include_str!("../../configs/local.toml");
+
+    #[test]
+    fn name_lookups_agree_with_a_scan_and_survive_an_edited_config() {
+        let mut cfg = parse(LOCAL).unwrap();
+        for r in cfg.all_refs() {
+            let found = cfg.find(&r.instance.name).unwrap();
+            assert_eq!(found.instance.name, r.instance.name);
+            assert_eq!(found.kind, r.kind);
+            assert_eq!(found.group.map(|g| &g.name), r.group.map(|g| &g.name));
+        }
+        assert!(cfg.find("nope").is_none());
+        assert!(cfg.host("h9").is_none());
+        assert_eq!(cfg.host("h2").unwrap().name, "h2");
+        let on_h3: Vec<&str> = cfg
+            .instances_on_host("h3")
+            .iter()
+            .map(|r| r.instance.name.as_str())
+            .collect();
+        assert_eq!(on_h3, ["dn1_h3", "dn2_h3"]);
+        // Edited after the index was built: lookups still tell the truth.
+        cfg.dn_groups[0].members[2].name = "dn1_renamed".into();
+        cfg.dn_groups[0].members[2].host = "h1".into();
+        assert_eq!(cfg.find("dn1_renamed").unwrap().instance.host, "h1");
+        assert!(cfg.find("dn1_h3").is_none());
+        let on_h3: Vec<&str> = cfg
+            .instances_on_host("h3")
+            .iter()
+            .map(|r| r.instance.name.as_str())
+            .collect();
+        assert_eq!(on_h3, ["dn2_h3"]);
+        cfg.hosts.remove(2);
+        assert!(cfg.host("h3").is_none());
+    }
 
     fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
         ClusterConfig::parse(text, Path::new("test.toml"))
