@@ -6,9 +6,11 @@
 //! `ClusterState`, as the state file stores it) to the other CMServer on every state
 //! change (`push_state` before the change is installed, or `push`; awaited by whoever
 //! changed the state, so the standby has the change before anybody acts on it) and at
-//! least every heartbeat. Pushes hold the state lock, so they are serialised with each
-//! other and with changes: the standby never receives an older state after a newer
-//! one. The standby accepts a state only from a term >=
+//! least every heartbeat. Change pushes hold the state lock, so they are serialised
+//! with each other and with changes; the heartbeat push sends a copy without the lock
+//! (a thousand agents' reports need it meanwhile), and the standby ignores a copy older
+//! than what it has (same term, lower version), so it never goes back to an older
+//! state. The standby accepts a state only from a term >=
 //! its own, persists it (atomic write) and answers; a reply with a higher term tells a
 //! deposed primary to step down. Because the standby records the agents' reports too
 //! and holds the streamed state, a new primary arbitrates from the current roles the
@@ -93,7 +95,7 @@ impl Pair {
             heartbeat,
             first: cfg.cm_servers.first().is_some_and(|s| s.name == node),
         };
-        // Pushes hold the state lock (see `push`): keep them short.
+        // Change pushes hold the state lock (see `push_state`): keep them short.
         let rpc_timeout = (heartbeat / 4).max(Duration::from_millis(100));
         let peers = cfg
             .cm_servers
@@ -388,6 +390,15 @@ impl Pair {
             }
         }
         *lock(&self.last_sync_from) = Some((req.from.clone(), Instant::now()));
+        if incoming.term == guard.term && incoming.version < guard.version {
+            // A heartbeat copy overtaken by a change push (see `push`): already have newer.
+            return Ok(SyncStateReply {
+                term: req.term,
+                accepted: true,
+                reason: String::new(),
+                state: Vec::new(),
+            });
+        }
         if *guard != incoming {
             let f = file.clone();
             let to_write = incoming.clone();
@@ -408,10 +419,10 @@ impl Pair {
         })
     }
 
-    /// Sends the current state to every peer (if we are primary); returns when each
-    /// answered or timed out. The state lock is held meanwhile: pushes are serialised
-    /// with each other and with changes, so the standby never gets an older state
-    /// after a newer one. Must not be called with the state lock held.
+    /// Sends a copy of the current state to every peer (if we are primary); returns
+    /// when each answered or timed out. The state lock is NOT held meanwhile: a copy
+    /// may reach the standby after a newer change push, and the standby ignores it
+    /// (same term, lower version). Must not be called with the state lock held.
     pub async fn push(
         &self,
         state: &tokio::sync::Mutex<ClusterState>,
@@ -420,8 +431,12 @@ impl Pair {
         if !self.is_primary() {
             return;
         }
-        let guard = state.lock().await;
-        self.push_state(&guard, peers_seen).await;
+        // A copy, sent without the state lock: at a thousand hosts every report
+        // handler needs that lock, and a push waits for the standby (up to its RPC
+        // timeout). The standby ignores a copy older than what it has (same term,
+        // lower version), so a late heartbeat push never undoes a change push.
+        let copy = state.lock().await.clone();
+        self.push_state(&copy, peers_seen).await;
     }
 
     /// Sends `state` to every peer (if we are primary). For a caller that holds the
@@ -436,6 +451,9 @@ impl Pair {
             return;
         }
         let (term, bytes) = (state.term.0, state.to_bytes());
+        // Counted by bench/cm_scale (RUST_LOG=cm_server::pair=debug): the stream's
+        // size and rate.
+        tracing::debug!(bytes = bytes.len(), version = state.version, "state pushed");
         for peer in &self.peers {
             let req = SyncStateRequest {
                 term,

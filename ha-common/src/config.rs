@@ -306,6 +306,34 @@ pub struct ClusterConfig {
     /// Where the config was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
+    /// Instances and hosts by name, built on the first lookup (see [`NameIndex`]).
+    #[serde(skip)]
+    index: std::sync::OnceLock<NameIndex>,
+}
+
+/// Where an instance sits in the config.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    CmServer(usize),
+    Gtm(usize),
+    Cn(usize),
+    Dn(usize, usize),
+}
+
+/// Name lookups in O(1): the CMServer looks up every reported instance and host on
+/// every heartbeat, and a linear scan of a thousand hosts' instances per lookup made
+/// its cost grow with N² (bench `cm_scale`). Positions, checked on use: a lookup
+/// whose slot no longer holds that name, or a config whose instance or host count
+/// changed, falls back to the scan. Moving an instance to another host after the
+/// first lookup is not detected by `instances_on_host` of its new host: edit a
+/// config before using it (every caller does).
+#[derive(Debug, Clone, Default)]
+struct NameIndex {
+    instances: std::collections::HashMap<String, Slot>,
+    hosts: std::collections::HashMap<String, usize>,
+    by_host: std::collections::HashMap<String, Vec<Slot>>,
+    /// Instance and host counts when built (a changed config no longer matches).
+    counts: (usize, usize),
 }
 
 /// What kind of instance a name refers to.
@@ -664,7 +692,87 @@ impl ClusterConfig {
     }
 
     pub fn host(&self, name: &str) -> Option<&Host> {
+        if let Some(ix) = self.index() {
+            if let Some(h) = ix.hosts.get(name).and_then(|&i| self.hosts.get(i)) {
+                if h.name == name {
+                    return Some(h);
+                }
+            } else {
+                return None;
+            }
+        }
         self.hosts.iter().find(|h| h.name == name)
+    }
+
+    fn instance_count(&self) -> usize {
+        self.cm_servers.len()
+            + self.gtm.instances.len()
+            + self.cns.len()
+            + self
+                .dn_groups
+                .iter()
+                .map(|g| g.members.len())
+                .sum::<usize>()
+    }
+
+    /// The name index, if it still matches the config (see [`NameIndex`]).
+    fn index(&self) -> Option<&NameIndex> {
+        let ix = self.index.get_or_init(|| {
+            let mut ix = NameIndex {
+                counts: (self.instance_count(), self.hosts.len()),
+                ..NameIndex::default()
+            };
+            for (i, h) in self.hosts.iter().enumerate() {
+                ix.hosts.entry(h.name.clone()).or_insert(i);
+            }
+            let mut add = |slot: Slot, inst: &Instance| {
+                ix.instances.entry(inst.name.clone()).or_insert(slot);
+                ix.by_host.entry(inst.host.clone()).or_default().push(slot);
+            };
+            for (i, s) in self.cm_servers.iter().enumerate() {
+                add(Slot::CmServer(i), s);
+            }
+            for (i, s) in self.gtm.instances.iter().enumerate() {
+                add(Slot::Gtm(i), s);
+            }
+            for (i, s) in self.cns.iter().enumerate() {
+                add(Slot::Cn(i), s);
+            }
+            for (gi, g) in self.dn_groups.iter().enumerate() {
+                for (mi, m) in g.members.iter().enumerate() {
+                    add(Slot::Dn(gi, mi), m);
+                }
+            }
+            ix
+        });
+        (ix.counts == (self.instance_count(), self.hosts.len())).then_some(ix)
+    }
+
+    fn at(&self, slot: Slot) -> Option<InstanceRef<'_>> {
+        let plain = |kind, instance| InstanceRef {
+            kind,
+            instance,
+            group: None,
+        };
+        match slot {
+            Slot::CmServer(i) => self
+                .cm_servers
+                .get(i)
+                .map(|s| plain(InstanceKind::CmServer, s)),
+            Slot::Gtm(i) => self
+                .gtm
+                .instances
+                .get(i)
+                .map(|s| plain(InstanceKind::Gtm, s)),
+            Slot::Cn(i) => self.cns.get(i).map(|s| plain(InstanceKind::Coordinator, s)),
+            Slot::Dn(gi, mi) => self.dn_groups.get(gi).and_then(|g| {
+                g.members.get(mi).map(|instance| InstanceRef {
+                    kind: InstanceKind::DnMember,
+                    instance,
+                    group: Some(g),
+                })
+            }),
+        }
     }
 
     /// The address of the host an instance runs on (validated to exist).
@@ -681,6 +789,13 @@ impl ClusterConfig {
 
     /// Finds any instance (CMServer, GTM, CN, DN member) by name.
     pub fn find(&self, name: &str) -> Option<InstanceRef<'_>> {
+        if let Some(ix) = self.index() {
+            match ix.instances.get(name).and_then(|&slot| self.at(slot)) {
+                Some(r) if r.instance.name == name => return Some(r),
+                // Unknown, or renamed/moved since the index was built: scan (rare).
+                _ => {}
+            }
+        }
         self.all_refs()
             .into_iter()
             .find(|r| r.instance.name == name)
@@ -688,6 +803,14 @@ impl ClusterConfig {
 
     /// Every instance placed on `host`, CMServers included.
     pub fn instances_on_host(&self, host: &str) -> Vec<InstanceRef<'_>> {
+        if let Some(ix) = self.index() {
+            let slots = ix.by_host.get(host).map_or(&[][..], |v| v.as_slice());
+            let refs: Vec<InstanceRef<'_>> =
+                slots.iter().filter_map(|&slot| self.at(slot)).collect();
+            if refs.len() == slots.len() && refs.iter().all(|r| r.instance.host == host) {
+                return refs;
+            }
+        }
         self.all_refs()
             .into_iter()
             .filter(|r| r.instance.host == host)
@@ -769,6 +892,39 @@ mod tests {
     use super::*;
 
     pub(crate) const LOCAL: &str = include_str!("../../configs/local.toml");
+
+    #[test]
+    fn name_lookups_agree_with_a_scan_and_survive_an_edited_config() {
+        let mut cfg = parse(LOCAL).unwrap();
+        for r in cfg.all_refs() {
+            let found = cfg.find(&r.instance.name).unwrap();
+            assert_eq!(found.instance.name, r.instance.name);
+            assert_eq!(found.kind, r.kind);
+            assert_eq!(found.group.map(|g| &g.name), r.group.map(|g| &g.name));
+        }
+        assert!(cfg.find("nope").is_none());
+        assert!(cfg.host("h9").is_none());
+        assert_eq!(cfg.host("h2").unwrap().name, "h2");
+        let on_h3: Vec<&str> = cfg
+            .instances_on_host("h3")
+            .iter()
+            .map(|r| r.instance.name.as_str())
+            .collect();
+        assert_eq!(on_h3, ["dn1_h3", "dn2_h3"]);
+        // Edited after the index was built: lookups still tell the truth.
+        cfg.dn_groups[0].members[2].name = "dn1_renamed".into();
+        cfg.dn_groups[0].members[2].host = "h1".into();
+        assert_eq!(cfg.find("dn1_renamed").unwrap().instance.host, "h1");
+        assert!(cfg.find("dn1_h3").is_none());
+        let on_h3: Vec<&str> = cfg
+            .instances_on_host("h3")
+            .iter()
+            .map(|r| r.instance.name.as_str())
+            .collect();
+        assert_eq!(on_h3, ["dn2_h3"]);
+        cfg.hosts.remove(2);
+        assert!(cfg.host("h3").is_none());
+    }
 
     fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
         ClusterConfig::parse(text, Path::new("test.toml"))
