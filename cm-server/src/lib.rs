@@ -7,6 +7,7 @@ pub mod assignments;
 pub mod cn_sync;
 pub mod ddl_set;
 pub mod election;
+pub mod metrics;
 pub mod operations;
 pub mod order_book;
 pub mod outside;

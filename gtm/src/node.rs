@@ -148,6 +148,17 @@ pub struct Node {
     /// [`FastLane`]); open only while primary, closed around every change of `st`
     /// that concerns allocation.
     lane: FastLane,
+    /// Prometheus counters (atomics: one relaxed add per grant).
+    pub counters: GtmCounters,
+}
+
+/// What the GTM counts for /metrics.
+#[derive(Clone, Default)]
+pub struct GtmCounters {
+    /// GXIDs handed out by this node as primary.
+    pub handed_out: ha_common::metrics::prometheus_client::metrics::counter::Counter,
+    /// Blocks reserved durably (standby first, then here).
+    pub reservations: ha_common::metrics::prometheus_client::metrics::counter::Counter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,6 +202,7 @@ impl Node {
             role_lock: RwLock::new(()),
             reserve_events: watch::channel(ReserveEvent::default()).0,
             lane: FastLane::default(),
+            counters: GtmCounters::default(),
             settings,
         };
         node.reopen_lane(&lock(&node.st));
@@ -288,6 +300,14 @@ impl Node {
     /// Hands out `count` contiguous GXIDs, reserving blocks as needed. Callers that
     /// arrive during a reservation wait for it (bounded by the sync timeout).
     pub async fn next_gxid(self: &Arc<Self>, count: u64) -> Result<(Range<u64>, u64), GtmError> {
+        let out = self.grant(count).await;
+        if let Ok((r, _)) = &out {
+            self.counters.handed_out.inc_by(r.end - r.start);
+        }
+        out
+    }
+
+    async fn grant(self: &Arc<Self>, count: u64) -> Result<(Range<u64>, u64), GtmError> {
         if count > MAX_GXIDS_PER_REQUEST {
             return Err(GtmError::InvalidArgument(format!(
                 "count {count} is above the limit of {MAX_GXIDS_PER_REQUEST} GXIDs per request"
@@ -418,6 +438,7 @@ impl Node {
             ..d
         })
         .await?;
+        self.counters.reservations.inc();
         Ok(())
     }
 
