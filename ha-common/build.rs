@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("mpp_ha.cm.InstanceStatus", "#[derive(serde::Serialize)]")
         .type_attribute("mpp_ha.cm.DnGroupStatus", "#[derive(serde::Serialize)]")
         .type_attribute("mpp_ha.cm.ClusterStatus", "#[derive(serde::Serialize)]")
+        .type_attribute("mpp_ha.cm.AgentStatus", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -66,6 +66,32 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     .await
 }
 
+/// The host's /metrics (if `metrics_port` is set for it).
+async fn serve_metrics(
+    cfg: &ClusterConfig,
+    node: &str,
+    handles: &[InstanceHandle],
+) -> (
+    crate::metrics::AgentMetrics,
+    Option<tokio::task::JoinHandle<()>>,
+) {
+    let mut reg = ha_common::metrics::registry();
+    let metrics = crate::metrics::AgentMetrics::register(&mut reg);
+    let endpoint = cfg
+        .host(node)
+        .and_then(|h| h.metrics_port().map(|p| format!("{}:{p}", h.address)));
+    let (m, observed) = (metrics.clone(), crate::metrics::observed(handles));
+    let hook: ha_common::metrics::ScrapeHook = Arc::new(move || {
+        m.refresh(&observed);
+        Box::pin(async {})
+    });
+    let server = ha_common::metrics::HttpServer::new(reg)
+        .before_scrape(hook)
+        .spawn_at(&format!("cm_agent {node}"), endpoint)
+        .await;
+    (metrics, server)
+}
+
 /// Runs the agent until `shutdown` completes.
 pub async fn run_until(
     cfg: Arc<ClusterConfig>,
@@ -114,6 +140,11 @@ pub async fn run_until(
     // Below the heartbeat, so that an unreachable CMServer does not stretch the cycle.
     let rpc_timeout = interval.mul_f64(0.8).max(Duration::from_millis(100));
     let mut reporter = Reporter::new(&cfg, node, rpc_timeout)?;
+    let (metrics, metrics_server) = serve_metrics(&cfg, node, &handles).await;
+    // systemd: READY=1 after the first cycle; WATCHDOG=1 only while cycles complete.
+    let notifier = ha_common::notify::Notifier::from_env();
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watchdog = ha_common::notify::spawn_watchdog(notifier.clone(), progress.clone());
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut notified = false;
@@ -125,13 +156,16 @@ pub async fn run_until(
             // switchover waits for it.
             Some(outcome) = outcome_rx.recv() => {
                 reporter.state.finished(outcome);
-                reporter.cycle(&handles, &mut outcome_rx).await;
+                let taken = reporter.cycle(&handles, &mut outcome_rx).await;
+                metrics.reported(taken);
                 if let Some(soon) = reporter.next_report.take() {
                     ticker.reset_after(soon);
                 }
             }
             _ = ticker.tick() => {
                 let taken = reporter.cycle(&handles, &mut outcome_rx).await;
+                metrics.reported(taken);
+                progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // A lease just granted: tell its new holder at once (bounded: a new
                 // grant needs the old lease expired, so this happens once in a row).
                 for _ in 0..2 {
@@ -146,16 +180,18 @@ pub async fn run_until(
                 if !notified {
                     notified = true;
                     // A no-op when not run by systemd (NOTIFY_SOCKET unset).
-                    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-                        tracing::warn!("sd_notify: {e}");
-                    }
+                    notifier.ready();
                     tracing::info!(reported = taken, "first report cycle done");
                 }
             }
         }
     }
     tracing::info!("cm_agent stopping; its instances keep running (use cm_ctl stop to stop them)");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    notifier.stopping();
+    // The port is free again for an agent started later in this process (tests).
+    for t in watchdog.into_iter().chain(metrics_server) {
+        t.abort();
+    }
     for t in tasks {
         t.abort();
     }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod gtm_instance;
 pub mod lease;
 pub mod lifecycle;
+pub mod metrics;
 pub mod orders;
 pub mod os_tools;
 pub mod os_user;

@@ -19,10 +19,16 @@ struct Args {
     /// Overrides cluster.base_dir.
     #[arg(long)]
     base_dir: Option<PathBuf>,
+    /// Log lines as `text` (default) or `json` (one object per line); the default
+    /// comes from MPP_HA_LOG_FORMAT, which instances started by an agent inherit.
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<ha_common::logging::LogFormat>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before any thread starts: the instances this agent starts inherit it.
+    ha_common::logging::set_format(args.log_format);
     ha_common::logging::init("cm_agent");
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

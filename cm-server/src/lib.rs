@@ -8,6 +8,7 @@ pub mod cn_sync;
 pub mod ddl_set;
 pub mod election;
 pub mod gtm_lease;
+pub mod metrics;
 pub mod operations;
 pub mod order_book;
 pub mod outside;

@@ -18,12 +18,16 @@ struct Args {
     /// Overrides the config's cluster.base_dir.
     #[arg(long)]
     base_dir: Option<PathBuf>,
+    /// Log lines as `text` (default) or `json` (one object per line); the default
+    /// comes from MPP_HA_LOG_FORMAT, which instances started by an agent inherit.
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<ha_common::logging::LogFormat>,
 }
 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    ha_common::logging::init("cm_server");
+    ha_common::logging::init_with("cm_server", args.log_format);
     if let Err(e) = run(args).await {
         eprintln!("cm_server: error: {}", one_line(&e));
         std::process::exit(1);

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ha_common::config::InstanceKind;
+use ha_common::metrics::HttpReply;
 use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::cm_server_server::{CmServer, CmServerServer};
 use ha_common::proto::cm::{
@@ -73,11 +74,54 @@ struct Shared {
     engine: crate::arbitration::Engine,
     /// What the CNs said in CnSync, and the DDL set's notes (`cn_sync.rs`).
     cns: crate::cn_sync::CnBook,
+    metrics: crate::metrics::CmsMetrics,
+    /// Taken by `serve` for the HTTP server (/metrics, /primary, /cluster).
+    registry: Mutex<Option<ha_common::metrics::prometheus_client::registry::Registry>>,
+    /// Arbitration rounds so far: the systemd watchdog's sign of life.
+    progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
     fn is_primary(&self) -> bool {
         self.pair.is_primary()
+    }
+
+    /// The cluster status as this CMServer sees it now (meaningful on the primary).
+    async fn status_now(&self) -> ClusterStatus {
+        let state = self.state.lock().await.clone();
+        let reports = lock(&self.reports).clone();
+        let peers = lock(&self.peers_seen).clone();
+        let mut status = cluster_status(&StatusInput {
+            cfg: &self.cfg,
+            state: &state,
+            reports: &reports,
+            now: Instant::now(),
+            this_node: &self.node,
+            peers_seen: &peers,
+        });
+        self.engine.annotate(&mut status);
+        crate::ddl_set::annotate(
+            &mut status,
+            &state.ddl_set,
+            &self.cns.memory(),
+            &self.cns.notes(),
+        );
+        status
+    }
+
+    /// Brings the metrics up to date (before a scrape, and once per heartbeat so
+    /// that no failover goes uncounted between scrapes).
+    async fn refresh_metrics(&self) {
+        let m = &self.metrics;
+        let term = self.state.lock().await.term.0;
+        m.own.set_term(&self.node, term);
+        if self.is_primary() {
+            m.own.set_role(&self.node, "primary");
+            m.observe(&self.status_now().await);
+        } else {
+            m.own.set_role(&self.node, "standby");
+            m.clear_cluster_view();
+        }
     }
 
     fn require_primary(&self) -> Result<(), Status> {
@@ -99,6 +143,8 @@ impl CmService {
     /// A service for CMServer `node` with an already loaded state.
     pub fn new(cfg: ClusterConfig, node: &str, file: StateFile, state: ClusterState) -> CmService {
         let pair = Pair::new(&cfg, node, state.term);
+        let mut registry = ha_common::metrics::registry();
+        let metrics = crate::metrics::CmsMetrics::register(&mut registry);
         CmService {
             shared: Arc::new(Shared {
                 cfg,
@@ -110,6 +156,9 @@ impl CmService {
                 peers_seen: Mutex::new(HashMap::new()),
                 engine: crate::arbitration::Engine::new(),
                 cns: crate::cn_sync::CnBook::default(),
+                metrics,
+                registry: Mutex::new(Some(registry)),
+                progress: Arc::default(),
             }),
         }
     }
@@ -163,6 +212,7 @@ impl CmServer for CmService {
         let sh = &self.shared;
         let report = request.into_inner();
         let host = report.host.clone();
+        sh.metrics.heartbeat(&host);
         let (lease, agent_term) = (report.lease.clone(), report.term);
         let report_version = report.state_version;
         sh.engine.on_outcomes(&report.outcomes);
@@ -209,25 +259,7 @@ impl CmServer for CmService {
     ) -> Result<Response<ClusterStatus>, Status> {
         let sh = &self.shared;
         sh.require_primary()?;
-        let state = sh.state.lock().await.clone();
-        let reports = lock(&sh.reports).clone();
-        let peers = lock(&sh.peers_seen).clone();
-        let mut status = cluster_status(&StatusInput {
-            cfg: &sh.cfg,
-            state: &state,
-            reports: &reports,
-            now: Instant::now(),
-            this_node: &sh.node,
-            peers_seen: &peers,
-        });
-        sh.engine.annotate(&mut status);
-        crate::ddl_set::annotate(
-            &mut status,
-            &state.ddl_set,
-            &sh.cns.memory(),
-            &sh.cns.notes(),
-        );
-        Ok(Response::new(status))
+        Ok(Response::new(sh.status_now().await))
     }
 
     async fn set_desired_state(
@@ -307,7 +339,15 @@ impl CmServer for CmService {
         // be abandoned midway.
         let svc = self.clone();
         let req = request.into_inner();
-        let task = async move { crate::operations::switchover(&svc.arbitration(), req).await };
+        let task = async move {
+            let group = operation_group(&svc.shared.cfg, &req.instance);
+            let started = svc.shared.metrics.operation_started(&group);
+            let out = crate::operations::switchover(&svc.arbitration(), req).await;
+            svc.shared
+                .metrics
+                .operation_ended(&group, true, out.is_ok(), started);
+            out
+        };
         tokio::spawn(task)
             .await
             .map_err(|e| Status::internal(format!("switchover task failed: {e}")))?
@@ -324,7 +364,15 @@ impl CmServer for CmService {
         // be abandoned midway.
         let svc = self.clone();
         let req = request.into_inner();
-        let task = async move { crate::operations::failover(&svc.arbitration(), req).await };
+        let task = async move {
+            let group = operation_group(&svc.shared.cfg, &req.instance);
+            let started = svc.shared.metrics.operation_started(&group);
+            let out = crate::operations::failover(&svc.arbitration(), req).await;
+            svc.shared
+                .metrics
+                .operation_ended(&group, false, out.is_ok(), started);
+            out
+        };
         tokio::spawn(task)
             .await
             .map_err(|e| Status::internal(format!("failover task failed: {e}")))?
@@ -386,6 +434,81 @@ impl CmServer for CmService {
     }
 }
 
+/// The metrics' group name of an operation's instance: its DN group, or "gtm".
+fn operation_group(cfg: &ClusterConfig, instance: &str) -> String {
+    match cfg.find(instance) {
+        Some(r) => match r.group {
+            Some(g) => g.name.clone(),
+            None => "gtm".to_owned(),
+        },
+        None => instance.to_owned(),
+    }
+}
+
+/// Serves /metrics, `GET /primary` (200 only on the primary: a load balancer's or
+/// Prometheus' check) and `GET /cluster` (the `cm_ctl status --json` document; 503 on
+/// a standby, which has no current view).
+async fn serve_http(service: &CmService, me: &ha_common::config::Instance) {
+    let sh = &service.shared;
+    let Some(registry) = lock(&sh.registry).take() else {
+        return;
+    };
+    let endpoint = me
+        .metrics_port()
+        .map(|p| format!("{}:{p}", sh.cfg.address_of(me)));
+    let (s1, s2, s3) = (service.clone(), service.clone(), service.clone());
+    let server = ha_common::metrics::HttpServer::new(registry)
+        .before_scrape(Arc::new(move || {
+            let s = s1.clone();
+            Box::pin(async move { s.shared.refresh_metrics().await })
+        }))
+        .route(
+            "/primary",
+            ha_common::metrics::handler(move || {
+                let s = s2.clone();
+                async move {
+                    let node = &s.shared.node;
+                    if s.is_primary() {
+                        HttpReply::text(200, format!("{node} is the primary CMServer\n"))
+                    } else {
+                        HttpReply::text(503, format!("{node} is not the primary CMServer\n"))
+                    }
+                }
+            }),
+        )
+        .route(
+            "/cluster",
+            ha_common::metrics::handler(move || {
+                let s = s3.clone();
+                async move {
+                    if !s.is_primary() {
+                        return HttpReply::json(
+                            503,
+                            format!(
+                                "{{\"error\":\"{} is not the primary CMServer\"}}",
+                                s.shared.node
+                            ),
+                        );
+                    }
+                    match serde_json::to_string_pretty(&s.shared.status_now().await) {
+                        Ok(body) => HttpReply::json(200, body),
+                        Err(e) => HttpReply::text(500, format!("cannot serialise status: {e}\n")),
+                    }
+                }
+            }),
+        );
+    server.spawn_at(&sh.node, endpoint).await;
+    // Failovers are counted between scrapes too.
+    let s = service.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(s.shared.cfg.timing.heartbeat_interval());
+        loop {
+            tick.tick().await;
+            s.shared.refresh_metrics().await;
+        }
+    });
+}
+
 /// Runs CMServer `node` until SIGTERM or SIGINT.
 pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
     let me = cfg
@@ -427,18 +550,25 @@ pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
     tokio::spawn(arbitrate(service.clone()));
     tokio::spawn(look_from_outside(service.clone()));
     tokio::spawn(keep_ddl_set(service.clone()));
+    serve_http(&service, &me).await;
     let pair_service = service.clone();
     tokio::spawn(async move {
         let sh = &pair_service.shared;
         sh.pair.run(&sh.state, &sh.file, &sh.peers_seen).await;
     });
-    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    let notifier = ha_common::notify::Notifier::from_env();
+    notifier.ready();
+    let watchdog =
+        ha_common::notify::spawn_watchdog(notifier.clone(), service.shared.progress.clone());
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     ha_common::tls::server()
         .add_service(CmServerServer::new(service))
         .serve_with_incoming_shutdown(incoming, ha_common::shutdown::signal())
         .await?;
-    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    notifier.stopping();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     tracing::info!(node, "CMServer stopped");
     Ok(())
 }
@@ -454,13 +584,6 @@ async fn resolve(name: &str, endpoint: &str) -> Result<SocketAddr, ServerError> 
         .map_err(|e| err(e.to_string()))?
         .next()
         .ok_or_else(|| err("no address".into()))
-}
-
-fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
-    // Outside systemd (no NOTIFY_SOCKET) this does nothing.
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!("sd_notify failed: {e}");
-    }
 }
 
 /// The primary asks every other CMServer, once per heartbeat, whether it is alive. A
@@ -507,6 +630,11 @@ async fn arbitrate(service: CmService) {
         if service.is_primary() {
             crate::arbitration::tick(&service.arbitration()).await;
         }
+        // The watchdog pings only while this loop goes round.
+        service
+            .shared
+            .progress
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use ha_common::config::{ClusterConfig, DnGroup, Instance, InstanceKind, InstanceRef};
 use ha_common::lsn::format_lsn;
 use ha_common::proto::cm::{
-    ClusterStatus, DnGroupStatus, InstanceReport, InstanceStatus, MemberRole, ReplicaState,
+    AgentStatus, ClusterStatus, DnGroupStatus, InstanceReport, InstanceStatus, MemberRole,
+    ReplicaState,
 };
 
 use crate::assignments::current_primary;
@@ -74,13 +75,62 @@ pub fn cluster_status(input: &StatusInput<'_>) -> ClusterStatus {
         .iter()
         .map(|g| group_status(input, g))
         .collect();
-    ClusterStatus {
+    let mut status = ClusterStatus {
         term: input.state.term.0,
         cm_servers,
         gtm,
         cn,
         dn_groups,
+        agents: agent_rows(input),
+    };
+    add_metrics_urls(cfg, &mut status);
+    status
+}
+
+/// Every row of a daemon that serves metrics gets its URL (operators and Prometheus
+/// service discovery read it from `cm_ctl status --json` or `GET /cluster`).
+fn add_metrics_urls(cfg: &ClusterConfig, status: &mut ClusterStatus) {
+    let rows = status
+        .cm_servers
+        .iter_mut()
+        .chain(status.gtm.iter_mut())
+        .chain(status.cn.iter_mut())
+        .chain(
+            status
+                .dn_groups
+                .iter_mut()
+                .flat_map(|g| g.members.iter_mut()),
+        );
+    for row in rows {
+        if let Some(r) = cfg.find(&row.name) {
+            row.metrics_url = cfg.metrics_url(r.instance).unwrap_or_default();
+        }
     }
+}
+
+/// One row per host's cm_agent: reporting, silent or never heard from.
+fn agent_rows(input: &StatusInput<'_>) -> Vec<AgentStatus> {
+    input
+        .cfg
+        .hosts
+        .iter()
+        .map(|h| {
+            let (state, age) = match input.reports.host_seen(&h.name) {
+                Some(at) => {
+                    let age = input.now.saturating_duration_since(at);
+                    let state = if age <= input.timeout() { NORMAL } else { DOWN };
+                    (state, age.as_secs_f64())
+                }
+                None => (UNKNOWN, -1.0),
+            };
+            AgentStatus {
+                host: h.name.clone(),
+                state: state.into(),
+                metrics_url: input.cfg.agent_metrics_url(h).unwrap_or_default(),
+                report_age_s: age,
+            }
+        })
+        .collect()
 }
 
 fn base_row(inst: &Instance, role: &str) -> InstanceStatus {

@@ -18,6 +18,10 @@ Coordinator service on its rpc_port."
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as `text` (default) or `json` (one object per line); the default
+    /// comes from MPP_HA_LOG_FORMAT, which instances started by an agent inherit.
+    #[arg(long, global = true, value_name = "text|json")]
+    pub log_format: Option<ha_common::logging::LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,6 +4,8 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cn::cli::Cli::parse();
+    // Before any thread starts: the tracing setup reads it.
+    ha_common::logging::set_format(cli.log_format);
     match cn::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

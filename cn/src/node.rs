@@ -1,6 +1,7 @@
 //! The CN process's shared state: config, catalog, DN topology, pool, GTM client,
 //! users, and the facts the resolver and the gRPC service need.
 
+use ha_common::metrics::prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,6 +96,50 @@ pub struct Node {
     pub seen_prepared: Mutex<HashMap<String, Instant>>,
     /// Test-only fault point (`MPP_CN_FAULT`), read at start.
     fault: Option<String>,
+    /// Prometheus counters (atomics).
+    pub counters: CnCounters,
+}
+
+/// What a CN counts for /metrics.
+#[derive(Clone, Default)]
+pub struct CnCounters {
+    pub ddl: Counter,
+    pub two_phase_commits: Counter,
+    /// Prepared transactions on the DN primaries at the resolver's last pass.
+    pub in_doubt: Gauge,
+    pub in_doubt_oldest_seconds: Gauge,
+    /// Finished by the resolver.
+    pub resolved: Counter,
+}
+
+impl CnCounters {
+    pub fn register(&self, reg: &mut ha_common::metrics::prometheus_client::registry::Registry) {
+        reg.register(
+            "ddl",
+            "DDL statements committed through this CN (2PC on every group)",
+            self.ddl.clone(),
+        );
+        reg.register(
+            "two_phase_commits",
+            "Multi-group transactions this CN committed by 2PC",
+            self.two_phase_commits.clone(),
+        );
+        reg.register(
+            "in_doubt_transactions",
+            "Prepared (in-doubt) transactions on the DN primaries at the resolver's last pass",
+            self.in_doubt.clone(),
+        );
+        reg.register(
+            "in_doubt_oldest_seconds",
+            "Age of the oldest in-doubt transaction at the resolver's last pass",
+            self.in_doubt_oldest_seconds.clone(),
+        );
+        reg.register(
+            "in_doubt_resolved",
+            "In-doubt transactions this CN's resolver finished",
+            self.resolved.clone(),
+        );
+    }
 }
 
 impl Node {
@@ -138,6 +183,7 @@ impl Node {
             describe_cache: Mutex::new(HashMap::new()),
             seen_prepared: Mutex::new(HashMap::new()),
             fault: std::env::var("MPP_CN_FAULT").ok().filter(|s| !s.is_empty()),
+            counters: CnCounters::default(),
             cfg,
         }
     }

@@ -123,6 +123,7 @@ pub async fn serve(
         }
     });
 
+    serve_http(&node, me.metrics_port().map(|p| format!("{address}:{p}"))).await;
     tracing::info!(%pg_addr, %rpc_addr, "cn {name} serving");
     let shutdown = ha_common::shutdown::signal();
     tokio::pin!(shutdown);
@@ -142,6 +143,48 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// /metrics (accepting, DDL and 2PC counts, in-doubt transactions) and `GET /health`:
+/// 200 only while the CN accepts clients (a load balancer's check).
+async fn serve_http(node: &Arc<Node>, endpoint: Option<String>) {
+    use ha_common::metrics::{handler, HttpReply};
+    let mut reg = ha_common::metrics::registry();
+    let own = ha_common::metrics::InstanceMetrics::register(&mut reg);
+    node.counters.register(&mut reg);
+    let n = node.clone();
+    let hook: ha_common::metrics::ScrapeHook = Arc::new(move || {
+        let state = if n.is_accepting() {
+            "accepting"
+        } else {
+            "not_accepting"
+        };
+        own.set_state(&n.name, state);
+        own.set_role(&n.name, "primary");
+        own.set_term(
+            &n.name,
+            n.cm_term.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        Box::pin(async {})
+    });
+    let n = node.clone();
+    ha_common::metrics::HttpServer::new(reg)
+        .before_scrape(hook)
+        .route(
+            "/health",
+            handler(move || {
+                let n = n.clone();
+                async move {
+                    if n.is_accepting() {
+                        HttpReply::text(200, format!("{} accepts clients\n", n.name))
+                    } else {
+                        HttpReply::text(503, format!("{} does not accept clients now\n", n.name))
+                    }
+                }
+            }),
+        )
+        .spawn_at(&node.name, endpoint)
+        .await;
 }
 
 fn tokio_stream_from(

@@ -156,6 +156,14 @@ async fn prepare_ddl_on(
 
 /// A DDL statement by two-phase commit on every DN primary and every CN of the DDL set.
 pub async fn run_ddl(node: &Node, sql: &str, change: Change) -> Result<(), DnError> {
+    let out = run_ddl_2pc(node, sql, change).await;
+    if out.is_ok() {
+        node.counters.ddl.inc();
+    }
+    out
+}
+
+async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnError> {
     let _one_at_a_time = node.ddl_lock.lock().await;
     let fault = node.take_fault();
     let gxid = node.gtm.next_gxid(1).await.map_err(gtm_error)?.start;
@@ -302,6 +310,14 @@ pub async fn run_ddl(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
 /// Commits a transaction that wrote on several groups: PREPARE on each, the decision in
 /// the GTM, COMMIT PREPARED on each.
 pub async fn commit_prepared_txn(node: &Node, conns: Vec<DnConn>) -> Result<(), DnError> {
+    let out = commit_2pc(node, conns).await;
+    if out.is_ok() {
+        node.counters.two_phase_commits.inc();
+    }
+    out
+}
+
+async fn commit_2pc(node: &Node, conns: Vec<DnConn>) -> Result<(), DnError> {
     let gxid = match node.gtm.next_gxid(1).await {
         Ok(r) => r.start,
         Err(e) => {
@@ -387,6 +403,8 @@ async fn settle(node: &Node, gxid: u64) -> Option<Decision> {
 /// One pass of the in-doubt resolver over every DN primary and this CN's catalog.
 /// Returns how many prepared transactions it finished.
 pub async fn resolve_once(node: &Node) -> usize {
+    // In-doubt: prepared on a DN and not being committed by this process right now.
+    let (mut in_doubt, mut oldest) = (0i64, 0i64);
     let mut done = 0;
     let groups = crate::router::all_groups(&node.catalog_read());
     for g in groups {
@@ -425,6 +443,8 @@ pub async fn resolve_once(node: &Node) -> usize {
                 continue;
             }
             let age: u64 = age.and_then(|a| a.parse().ok()).unwrap_or(0);
+            in_doubt += 1;
+            oldest = oldest.max(age as i64);
             if cn != node.name && age < ORPHAN_AGE.as_secs() {
                 continue;
             }
@@ -445,6 +465,9 @@ pub async fn resolve_once(node: &Node) -> usize {
         }
         node.pool.put(c).await;
     }
+    node.counters.in_doubt.set(in_doubt);
+    node.counters.in_doubt_oldest_seconds.set(oldest);
+    node.counters.resolved.inc_by(done as u64);
     // This CN's own prepared catalog changes.
     let prepared: Vec<String> = node.catalog_read().prepared.keys().cloned().collect();
     for gid in prepared {

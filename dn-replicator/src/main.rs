@@ -14,6 +14,10 @@ use dn_replicator::build_cli;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as `text` (default) or `json` (one object per line); the default
+    /// comes from MPP_HA_LOG_FORMAT, which instances started by an agent inherit.
+    #[arg(long, global = true, value_name = "text|json")]
+    log_format: Option<ha_common::logging::LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +55,8 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts: the tracing setup reads it.
+    ha_common::logging::set_format(cli.log_format);
     let result = match cli.command {
         Command::Serve {
             config,

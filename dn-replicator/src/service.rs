@@ -1,5 +1,6 @@
 //! `dn_replicator serve`: the Replicator gRPC service on the member's configured port.
 
+use ha_common::metrics::prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -129,6 +130,59 @@ impl Replicator for Service {
     }
 }
 
+/// The secondary's metrics in `reg`: role/state/term, and the gauges flush LSN, WAL
+/// bytes kept, connected (set before each scrape).
+pub fn register_metrics(
+    reg: &mut ha_common::metrics::prometheus_client::registry::Registry,
+) -> (ha_common::metrics::InstanceMetrics, [Gauge; 3]) {
+    let own = ha_common::metrics::InstanceMetrics::register(reg);
+    let (flush, kept, connected) = (Gauge::default(), Gauge::default(), Gauge::default());
+    reg.register(
+        "secondary_flush_lsn",
+        "End of the WAL this secondary keeps durably",
+        flush.clone(),
+    );
+    reg.register(
+        "secondary_wal_bytes_kept",
+        "Bytes of WAL this secondary keeps",
+        kept.clone(),
+    );
+    reg.register(
+        "secondary_connected",
+        "1 while the secondary streams from its upstream",
+        connected.clone(),
+    );
+    (own, [flush, kept, connected])
+}
+
+/// /metrics: the secondary's state (idle/streaming/holding), term, WAL kept and its
+/// flush position, and whether the replication connection is up.
+async fn serve_metrics(node: &Arc<Node>, name: &str, endpoint: Option<String>) {
+    let mut reg = ha_common::metrics::registry();
+    let (own, [flush, kept, connected]) = register_metrics(&mut reg);
+    let (n, me) = (node.clone(), name.to_owned());
+    let hook: ha_common::metrics::ScrapeHook = Arc::new(move || {
+        let (n, name, own) = (n.clone(), me.clone(), own.clone());
+        let (flush, kept, connected) = (flush.clone(), kept.clone(), connected.clone());
+        Box::pin(async move {
+            let st = n.status().await;
+            own.set_role(&name, "secondary");
+            own.set_state(
+                &name,
+                st.state().as_str_name().to_ascii_lowercase().as_str(),
+            );
+            own.set_term(&name, st.term);
+            flush.set(st.flush_lsn as i64);
+            kept.set(st.bytes_kept as i64);
+            connected.set(i64::from(st.connected));
+        })
+    });
+    ha_common::metrics::HttpServer::new(reg)
+        .before_scrape(hook)
+        .spawn_at(name, endpoint)
+        .await;
+}
+
 /// Runs secondary `node` of `config` until SIGINT/SIGTERM.
 pub async fn serve(
     config: &std::path::Path,
@@ -170,6 +224,10 @@ pub async fn serve(
     n.resume().await;
     let st = n.status().await;
     tracing::info!(node = %me.name, addr = %addr_text, dir = %dir.display(), term = st.term, state = ?st.state(), "dn_replicator serving");
+    let metrics_ep = me
+        .metrics_port()
+        .map(|p| format!("{}:{p}", cfg.address_of(&me)));
+    serve_metrics(&n, &me.name, metrics_ep).await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     ha_common::tls::server()
         .add_service(ReplicatorServer::new(Service { node: n }))

@@ -20,6 +20,10 @@ use crate::server::{self, ServeError, ServeOptions};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as `text` (default) or `json` (one object per line); the default
+    /// comes from MPP_HA_LOG_FORMAT, which instances started by an agent inherit.
+    #[arg(long, global = true, value_name = "text|json")]
+    pub log_format: Option<ha_common::logging::LogFormat>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,6 +4,8 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = gtm::cli::Cli::parse();
+    // Before any thread starts: the tracing setup reads it.
+    ha_common::logging::set_format(cli.log_format);
     match gtm::cli::run(cli) {
         Ok(()) => Ok(std::process::ExitCode::SUCCESS),
         Err(e) => {

@@ -161,6 +161,17 @@ pub struct Node {
     /// ns) for the lock-free hot path.
     lease: Mutex<LeaseState>,
     lease_until: AtomicU64,
+    /// Prometheus counters (atomics: one relaxed add per grant).
+    pub counters: GtmCounters,
+}
+
+/// What the GTM counts for /metrics.
+#[derive(Clone, Default)]
+pub struct GtmCounters {
+    /// GXIDs handed out by this node as primary.
+    pub handed_out: ha_common::metrics::prometheus_client::metrics::counter::Counter,
+    /// Blocks reserved durably (standby first, then here).
+    pub reservations: ha_common::metrics::prometheus_client::metrics::counter::Counter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -206,6 +217,7 @@ impl Node {
             lane: FastLane::default(),
             lease: Mutex::new(LeaseState::default()),
             lease_until: AtomicU64::new(0),
+            counters: GtmCounters::default(),
             settings,
         };
         node.reopen_lane(&lock(&node.st));
@@ -366,6 +378,14 @@ impl Node {
     /// Hands out `count` contiguous GXIDs, reserving blocks as needed. Callers that
     /// arrive during a reservation wait for it (bounded by the sync timeout).
     pub async fn next_gxid(self: &Arc<Self>, count: u64) -> Result<(Range<u64>, u64), GtmError> {
+        let out = self.grant(count).await;
+        if let Ok((r, _)) = &out {
+            self.counters.handed_out.inc_by(r.end - r.start);
+        }
+        out
+    }
+
+    async fn grant(self: &Arc<Self>, count: u64) -> Result<(Range<u64>, u64), GtmError> {
         if count > MAX_GXIDS_PER_REQUEST {
             return Err(GtmError::InvalidArgument(format!(
                 "count {count} is above the limit of {MAX_GXIDS_PER_REQUEST} GXIDs per request"
@@ -502,6 +522,7 @@ impl Node {
             ..d
         })
         .await?;
+        self.counters.reservations.inc();
         Ok(())
     }
 

@@ -306,6 +306,53 @@ pub struct ServeOptions {
 }
 
 /// Runs one GTM instance until SIGINT/SIGTERM.
+/// The GTM's metrics in `reg`: role and term (set before each scrape), GXIDs handed
+/// out, reservations, 2PC decisions recorded. Returns what the scrape hook sets.
+pub fn register_metrics(
+    reg: &mut ha_common::metrics::prometheus_client::registry::Registry,
+    counters: &crate::node::GtmCounters,
+) -> (
+    ha_common::metrics::InstanceMetrics,
+    ha_common::metrics::prometheus_client::metrics::gauge::Gauge,
+) {
+    let own = ha_common::metrics::InstanceMetrics::register(reg);
+    reg.register(
+        "gxids_handed_out",
+        "GXIDs this GTM handed out as primary",
+        counters.handed_out.clone(),
+    );
+    reg.register(
+        "gxid_reservations",
+        "GXID blocks this GTM reserved durably (standby first)",
+        counters.reservations.clone(),
+    );
+    let decisions = ha_common::metrics::prometheus_client::metrics::gauge::Gauge::default();
+    reg.register(
+        "gtm_decisions",
+        "2PC decisions recorded on this GTM",
+        decisions.clone(),
+    );
+    (own, decisions)
+}
+
+/// Serves /metrics when the GTM has a metrics_port.
+async fn serve_metrics(node: &Arc<Node>, endpoint: Option<String>) {
+    let mut reg = ha_common::metrics::registry();
+    let (own, decisions) = register_metrics(&mut reg, &node.counters);
+    let n = node.clone();
+    let hook: ha_common::metrics::ScrapeHook = Arc::new(move || {
+        let s = n.status();
+        own.set_role(n.name(), n.role().as_str());
+        own.set_term(n.name(), n.term());
+        decisions.set(s.decisions as i64);
+        Box::pin(async {})
+    });
+    ha_common::metrics::HttpServer::new(reg)
+        .before_scrape(hook)
+        .spawn_at(node.name(), endpoint)
+        .await;
+}
+
 pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let cfg = ClusterConfig::load(&opts.config)?.with_base_dir(opts.base_dir.clone());
     ha_common::tls::init(&cfg, ha_common::tls::CertRole::Gtm)
@@ -384,6 +431,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     }
     tracing::info!(addr = %addr_text, role = node.role().as_str(), term = node.term(), "GTM serving");
 
+    serve_metrics(&node, me.metrics_port().map(|p| format!("{host}:{p}"))).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let bg = tokio::spawn(replication::run(node.clone(), stop_rx));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -201,6 +201,16 @@ pub struct Host {
     pub name: String,
     /// IP address or DNS name the other roles use to reach this host.
     pub address: String,
+    /// The host's cm_agent serves Prometheus metrics here (HTTP); none: no metrics.
+    #[serde(default)]
+    metrics_port: Option<i64>,
+}
+
+impl Host {
+    /// Validated at load time to be a TCP port when present.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_port.map(|p| p as u16)
+    }
 }
 
 /// A server process of ours: a CMServer, a GTM or a CN.
@@ -216,6 +226,10 @@ pub struct Instance {
     /// CNs only: the port of the CN's gRPC service (cn.proto `Coordinator`).
     #[serde(default)]
     rpc_port: Option<i64>,
+    /// Daemons of ours (CMServer, GTM, CN, DN secondary): the HTTP port of /metrics
+    /// (and the health endpoints); none: no HTTP server.
+    #[serde(default)]
+    metrics_port: Option<i64>,
 }
 
 impl Instance {
@@ -230,6 +244,10 @@ impl Instance {
     /// CNs: the gRPC port (validated at load time to be present and valid for CNs).
     pub fn rpc_port(&self) -> u16 {
         self.rpc_port.unwrap_or(0) as u16
+    }
+    /// Validated at load time to be a TCP port when present.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_port.map(|p| p as u16)
     }
 }
 
@@ -551,6 +569,7 @@ impl ClusterConfig {
                 );
             }
         }
+        self.validate_metrics_ports(&mut endpoints)?;
         for (key, inst) in self.all_instances_with_keys() {
             if inst.rpc_port.is_some() && !key.starts_with("cn[") {
                 return Err(self.invalid(
@@ -780,6 +799,62 @@ impl ClusterConfig {
         self.host(&inst.host)
             .map(|h| h.address.as_str())
             .unwrap_or("127.0.0.1")
+    }
+
+    /// `metrics_port`s: valid ports, none shared with any other listener, and only on
+    /// instances that are processes of ours (a PostgreSQL DN member has no HTTP server).
+    fn validate_metrics_ports(
+        &self,
+        endpoints: &mut BTreeMap<(String, u16), String>,
+    ) -> Result<(), ConfigError> {
+        let mut wanted: Vec<(String, String, &str, i64)> = Vec::new();
+        for (i, h) in self.hosts.iter().enumerate() {
+            if let Some(p) = h.metrics_port {
+                let who = format!("the cm_agent of {}", h.name);
+                wanted.push((
+                    format!("host[{i}] ({}).metrics_port", h.name),
+                    who,
+                    &h.address,
+                    p,
+                ));
+            }
+        }
+        for (key, inst) in self.all_instances_with_keys() {
+            let Some(p) = inst.metrics_port else { continue };
+            let key = format!("{key} ({}).metrics_port", inst.name);
+            let is_pg = key.starts_with("dn_group") && inst.role != Some(Role::Secondary);
+            if is_pg {
+                return Err(self.invalid(
+                    key,
+                    "a PostgreSQL DN member has no metrics server (only secondaries, run by dn_replicator)",
+                ));
+            }
+            wanted.push((key, inst.name.clone(), self.address_of(inst), p));
+        }
+        for (key, who, address, p) in wanted {
+            if !(1..=65535).contains(&p) {
+                return Err(self.invalid(key, format!("{p} is not a valid TCP port (1-65535)")));
+            }
+            let ep = (address.to_owned(), p as u16);
+            if let Some(other) = endpoints.insert(ep.clone(), who) {
+                return Err(
+                    self.invalid(key, format!("{}:{} is already used by {other}", ep.0, ep.1))
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `http://address:metrics_port` of an instance, if it serves metrics.
+    pub fn metrics_url(&self, inst: &Instance) -> Option<String> {
+        inst.metrics_port()
+            .map(|p| format!("http://{}:{p}", self.address_of(inst)))
+    }
+
+    /// `http://address:metrics_port` of a host's cm_agent, if it serves metrics.
+    pub fn agent_metrics_url(&self, host: &Host) -> Option<String> {
+        host.metrics_port()
+            .map(|p| format!("http://{}:{p}", host.address))
     }
 
     /// `address:port` of an instance.

@@ -7,6 +7,8 @@ pub mod durable;
 pub mod logging;
 pub mod lsn;
 pub mod message;
+pub mod metrics;
+pub mod notify;
 pub mod process;
 pub mod shutdown;
 pub mod term;

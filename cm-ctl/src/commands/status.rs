@@ -127,6 +127,7 @@ mod tests {
             ..Default::default()
         };
         let s = ClusterStatus {
+            agents: vec![],
             term: 3,
             cm_servers: vec![row("cms1", "primary", "normal")],
             gtm: vec![row("gtm1", "primary", "normal")],
