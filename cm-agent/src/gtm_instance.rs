@@ -46,9 +46,12 @@ impl GtmInstance {
         // its data dir itself (atomically, with its control file) and refuses to start
         // on an existing dir without one, so the agent must not create it first.
         let mut process = Detached::serve(cfg, "gtm", name, config_path);
-        // Invariant 3 under partitions: an agent-run GTM hands out GXIDs only under
-        // the primary CMServer's lease, which this agent passes on (`confirm_lease`).
-        process.extra_args.push("--require-lease".to_owned());
+        // Invariant 3 under partitions: with `gtm.require_lease` an agent-run GTM hands
+        // out GXIDs only under the primary CMServer's lease, which this agent passes on
+        // (`confirm_lease`).
+        if cfg.gtm.require_lease {
+            process.extra_args.push("--require-lease".to_owned());
+        }
         Ok(GtmInstance {
             name: name.to_owned(),
             pid_file: process.pid_file.clone(),

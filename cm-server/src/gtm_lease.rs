@@ -52,6 +52,14 @@ pub fn grant(
 mod tests {
     use super::*;
 
+    /// The cluster of local.toml, started (instances start out stopped: a stopped
+    /// GTM gets no lease).
+    fn running(cfg: &ClusterConfig) -> ClusterState {
+        let mut state = ClusterState::initial(cfg);
+        state.set_run(None, true).expect("start all");
+        state
+    }
+
     fn cfg() -> ClusterConfig {
         ClusterConfig::parse(
             include_str!("../../configs/local.toml"),
@@ -63,7 +71,7 @@ mod tests {
     #[test]
     fn the_lease_ends_a_margin_before_the_earliest_promotion() {
         let cfg = cfg();
-        let state = ClusterState::initial(&cfg);
+        let state = running(&cfg);
         let t0 = Instant::now();
         let now = t0 + Duration::from_millis(800);
         let (g, end) = grant(&cfg, &state, "h1", |_| Some(t0), now).expect("a lease");
@@ -77,7 +85,7 @@ mod tests {
     #[test]
     fn no_lease_without_a_recent_healthy_observation() {
         let cfg = cfg();
-        let state = ClusterState::initial(&cfg);
+        let state = running(&cfg);
         let t0 = Instant::now();
         assert!(grant(&cfg, &state, "h1", |_| None, t0).is_none());
         let late = t0 + Duration::from_millis(2700);
@@ -85,9 +93,17 @@ mod tests {
     }
 
     #[test]
+    fn a_stopped_gtm_gets_none() {
+        let cfg = cfg();
+        let state = ClusterState::initial(&cfg);
+        let t0 = Instant::now();
+        assert!(grant(&cfg, &state, "h1", |_| Some(t0), t0).is_none());
+    }
+
+    #[test]
     fn only_the_assigned_primarys_host_gets_one() {
         let cfg = cfg();
-        let mut state = ClusterState::initial(&cfg);
+        let mut state = running(&cfg);
         let t0 = Instant::now();
         assert!(
             grant(&cfg, &state, "h2", |_| Some(t0), t0).is_none(),

@@ -269,6 +269,14 @@ pub struct GtmSection {
     /// an error (unless it has been ordered to run alone).
     #[serde(default = "default_sync_timeout_ms")]
     pub sync_timeout_ms: u64,
+    /// Whether an agent-run GTM primary hands out GXIDs only under the lease the
+    /// primary CMServer grants through its host's agent (`gtm serve --require-lease`).
+    /// It keeps a cut-off GTM primary from granting after its standby is promoted
+    /// (invariant 3 under partitions), but today the lease travels through the agent,
+    /// so an agent restart longer than the lease pauses GXIDs: off by default until
+    /// the GTM renews its lease from the CMServer itself.
+    #[serde(default)]
+    pub require_lease: bool,
     #[serde(rename = "instance")]
     pub instances: Vec<Instance>,
 }
