@@ -168,12 +168,14 @@ impl CmsMetrics {
                 self.report_age
                     .get_or_create(&labels(&[("node", &r.name)]))
                     .set(r.report_age_s);
-                if r.role == "standby" || r.role == "secondary" {
-                    if group != "gtm" && group != "cm_server" && !r.lsn.is_empty() {
-                        self.lag
-                            .get_or_create(&labels(&[("group", group), ("node", &r.name)]))
-                            .set(r.lag_bytes as i64);
-                    }
+                if (r.role == "standby" || r.role == "secondary")
+                    && group != "gtm"
+                    && group != "cm_server"
+                    && !r.lsn.is_empty()
+                {
+                    self.lag
+                        .get_or_create(&labels(&[("group", group), ("node", &r.name)]))
+                        .set(r.lag_bytes as i64);
                 }
                 if r.role == "primary" && group != "cm_server" && group != "cn" {
                     primaries.insert(group.to_owned(), r.name.clone());
