@@ -44,7 +44,8 @@ pub enum Command {
         /// Hand out GXIDs (and record decisions) only while this host's cm_agent
         /// confirms the primary CMServer's lease (ConfirmLease): a primary cut off
         /// from the CMServer stops before its standby can be promoted. The agent
-        /// always passes it; leave it off for a bare GTM pair run without agents.
+        /// passes it when the config sets `gtm.require_lease = true` (default off);
+        /// leave it off for a bare GTM pair run without agents.
         #[arg(long)]
         require_lease: bool,
     },

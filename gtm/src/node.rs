@@ -113,7 +113,7 @@ pub struct NodeSettings {
     pub block_size: u64,
     pub sync_timeout: Duration,
     /// Hand out GXIDs and record decisions only under an unexpired lease (see
-    /// [`crate::lease`]); the agent-run GTM always requires one.
+    /// [`crate::lease`]); the agent asks for it when `gtm.require_lease` is set.
     pub require_lease: bool,
 }
 
