@@ -14,14 +14,13 @@ use ha_common::proto::cm::{ClusterStatus, Order, OrderKind, OrderOutcome};
 use ha_common::ClusterConfig;
 
 use crate::arbiter::{self, Memory, GTM_PAIR};
+use crate::cadence::{self, FAST_REPORT_MS};
 use crate::order_book::OrderBook;
 use crate::reports::Reports;
 use crate::state::{ClusterState, StateError, StateFile};
 
 /// An order kind is not repeated by the level rules for this long after its outcome.
 const ORDER_COOLDOWN: Duration = Duration::from_secs(3);
-/// While orders are in flight, agents report this often (ms) instead of every heartbeat.
-const FAST_REPORT_MS: u32 = 100;
 /// Fast reports are asked for orders issued less than this long ago.
 const FAST_REPORT_WINDOW: Duration = Duration::from_secs(30);
 
@@ -41,6 +40,8 @@ struct EngineState {
     outside: std::collections::HashMap<String, arbiter::SeenFromOutside>,
     /// GTM leases granted in this tenure: instance → when the latest one ends.
     gtm_leases: std::collections::HashMap<String, Instant>,
+    /// Hosts asked for fast reports, as of the last tick (see [`crate::cadence`]).
+    hurried: std::collections::HashSet<String>,
 }
 
 /// Arbitration state shared by the Report handler, the tick and the operations.
@@ -117,6 +118,7 @@ impl Engine {
                 ..Memory::default()
             };
             st.gtm_leases.clear();
+            st.hurried.clear();
             st.book = OrderBook::starting_at(first_order_id);
             st.notes.clear();
         }
@@ -172,13 +174,15 @@ impl Engine {
         lock(&self.inner).book.for_host(host)
     }
 
-    /// `next_report_ms` for Report replies: fast while orders or operations are running.
-    pub fn next_report_ms(&self) -> u32 {
+    /// `next_report_ms` for the Report reply to `host`: fast for the hosts the last
+    /// tick hurried (see [`crate::cadence`]) and for a host with an order in flight
+    /// (issued since that tick), else 0 (every heartbeat).
+    pub fn next_report_ms(&self, host: &str) -> u32 {
         let st = lock(&self.inner);
-        if !st.busy.is_empty()
+        if st.hurried.contains(host)
             || st
                 .book
-                .has_fresh_pending(Instant::now(), FAST_REPORT_WINDOW)
+                .has_fresh_pending_for(host, Instant::now(), FAST_REPORT_WINDOW)
         {
             FAST_REPORT_MS
         } else {
@@ -324,8 +328,20 @@ pub async fn tick(cx: &Ctx<'_>) {
         recent: &recent,
         outside: &outside,
     });
+    let ordered = lock(&cx.engine.inner)
+        .book
+        .freshly_ordered(now, FAST_REPORT_WINDOW);
+    let hurried = cadence::hurried_hosts(&cadence::Input {
+        cfg: cx.cfg,
+        state: &state,
+        reports: &reports,
+        busy: &busy,
+        ordered: &ordered,
+        now,
+    });
     {
         let mut st = lock(&cx.engine.inner);
+        st.hurried = hurried;
         st.memory = plan.memory;
         // Notes of busy groups belong to their operation.
         let kept: BTreeMap<String, String> = st
@@ -429,7 +445,12 @@ mod tests {
         assert_eq!(e.orders_for("h2").len(), 1, "same tenure: kept");
         let b = e.begin("dn1").unwrap();
         assert!(e.begin("dn1").is_err());
-        assert_eq!(e.next_report_ms(), FAST_REPORT_MS);
+        assert_eq!(
+            e.next_report_ms("h2"),
+            FAST_REPORT_MS,
+            "h2 has an order in flight"
+        );
+        assert_eq!(e.next_report_ms("h3"), 0);
         drop(b);
         assert!(e.begin("dn1").is_ok());
     }

@@ -4,6 +4,7 @@
 pub mod arbiter;
 pub mod arbitration;
 pub mod assignments;
+pub mod cadence;
 pub mod cn_sync;
 pub mod ddl_set;
 pub mod election;

@@ -164,11 +164,27 @@ impl OrderBook {
             .collect()
     }
 
-    /// Whether an order issued less than `within` ago is still pending.
-    pub fn has_fresh_pending(&self, now: Instant, within: Duration) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.outcome.is_none() && now.saturating_duration_since(e.issued) < within)
+    /// Pending orders issued less than `within` ago.
+    fn fresh_pending(&self, now: Instant, within: Duration) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().filter(move |e| {
+            e.outcome.is_none() && now.saturating_duration_since(e.issued) < within
+        })
+    }
+
+    /// Whether an order for `host` issued less than `within` ago is still pending.
+    pub fn has_fresh_pending_for(&self, host: &str, now: Instant, within: Duration) -> bool {
+        self.fresh_pending(now, within).any(|e| e.host == host)
+    }
+
+    /// The instances with an order issued less than `within` ago still pending.
+    pub fn freshly_ordered(
+        &self,
+        now: Instant,
+        within: Duration,
+    ) -> std::collections::BTreeSet<String> {
+        self.fresh_pending(now, within)
+            .map(|e| e.order.instance.clone())
+            .collect()
     }
 
     /// Forgets pending orders older than PENDING_TTL and outcomes older than DONE_TTL.

@@ -244,7 +244,7 @@ impl CmServer for CmService {
             reply.primary = true;
             reply.assignments = assignments::for_host(&sh.cfg, &state, &host);
             reply.orders = sh.engine.orders_for(&host);
-            reply.next_report_ms = sh.engine.next_report_ms();
+            reply.next_report_ms = sh.engine.next_report_ms(&host);
             // Under the state lock: a tick promoting the GTM standby holds it from
             // its decision until the new roles are installed, so no lease is granted
             // to a GTM primary being replaced.
