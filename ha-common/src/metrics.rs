@@ -68,6 +68,14 @@ impl HttpReply {
         }
     }
 
+    pub fn html(status: u16, body: impl Into<String>) -> HttpReply {
+        HttpReply {
+            status,
+            content_type: "text/html; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
     pub fn json(status: u16, body: impl Into<String>) -> HttpReply {
         HttpReply {
             status,
