@@ -679,6 +679,21 @@ mod tests {
     use crate::state::tests::local_config;
     use ha_common::proto::cm::{InstanceReport, MemberRole};
 
+    #[test]
+    fn the_status_page_never_parses_cluster_data_as_html() {
+        // Values from the cluster (names, reasons, details) reach the DOM only as text.
+        for sink in [
+            ".innerHTML",
+            ".outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+        ] {
+            assert!(!STATUS_PAGE.contains(sink), "status page uses {sink}");
+        }
+        assert!(STATUS_PAGE.contains("fetch(\"/cluster\""));
+        assert!(STATUS_PAGE.contains("setInterval(refresh, 2000)"));
+    }
+
     fn service(dir: &std::path::Path, node: &str) -> CmService {
         let cfg = local_config();
         let file = StateFile::in_dir(dir);
