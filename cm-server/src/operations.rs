@@ -767,6 +767,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_operation_role_change_is_recorded_with_why_and_how_long() {
+        let f = Fixture::new();
+        let cx = f.cx();
+        let why = Why {
+            kind: "switchover",
+            reason: "operator switchover: dn1_h1 stopped cleanly".to_owned(),
+            started: Instant::now() - Duration::from_millis(1500),
+        };
+        let term = swap_roles(&cx, &dn1_target(), "dn1_h1", "dn1_h2", why)
+            .await
+            .unwrap();
+        let persisted = f.file.load().unwrap().unwrap();
+        let c = persisted.role_changes.last().expect("recorded");
+        assert_eq!(
+            (
+                c.group.as_str(),
+                c.kind.as_str(),
+                c.from.as_str(),
+                c.to.as_str(),
+                c.term
+            ),
+            ("dn1", "switchover", "dn1_h1", "dn1_h2", term)
+        );
+        assert!(c.reason.contains("stopped cleanly"), "{}", c.reason);
+        assert!(c.duration_ms >= 1500 && c.at_unix_ms > 0, "{c:?}");
+    }
+
+    #[tokio::test]
     async fn a_preempted_operation_changes_no_roles() {
         let f = Fixture::new();
         let cx = f.cx();
