@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("mpp_ha.cm.DnGroupStatus", "#[derive(serde::Serialize)]")
         .type_attribute("mpp_ha.cm.ClusterStatus", "#[derive(serde::Serialize)]")
         .type_attribute("mpp_ha.cm.AgentStatus", "#[derive(serde::Serialize)]")
+        .type_attribute("mpp_ha.cm.RoleChange", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -22,4 +22,13 @@ if ! command -v nft >/dev/null 2>&1; then
     echo "missing: nft (apt-get install nftables; the partition tests need it and root)" >&2; missing=1
   fi
 fi
+# The status page test (cluster_status_page) loads the CMServer's page in headless Chromium.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium (the status page test runs it headless)" >&2
+    { apt-get install -y chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y chromium >/dev/null; }; } || { echo "missing: /usr/bin/chromium (apt-get install chromium failed)" >&2; missing=1; }
+  else
+    echo "missing: /usr/bin/chromium (apt-get install chromium; the status page test needs it)" >&2; missing=1
+  fi
+fi
 exit $missing

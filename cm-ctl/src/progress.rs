@@ -111,6 +111,7 @@ mod tests {
     #[test]
     fn pending_ignores_what_the_project_cannot_run() {
         let s = ClusterStatus {
+            role_changes: vec![],
             agents: vec![],
             gtm: vec![row("gtm1", "normal")],
             cn: vec![row("cn1", "not_implemented")],

@@ -151,6 +151,9 @@ pub struct Plan {
     pub memory: Memory,
     /// Busy DN groups failed over by this plan: their operation must stop.
     pub preempted: BTreeSet<String>,
+    /// The failovers this plan makes, for the state's history (stamped when persisted:
+    /// the arbiter reads no wall clock).
+    pub role_changes: Vec<crate::state::RoleChange>,
 }
 
 struct Ctx<'a> {
@@ -264,6 +267,20 @@ impl Ctx<'_> {
             self.next.bump_term();
             self.promoted = true;
         }
+    }
+
+    /// Records the failover of `group` from `old` to `new` (after [`Ctx::swap_roles`]).
+    fn failed_over(&mut self, group: &str, old: &str, new: &str, why: &str, lost: Duration) {
+        self.plan.role_changes.push(crate::state::RoleChange {
+            group: group.to_owned(),
+            kind: "failover".to_owned(),
+            from: old.to_owned(),
+            to: new.to_owned(),
+            term: self.next.term.0,
+            reason: format!("primary {old} lost ({why})"),
+            duration_ms: lost.as_millis() as u64,
+            ..Default::default()
+        });
     }
 
     /// Why `name` is not a healthy primary (for notes).
@@ -508,6 +525,7 @@ fn dn_group(cx: &mut Ctx<'_>, g: &DnGroup, busy: bool) {
     }
     secondary::after_promote(&mut cx.next, g, &s.name, &gate, s_fresh.as_ref());
     cx.order(&s.name, OrderKind::Promote);
+    cx.failed_over(&g.name, &p.name, &s.name, &why, lost);
     cx.note(
         &g.name,
         format!(
@@ -795,6 +813,7 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
     // The promoted GTM runs alone until its old primary has resynced.
     cx.next.gtm.run_alone = true;
     cx.order(&s.name, OrderKind::Promote);
+    cx.failed_over("gtm", &p.name, &s.name, &why, lost);
     cx.note(
         GTM_PAIR,
         format!(
@@ -1155,6 +1174,21 @@ mod tests {
         assert_eq!(s.role_of("dn1_h1"), Some(AssignedRole::Standby));
         assert!(!s.last_sync_standby.contains_key("dn1"));
         assert!(p.notes["dn1"].contains("failover"), "{}", p.notes["dn1"]);
+        // The failover is recorded for the history with why and how long the primary was lost.
+        let c = &p.role_changes[..];
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(
+            (
+                c[0].group.as_str(),
+                c[0].kind.as_str(),
+                c[0].from.as_str(),
+                c[0].to.as_str(),
+                c[0].term
+            ),
+            ("dn1", "failover", "dn1_h1", "dn1_h2", 2)
+        );
+        assert!(c[0].reason.contains("dn1_h1 lost"), "{}", c[0].reason);
+        assert!(c[0].duration_ms >= 3000, "{}", c[0].duration_ms);
     }
 
     /// `r` as re-sent by its agent `age_ms` after observing it.

@@ -367,6 +367,9 @@ pub async fn tick(cx: &Ctx<'_>) {
     let mut term = state.term.0;
     if let Some(mut next) = plan.state {
         next.version = state.version + 1;
+        for c in plan.role_changes {
+            next.record_role_change(c);
+        }
         if let Err(e) = persist(cx.file, &next).await {
             // Nothing is ordered from a decision that is not durable.
             tracing::error!("cannot persist the arbiter's decision: {e}");

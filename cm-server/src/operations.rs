@@ -168,8 +168,22 @@ fn stopped(cx: &Ctx<'_>, group: &str) -> Option<String> {
     None
 }
 
+/// Why an operation changes roles, for the state's history: `kind` (switchover,
+/// operator_failover), a reason, and when the operation started.
+struct Why<'a> {
+    kind: &'a str,
+    reason: String,
+    started: Instant,
+}
+
 /// Persists `new` as primary and `old` as standby of their group in a new term.
-async fn swap_roles(cx: &Ctx<'_>, t: &Target, old: &str, new: &str) -> Result<u64, Status> {
+async fn swap_roles(
+    cx: &Ctx<'_>,
+    t: &Target,
+    old: &str,
+    new: &str,
+    why: Why<'_>,
+) -> Result<u64, Status> {
     let mut guard = cx.state.lock().await;
     if let Some(why) = stopped(cx, &t.group) {
         // A deposed CMServer must not change roles in a term above the real
@@ -183,6 +197,20 @@ async fn swap_roles(cx: &Ctx<'_>, t: &Target, old: &str, new: &str) -> Result<u6
     next.bump_term();
     next.version += 1;
     next.last_sync_standby.remove(&t.group);
+    next.record_role_change(crate::state::RoleChange {
+        group: if t.is_gtm {
+            "gtm".to_owned()
+        } else {
+            t.group.clone()
+        },
+        kind: why.kind.to_owned(),
+        from: old.to_owned(),
+        to: new.to_owned(),
+        term: next.term.0,
+        reason: why.reason,
+        duration_ms: why.started.elapsed().as_millis() as u64,
+        ..Default::default()
+    });
     if t.is_gtm {
         // A promoted GTM runs alone until its old primary has resynced.
         next.gtm.run_alone = true;
@@ -267,7 +295,12 @@ pub async fn switchover(cx: &Ctx<'_>, req: SwitchoverRequest) -> Result<Operatio
         }
     };
     let stop_ms = started.elapsed().as_millis();
-    let term = swap_roles(cx, &t, &p, &s).await?;
+    let why = Why {
+        kind: "switchover",
+        reason: format!("operator switchover: {p} stopped cleanly"),
+        started,
+    };
+    let term = swap_roles(cx, &t, &p, &s, why).await?;
     cx.engine.note(
         &t.group,
         format!(
@@ -292,7 +325,12 @@ pub async fn switchover(cx: &Ctx<'_>, req: SwitchoverRequest) -> Result<Operatio
     let promoted_ms = started.elapsed().as_millis();
     if !promoted {
         // Back to the old layout: the old primary has everything.
-        let _ = swap_roles(cx, &t, &s, &p).await;
+        let why = Why {
+            kind: "switchover",
+            reason: format!("switchover undone: {s} was not promoted: {last}"),
+            started,
+        };
+        let _ = swap_roles(cx, &t, &s, &p, why).await;
         cx.engine.note(&t.group, String::new());
         return Err(Status::aborted(format!(
             "switchover aborted, {p} stays primary: {s} was not promoted: {last}"
@@ -339,6 +377,7 @@ pub async fn switchover(cx: &Ctx<'_>, req: SwitchoverRequest) -> Result<Operatio
 /// acknowledged commits (the same rule as the arbiter's), and always when the
 /// standby cannot be promoted (not running, GTM not ready).
 pub async fn failover(cx: &Ctx<'_>, req: FailoverRequest) -> Result<OperationReply, Status> {
+    let started = Instant::now();
     let state = cx.state.lock().await.clone();
     let t = resolve(cx, &req.instance, &state)?;
     if t.is_gtm {
@@ -366,7 +405,16 @@ pub async fn failover(cx: &Ctx<'_>, req: FailoverRequest) -> Result<OperationRep
             "refused: {s} is not running and responding as a standby"
         )));
     }
-    let term = swap_roles(cx, &t, &p, &s).await?;
+    let why = Why {
+        kind: "operator_failover",
+        reason: if req.force {
+            "operator failover (forced)".to_owned()
+        } else {
+            "operator failover".to_owned()
+        },
+        started,
+    };
+    let term = swap_roles(cx, &t, &p, &s, why).await?;
     match run_order(cx, &s, OrderKind::Promote, 0, ORDER_TIMEOUT).await {
         Ok(o) => Ok(reply(
             term,
@@ -416,9 +464,23 @@ async fn promote_gtm(
     what: &str,
     risk: &str,
     fenced: bool,
+    started: Instant,
 ) -> Result<OperationReply, Status> {
     let (p, s) = (&t.primary, &t.standby);
-    let term = swap_roles(cx, t, p, s).await?;
+    let why = Why {
+        kind: if what == "switchover" {
+            "switchover"
+        } else {
+            "operator_failover"
+        },
+        reason: if fenced {
+            format!("operator {what}: {p} demoted first{risk}")
+        } else {
+            format!("operator {what}: {p} unreachable{risk}")
+        },
+        started,
+    };
+    let term = swap_roles(cx, t, p, s, why).await?;
     // Not demoted first (unreachable): it may hold a lease this CMServer (or an
     // earlier primary) granted; the new roles stop its renewals, so wait it out.
     if !fenced {
@@ -476,6 +538,7 @@ async fn gtm_switchover(
             "{s} is not attached to {p} (or {p} runs alone): wait until the GTM pair is normal"
         )));
     }
+    let started = Instant::now();
     cx.engine
         .note(&t.group, format!("switchover to {s}: demoting {p}"));
     if let Err(e) = fence_gtm(cx, p).await {
@@ -484,7 +547,7 @@ async fn gtm_switchover(
             "switchover aborted: {p} could not be demoted: {e}; {s} not promoted"
         )));
     }
-    let r = promote_gtm(cx, t, "switchover", "", true).await;
+    let r = promote_gtm(cx, t, "switchover", "", true, started).await;
     cx.engine.note(&t.group, String::new());
     r
 }
@@ -498,6 +561,7 @@ async fn gtm_failover(
     state: &crate::state::ClusterState,
     force: bool,
 ) -> Result<OperationReply, Status> {
+    let started = Instant::now();
     let _busy = cx
         .engine
         .begin(&t.group)
@@ -526,7 +590,7 @@ async fn gtm_failover(
             "; {p} is unreachable and ran alone: if it still runs, it may hand out GXIDs until it learns the new term"
         ));
     }
-    promote_gtm(cx, t, "failover", &risk, fenced).await
+    promote_gtm(cx, t, "failover", &risk, fenced, started).await
 }
 
 /// Rebuilds a DN standby from its primary over the data-unit build channel: the
@@ -686,12 +750,48 @@ mod tests {
         assert!(f.engine.orders_for("h2").is_empty());
         // No role change from a deposed CMServer (it could depose the real primary).
         let before = f.state.lock().await.clone();
-        let e = swap_roles(&cx, &dn1_target(), "dn1_h1", "dn1_h2")
+        let e = swap_roles(&cx, &dn1_target(), "dn1_h1", "dn1_h2", test_why())
             .await
             .unwrap_err();
         assert!(e.message().contains("no longer primary"), "{e}");
         assert_eq!(*f.state.lock().await, before);
         assert_eq!(f.file.load().unwrap().unwrap(), before, "nothing persisted");
+    }
+
+    fn test_why() -> Why<'static> {
+        Why {
+            kind: "switchover",
+            reason: "test".to_owned(),
+            started: Instant::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_operation_role_change_is_recorded_with_why_and_how_long() {
+        let f = Fixture::new();
+        let cx = f.cx();
+        let why = Why {
+            kind: "switchover",
+            reason: "operator switchover: dn1_h1 stopped cleanly".to_owned(),
+            started: Instant::now() - Duration::from_millis(1500),
+        };
+        let term = swap_roles(&cx, &dn1_target(), "dn1_h1", "dn1_h2", why)
+            .await
+            .unwrap();
+        let persisted = f.file.load().unwrap().unwrap();
+        let c = persisted.role_changes.last().expect("recorded");
+        assert_eq!(
+            (
+                c.group.as_str(),
+                c.kind.as_str(),
+                c.from.as_str(),
+                c.to.as_str(),
+                c.term
+            ),
+            ("dn1", "switchover", "dn1_h1", "dn1_h2", term)
+        );
+        assert!(c.reason.contains("stopped cleanly"), "{}", c.reason);
+        assert!(c.duration_ms >= 1500 && c.at_unix_ms > 0, "{c:?}");
     }
 
     #[tokio::test]
@@ -701,7 +801,7 @@ mod tests {
         let _busy = f.engine.begin("dn1").unwrap();
         f.engine.mark_preempted("dn1");
         let before = f.state.lock().await.clone();
-        let e = swap_roles(&cx, &dn1_target(), "dn1_h2", "dn1_h1")
+        let e = swap_roles(&cx, &dn1_target(), "dn1_h2", "dn1_h1", test_why())
             .await
             .unwrap_err();
         assert!(e.message().contains("failed it over"), "{e}");

@@ -445,9 +445,14 @@ fn operation_group(cfg: &ClusterConfig, instance: &str) -> String {
     }
 }
 
+/// The status page (`GET /` and `GET /status`): static HTML whose script fetches
+/// `/cluster` every 2 s. In the binary, so that it needs no files and no build step.
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
 /// Serves /metrics, `GET /primary` (200 only on the primary: a load balancer's or
-/// Prometheus' check) and `GET /cluster` (the `cm_ctl status --json` document; 503 on
-/// a standby, which has no current view).
+/// Prometheus' check), `GET /cluster` (the `cm_ctl status --json` document; 503 on
+/// a standby, which has no current view) and the status page at `/` and `/status`
+/// (on a standby it says that it is one).
 async fn serve_http(service: &CmService, me: &ha_common::config::Instance) {
     let sh = &service.shared;
     let Some(registry) = lock(&sh.registry).take() else {
@@ -497,6 +502,8 @@ async fn serve_http(service: &CmService, me: &ha_common::config::Instance) {
                 }
             }),
         );
+    let page = || ha_common::metrics::handler(|| async { HttpReply::html(200, STATUS_PAGE) });
+    let server = server.route("/", page()).route("/status", page());
     server.spawn_at(&sh.node, endpoint).await;
     // Failovers are counted between scrapes too.
     let s = service.clone();
@@ -671,6 +678,21 @@ mod tests {
     use super::*;
     use crate::state::tests::local_config;
     use ha_common::proto::cm::{InstanceReport, MemberRole};
+
+    #[test]
+    fn the_status_page_never_parses_cluster_data_as_html() {
+        // Values from the cluster (names, reasons, details) reach the DOM only as text.
+        for sink in [
+            ".innerHTML",
+            ".outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+        ] {
+            assert!(!STATUS_PAGE.contains(sink), "status page uses {sink}");
+        }
+        assert!(STATUS_PAGE.contains("fetch(\"/cluster\""));
+        assert!(STATUS_PAGE.contains("setInterval(refresh, 2000)"));
+    }
 
     fn service(dir: &std::path::Path, node: &str) -> CmService {
         let cfg = local_config();

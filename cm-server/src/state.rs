@@ -134,6 +134,53 @@ pub struct ClusterState {
     /// (see [`crate::ddl_set`]).
     #[serde(default)]
     pub ddl_set: crate::ddl_set::DdlSet,
+    /// The last primary changes (oldest first, at most [`ROLE_CHANGES_KEPT`]), for the
+    /// status page and `GET /cluster`. Durable and streamed with the rest, so a standby
+    /// CMServer that takes over shows the failovers its predecessor made.
+    #[serde(default)]
+    pub role_changes: Vec<RoleChange>,
+}
+
+/// How many role changes [`ClusterState::role_changes`] keeps: enough for an
+/// operator's last incidents, small enough to stream with every state change.
+pub const ROLE_CHANGES_KEPT: usize = 20;
+
+/// One primary change, as the status shows it (see the proto's `RoleChange`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleChange {
+    pub at_unix_ms: u64,
+    /// DN group name, or "gtm".
+    pub group: String,
+    /// failover | switchover | operator_failover
+    pub kind: String,
+    pub from: String,
+    pub to: String,
+    pub term: u64,
+    pub reason: String,
+    pub duration_ms: u64,
+}
+
+impl RoleChange {
+    pub fn to_proto(&self) -> ha_common::proto::cm::RoleChange {
+        ha_common::proto::cm::RoleChange {
+            at_unix_ms: self.at_unix_ms,
+            group: self.group.clone(),
+            kind: self.kind.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            term: self.term,
+            reason: self.reason.clone(),
+            duration_ms: self.duration_ms,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch now (0 if the clock is before it).
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The GTM pair's run-alone record. A GTM primary running alone reserves blocks its
@@ -176,6 +223,7 @@ impl ClusterState {
             gtm: GtmAlone::default(),
             secondary: BTreeMap::new(),
             ddl_set: Default::default(),
+            role_changes: Vec::new(),
         };
         s.reconcile(cfg);
         s
@@ -252,6 +300,17 @@ impl ClusterState {
     }
 
     /// Starts a new term (a new leader or a role change); returns it.
+    /// Remembers `change` (stamped now if it has no time), dropping the oldest beyond
+    /// [`ROLE_CHANGES_KEPT`].
+    pub fn record_role_change(&mut self, mut change: RoleChange) {
+        if change.at_unix_ms == 0 {
+            change.at_unix_ms = unix_ms_now();
+        }
+        self.role_changes.push(change);
+        let extra = self.role_changes.len().saturating_sub(ROLE_CHANGES_KEPT);
+        self.role_changes.drain(..extra);
+    }
+
     pub fn bump_term(&mut self) -> Term {
         self.term = self.term.next();
         self.term
@@ -406,6 +465,25 @@ pub(crate) mod tests {
         let e = file.load_or_init(&local_config()).unwrap_err().to_string();
         assert!(e.contains(&file.path().display().to_string()), "{e}");
         assert!(e.contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn role_changes_keep_the_newest_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::in_dir(dir.path());
+        let mut s = ClusterState::initial(&local_config());
+        for i in 0..(ROLE_CHANGES_KEPT as u64 + 5) {
+            s.record_role_change(RoleChange {
+                term: i,
+                kind: "failover".into(),
+                ..Default::default()
+            });
+        }
+        assert_eq!(s.role_changes.len(), ROLE_CHANGES_KEPT);
+        assert_eq!(s.role_changes[0].term, 5, "the oldest are dropped");
+        assert!(s.role_changes.iter().all(|c| c.at_unix_ms > 0), "stamped");
+        file.persist(&s).unwrap();
+        assert_eq!(file.load().unwrap(), Some(s));
     }
 
     #[test]

@@ -82,6 +82,12 @@ pub fn cluster_status(input: &StatusInput<'_>) -> ClusterStatus {
         cn,
         dn_groups,
         agents: agent_rows(input),
+        role_changes: input
+            .state
+            .role_changes
+            .iter()
+            .map(|c| c.to_proto())
+            .collect(),
     };
     add_metrics_urls(cfg, &mut status);
     status

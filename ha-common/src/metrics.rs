@@ -68,6 +68,14 @@ impl HttpReply {
         }
     }
 
+    pub fn html(status: u16, body: impl Into<String>) -> HttpReply {
+        HttpReply {
+            status,
+            content_type: "text/html; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
     pub fn json(status: u16, body: impl Into<String>) -> HttpReply {
         HttpReply {
             status,
@@ -353,6 +361,44 @@ pub fn metric_names(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The family names (with prefix) registered in `registry`, whether or not they have a
+/// series yet. The text exposition cannot say this: prometheus-client leaves a family
+/// with no series out entirely (not even its `# TYPE` line), and a freshly started daemon
+/// has many such (a failover counter before the first failover). The registry has no
+/// public iterator, so this reads the descriptors from its `Debug` form; the unit test
+/// `registered_names_include_empty_families` pins that form, so an upgrade of
+/// prometheus-client that changes it fails there, not silently in the dashboard check.
+pub fn registered_names(registry: &Registry) -> Vec<String> {
+    let text = format!("{registry:?}");
+    let prefix = text
+        .split_once("prefix: Some(Prefix(\"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(p, _)| format!("{p}_"))
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let mut rest = text.as_str();
+    while let Some((_, tail)) = rest.split_once("Descriptor { name: \"") {
+        let Some((name, tail)) = tail.split_once('"') else {
+            break;
+        };
+        out.push(format!("{prefix}{name}"));
+        rest = tail;
+    }
+    out
+}
+
+/// The series names a scrape may show for family `name`: itself, and the suffixes the
+/// text format adds (`_total` for counters; `_bucket`, `_sum`, `_count` for histograms).
+/// The type of an empty family is not visible (see [`registered_names`]), so every
+/// suffix is allowed: a dashboard naming `x_total` of a gauge `x` would pass, a
+/// misspelt or removed name would not.
+pub fn series_names(name: &str) -> Vec<String> {
+    ["", "_total", "_bucket", "_sum", "_count"]
+        .iter()
+        .map(|s| format!("{name}{s}"))
+        .collect()
+}
+
 /// The value of the first sample of `name` whose labels contain every `(k, v)` of
 /// `with`; None if there is none.
 pub fn sample(text: &str, name: &str, with: &[(&str, &str)]) -> Option<f64> {
@@ -415,6 +461,31 @@ mod tests {
             sample(&text, "mpp_ha_gxids_handed_out_total", &[]),
             Some(5.0)
         );
+    }
+
+    #[tokio::test]
+    async fn registered_names_include_empty_families() {
+        let mut reg = registry();
+        let _m = InstanceMetrics::register(&mut reg);
+        reg.register("failovers", "Failovers", CounterFamily::default());
+        let text = HttpServer::new(reg).scrape().await;
+        assert!(
+            !text.contains("failovers"),
+            "an empty family is left out of a scrape: {text}"
+        );
+        let mut reg = registry();
+        let _m = InstanceMetrics::register(&mut reg);
+        reg.register("failovers", "Failovers", CounterFamily::default());
+        assert_eq!(
+            registered_names(&reg),
+            vec![
+                "mpp_ha_instance_role",
+                "mpp_ha_instance_state",
+                "mpp_ha_instance_term",
+                "mpp_ha_failovers"
+            ]
+        );
+        assert!(series_names("mpp_ha_failovers").contains(&"mpp_ha_failovers_total".to_owned()));
     }
 
     #[tokio::test]

@@ -127,6 +127,7 @@ mod tests {
             ..Default::default()
         };
         let s = ClusterStatus {
+            role_changes: vec![],
             agents: vec![],
             term: 3,
             cm_servers: vec![row("cms1", "primary", "normal")],
