@@ -413,6 +413,13 @@ impl InstanceSupervisor {
                 let settings = PgSettings::for_member(&cfg, &group, &self.name, follow)?;
                 pg.configure(&settings)?;
                 pg.start().await?;
+                if role == Some(Role::Primary) {
+                    // Before the first probe (it logs in as the monitoring role) and
+                    // before any standby copies it: a fresh primary has only the
+                    // superuser; an older one gets the roles on its next start.
+                    pg.ensure_roles(self.probe_timeout.max(Duration::from_secs(10)))
+                        .await?;
+                }
                 self.started();
                 Ok(())
             }
