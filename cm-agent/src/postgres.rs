@@ -242,7 +242,9 @@ pub fn render_hba(addresses: &[String]) -> String {
             Err(_) => a.clone(),
         };
         if seen.insert(cidr.clone()) {
-            out.push_str(&format!("host    all          all   {cidr}  scram-sha-256\n"));
+            out.push_str(&format!(
+                "host    all          all   {cidr}  scram-sha-256\n"
+            ));
             out.push_str(&format!(
                 "host    replication  all   {cidr}  scram-sha-256\n"
             ));
@@ -479,17 +481,26 @@ impl PgInstance {
             self.password(DnRole::Monitor)?,
             self.password(DnRole::Admin)?,
         ];
-        let mut config = tokio_postgres::Config::new();
-        config
+        let mut socket = tokio_postgres::Config::new();
+        socket
             .host_path(&self.instance_dir)
             .port(self.port)
             .user(SUPERUSER)
             .dbname("postgres")
             .application_name("cm_agent")
             .connect_timeout(timeout);
-        let err = |e: String| AgentError::Instance(format!("{}: creating the DN roles: {e}", self.name));
+        // A server started before DN auth (no socket yet, pg_hba still trusting TCP)
+        // is reached as the superuser over TCP, so that it gets its roles before our
+        // pg_hba is loaded.
+        let mut tcp = socket.clone();
+        tcp.host(&self.address);
+        let err =
+            |e: String| AgentError::Instance(format!("{}: creating the DN roles: {e}", self.name));
         let work = async {
-            let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+            let (client, conn) = match socket.connect(tokio_postgres::NoTls).await {
+                Ok(c) => c,
+                Err(e) => tcp.connect(tokio_postgres::NoTls).await.map_err(|_| e)?,
+            };
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -1177,7 +1188,10 @@ mod tests {
             text.contains(&format!("unix_socket_directories = '{}'", inst.display())),
             "the only socket is in the instance dir: {text}"
         );
-        assert!(text.contains("password_encryption = 'scram-sha-256'"), "{text}");
+        assert!(
+            text.contains("password_encryption = 'scram-sha-256'"),
+            "{text}"
+        );
         assert!(!text.contains("primary_conninfo"), "{text}");
         // A silently dropped standby stops counting as synchronous within the
         // failover timeout (3 s in local.toml), not PostgreSQL's default minute.
@@ -1294,7 +1308,11 @@ mod tests {
             .collect();
         // Exactly one trust rule: the superuser on the local socket.
         let trusted: Vec<&Vec<&str>> = rules.iter().filter(|r| r.contains(&"trust")).collect();
-        assert_eq!(trusted, [&vec!["local", "all", "postgres", "trust"]], "{text}");
+        assert_eq!(
+            trusted,
+            [&vec!["local", "all", "postgres", "trust"]],
+            "{text}"
+        );
         // Every TCP rule wants a SCRAM password.
         for r in rules.iter().filter(|r| r[0] == "host") {
             assert_eq!(r.last(), Some(&"scram-sha-256"), "{text}");
@@ -1329,11 +1347,16 @@ mod tests {
             );
         }
         assert!(
-            sql.contains("ALTER ROLE mpp_replication WITH LOGIN REPLICATION NOSUPERUSER PASSWORD 'r''1'"),
+            sql.contains(
+                "ALTER ROLE mpp_replication WITH LOGIN REPLICATION NOSUPERUSER PASSWORD 'r''1'"
+            ),
             "passwords are quoted: {sql}"
         );
         assert!(sql.contains("GRANT pg_monitor TO mpp_monitor"), "{sql}");
-        assert!(sql.contains("ALTER ROLE mpp_admin WITH LOGIN SUPERUSER PASSWORD 'a3'"), "{sql}");
+        assert!(
+            sql.contains("ALTER ROLE mpp_admin WITH LOGIN SUPERUSER PASSWORD 'a3'"),
+            "{sql}"
+        );
         assert!(
             sql.contains("pg_read_binary_file(text, bigint, bigint, boolean) TO mpp_replication"),
             "pg_rewind's grants: {sql}"

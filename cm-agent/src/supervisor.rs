@@ -64,6 +64,9 @@ pub struct InstanceSupervisor {
     /// Role the instance reported itself in at the last successful probe.
     pub observed_role: Option<Role>,
     pub probe_timeout: Duration,
+    /// Whether this agent already tried to make the DN roles on a running instance
+    /// whose probe failed (a server from before DN auth, adopted; see `observe`).
+    roles_tried: bool,
     cfg: Arc<ClusterConfig>,
     report_tx: Option<watch::Sender<Observation>>,
     last_report: InstanceReport,
@@ -176,6 +179,7 @@ impl InstanceSupervisor {
             last_error: String::new(),
             observed_role: None,
             probe_timeout,
+            roles_tried: false,
             cfg,
             report_tx: None,
         };
@@ -551,7 +555,18 @@ impl InstanceSupervisor {
         let mut facts = String::new();
         match &self.managed {
             Managed::Postgres { pg, .. } if pid.is_some() => {
-                match pg.probe(self.probe_timeout).await {
+                let mut probe = pg.probe(self.probe_timeout).await;
+                if probe.is_err() && !self.roles_tried {
+                    // Once per agent: a primary adopted from before DN auth has no
+                    // monitoring role yet (and a standby's attempt fails harmlessly).
+                    self.roles_tried = true;
+                    let pg = pg.clone();
+                    if pg.ensure_roles(self.probe_timeout).await.is_ok() {
+                        tracing::info!(instance = %self.name, "made the DN roles on a running primary");
+                        probe = pg.probe(self.probe_timeout).await;
+                    }
+                }
+                match probe {
                     Ok(p) => {
                         let role = if p.in_recovery {
                             Role::Standby

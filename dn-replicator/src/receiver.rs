@@ -177,7 +177,10 @@ async fn session(
         Some(p) => Some(
             std::fs::read_to_string(p)
                 .map_err(|e| {
-                    ReceiveError::Upstream(format!("replication password file {}: {e}", p.display()))
+                    ReceiveError::Upstream(format!(
+                        "replication password file {}: {e}",
+                        p.display()
+                    ))
                 })?
                 .lines()
                 .next()

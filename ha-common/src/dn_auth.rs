@@ -275,11 +275,18 @@ mod tests {
     fn a_missing_or_empty_file_is_one_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = cfg(dir.path());
-        let e = read_password(&cfg, DnRole::Monitor).unwrap_err().to_string();
-        assert!(e.contains("monitor_password_file") && e.contains("missing"), "{e}");
+        let e = read_password(&cfg, DnRole::Monitor)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("monitor_password_file") && e.contains("missing"),
+            "{e}"
+        );
         std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
         std::fs::write(password_file(&cfg, DnRole::Monitor), "\n").unwrap();
-        let e = read_password(&cfg, DnRole::Monitor).unwrap_err().to_string();
+        let e = read_password(&cfg, DnRole::Monitor)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty"), "{e}");
     }
 

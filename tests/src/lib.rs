@@ -66,7 +66,9 @@ pub fn dn_login() -> Result<(String, String)> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
-        .context("no test cluster config written yet (write_config) to take the DN password from")?;
+        .context(
+            "no test cluster config written yet (write_config) to take the DN password from",
+        )?;
     let text = std::fs::read_to_string(&file)
         .with_context(|| format!("DN admin password file {}", file.display()))?;
     Ok((
@@ -231,10 +233,16 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
             out.push_str(TLS_OFF_LINE);
             out.push('\n');
         } else if trimmed.starts_with("# dir = ") {
-            // An explicit [tls] dir: a daemon started with --base-dir still finds it.
+            // An explicit [tls] (and [dn_auth]) dir: a daemon started with --base-dir
+            // still finds it.
+            let sub = if trimmed.contains("secrets") {
+                "secrets"
+            } else {
+                "tls"
+            };
             out.push_str(&format!(
                 "dir = {:?}\n",
-                base_dir.join("tls").display().to_string()
+                base_dir.join(sub).display().to_string()
             ));
         } else {
             out.push_str(line);

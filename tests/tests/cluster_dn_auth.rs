@@ -136,7 +136,10 @@ async fn dn_ports_refuse_logins_without_the_roles_passwords() -> Result<()> {
             .join(cm_agent::postgres::SETTINGS_FILE),
     )?;
     for (_, pw) in &passwords {
-        ensure!(!cluster_toml.contains(pw.as_str()), "the config holds a password");
+        ensure!(
+            !cluster_toml.contains(pw.as_str()),
+            "the config holds a password"
+        );
         ensure!(
             !mpp_conf.contains(pw.as_str()),
             "mpp_ha.conf holds a password: {mpp_conf}"
