@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ha_common::config::{ClusterConfig, DnGroup, InstanceKind as ConfigKind, InstanceRef, Role};
+use ha_common::dn_auth::DnRole;
 use ha_common::proto::cm::{
     Assignment, InstanceKind, InstanceReport, MemberRole, Order, OrderOutcome,
 };
@@ -556,7 +557,13 @@ impl InstanceSupervisor {
         match &self.managed {
             Managed::Postgres { pg, .. } if pid.is_some() => {
                 let mut probe = pg.probe(self.probe_timeout).await;
-                if probe.is_err() && !self.roles_tried {
+                // Refused as the monitoring role ('role "mpp_monitor" does not exist',
+                // or its password): not a hung server, whose probe merely times out.
+                let refused_login = probe.as_ref().is_err_and(|e| {
+                    e.to_string()
+                        .contains(&format!("\"{}\"", DnRole::Monitor.name()))
+                });
+                if refused_login && !self.roles_tried {
                     // Once per agent: a primary adopted from before DN auth has no
                     // monitoring role yet (and a standby's attempt fails harmlessly).
                     self.roles_tried = true;
