@@ -112,6 +112,12 @@ fn channel_build(
     let listen = format!("127.0.0.1:{src_port}");
     let data = primary.data_dir.display().to_string();
     let port = primary.port.to_string();
+    // The replication role's password (pg_hba wants one over TCP).
+    let pw_file = primary
+        .passwords
+        .path(ha_common::dn_auth::DnRole::Replication)
+        .display()
+        .to_string();
     let _source = Proc::spawn(
         "source",
         &dn_replicator(),
@@ -121,6 +127,8 @@ fn channel_build(
             &data,
             "--pg-port",
             &port,
+            "--pg-password-file",
+            &pw_file,
             "--listen",
             &listen,
         ],
@@ -186,6 +194,10 @@ async fn run(args: Args) -> Result<()> {
     settings.sync_standbys.clear();
     primary.configure(&settings)?;
     primary.start().await?;
+    primary.ensure_roles(Duration::from_secs(10)).await?;
+    // DN ports want the DN roles' passwords (ha_common::dn_auth).
+    let admin_pw = mpp_ha_tests::dn_login()?.1;
+    let repl_pw = ha_common::dn_auth::read_password(&cfg, ha_common::dn_auth::DnRole::Replication)?;
     println!("filling the primary: pgbench -i -s {}", args.scale);
     check(
         as_user(&primary, "pgbench")
@@ -194,9 +206,10 @@ async fn run(args: Args) -> Result<()> {
                 "-p",
                 &primary.port.to_string(),
                 "-U",
-                "postgres",
+                "mpp_admin",
                 "postgres",
             ])
+            .env("PGPASSWORD", &admin_pw)
             .output()?,
         "pgbench -i",
     )?;
@@ -222,7 +235,8 @@ async fn run(args: Args) -> Result<()> {
                 .arg("-D")
                 .arg(&bb_dir)
                 .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
-                .args(["-U", "postgres", "-X", "stream", "--checkpoint=fast"])
+                .args(["-U", "mpp_replication", "-X", "stream", "--checkpoint=fast"])
+                .env("PGPASSWORD", &repl_pw)
                 .output()?,
             "pg_basebackup",
         )?;

@@ -57,9 +57,18 @@ fn pg_bin(name: &str) -> String {
 /// Runs pgbench against `port`; returns its stdout.
 fn pgbench(port: u16, args: &[&str], sync: &str) -> Result<String> {
     let out = Command::new(pg_bin("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "mpp_admin",
+        ])
         .args(args)
         .arg("postgres")
+        // DN ports want the DN roles' passwords (ha_common::dn_auth).
+        .env("PGPASSWORD", mpp_ha_tests::dn_login()?.1)
         .env("PGOPTIONS", format!("-c synchronous_commit={sync}"))
         .output()
         .context("run pgbench")?;
@@ -117,6 +126,7 @@ async fn main() -> Result<()> {
     primary.initdb().await?;
     primary.configure(&PgSettings::for_member(&cfg, group, "dn1_h1", None)?)?;
     primary.start().await?;
+    primary.ensure_roles(Duration::from_secs(10)).await?;
     let up = Upstream {
         host: primary.address.clone(),
         port: primary.port,
@@ -145,7 +155,7 @@ async fn main() -> Result<()> {
         )
     })
     .await?;
-    let db = primary.connect(Duration::from_secs(5)).await?;
+    let db = mpp_ha_tests::connect(primary.port, Duration::from_secs(5)).await?;
     db.batch_execute("SET synchronous_commit = local").await?;
     pgbench(primary.port, &["-i", "-q", "-s", "5"], "local")?;
     let secs = args.seconds.to_string();
@@ -230,8 +240,12 @@ async fn main() -> Result<()> {
             "-p",
             &primary.port.to_string(),
             "-U",
-            "postgres",
+            "mpp_replication",
         ])
+        .env(
+            "PGPASSWORD",
+            ha_common::dn_auth::read_password(&cfg, ha_common::dn_auth::DnRole::Replication)?,
+        )
         .args(["--slot", slot, "--no-loop", "-E", &endpos, "-D"])
         .arg(&out_dir);
         if sync {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ha_common::config::{ClusterConfig, DnGroup, Role};
+use ha_common::dn_auth::{self, DnRole, PasswordFiles};
 use ha_common::lsn::parse_lsn;
 use ha_common::proto::cm::ReplicaState;
 
@@ -19,8 +20,15 @@ use crate::process;
 /// Our settings live in this file inside the data dir, included from postgresql.conf.
 pub const SETTINGS_FILE: &str = "mpp_ha.conf";
 const INCLUDE_LINE: &str = "include_if_exists = 'mpp_ha.conf'";
-/// The database superuser created by initdb; replication connects as it too.
+/// The database superuser created by initdb. Only the agent uses it, on the instance's
+/// own Unix socket (pg_hba trusts nothing else); TCP clients log in as the
+/// [`DnRole`]s with their passwords.
 pub const SUPERUSER: &str = "postgres";
+/// The libpq password file (in the instance dir, the OS user's, 0600) that
+/// primary_conninfo, pg_basebackup and pg_rewind read the replication password from.
+pub const PGPASS_FILE: &str = "pgpass";
+/// A Unix socket path longer than this (sun_path less its NUL) cannot be bound.
+const MAX_SOCKET_PATH: usize = 107;
 /// pg_ctl's own wait limit (seconds) for start, stop and promote.
 const PG_CTL_TIMEOUT_S: &str = "120";
 
@@ -52,6 +60,9 @@ pub struct PgSettings {
     /// PostgreSQL's default minute, nobody moves the stream to the secondary, and every
     /// commit hangs that long (issue 9 §3 c).
     pub replication_timeout_ms: u64,
+    /// The instance dir: its Unix socket (the agent's superuser access) and the
+    /// password file a standby's primary_conninfo names.
+    pub instance_dir: PathBuf,
 }
 
 impl PgSettings {
@@ -83,6 +94,7 @@ impl PgSettings {
             upstream,
             replication_timeout_ms: u64::try_from(cfg.timing.dn_failover_timeout().as_millis())
                 .unwrap_or(u64::MAX),
+            instance_dir: cfg.instance_dir(instance),
         })
     }
 
@@ -129,11 +141,15 @@ fn conf_quote(value: &str) -> String {
 }
 
 /// `primary_conninfo` for a standby named `application_name` (the name its primary
-/// lists in `synchronous_standby_names`).
-pub fn primary_conninfo(upstream: &Upstream, application_name: &str) -> String {
+/// lists in `synchronous_standby_names`): the replication role, its password from
+/// `passfile` (never the password itself: postgresql.conf is readable by more tools).
+pub fn primary_conninfo(upstream: &Upstream, application_name: &str, passfile: &Path) -> String {
     format!(
-        "host={} port={} user={SUPERUSER} application_name={application_name}",
-        upstream.host, upstream.port
+        "host={} port={} user={} passfile={} application_name={application_name}",
+        upstream.host,
+        upstream.port,
+        DnRole::Replication.name(),
+        passfile.display()
     )
 }
 
@@ -150,8 +166,10 @@ pub fn render_settings(s: &PgSettings) -> String {
         "# Written by cm_agent for {name} ({role}). Do not edit: the agent rewrites it.\n\
          listen_addresses = {listen}\n\
          port = {port}\n\
-         # TCP only: no socket-path length or permission problems.\n\
-         unix_socket_directories = ''\n\
+         # The only socket is in the instance dir (the OS user's, 0750): the agent's\n\
+         # superuser access, trusted by pg_hba; every TCP login needs a SCRAM password.\n\
+         unix_socket_directories = {socket_dir}\n\
+         password_encryption = 'scram-sha-256'\n\
          cluster_name = {name_q}\n\
          wal_level = replica\n\
          hot_standby = on\n\
@@ -178,11 +196,16 @@ pub fn render_settings(s: &PgSettings) -> String {
         name_q = conf_quote(&s.instance),
         sync = conf_quote(&sync),
         repl_timeout = s.replication_timeout_ms,
+        socket_dir = conf_quote(&s.instance_dir.display().to_string()),
     );
     if let Some(up) = &s.upstream {
         out.push_str(&format!(
             "primary_conninfo = {}\nrecovery_target_timeline = 'latest'\n",
-            conf_quote(&primary_conninfo(up, &s.instance))
+            conf_quote(&primary_conninfo(
+                up,
+                &s.instance,
+                &s.instance_dir.join(PGPASS_FILE)
+            ))
         ));
         if let Some(rc) = &s.restore_command {
             out.push_str(&format!("restore_command = {}\n", conf_quote(rc)));
@@ -191,19 +214,24 @@ pub fn render_settings(s: &PgSettings) -> String {
     out
 }
 
-/// The text of pg_hba.conf: trust for the cluster's own addresses.
+/// The text of pg_hba.conf: the database superuser by trust on the instance's own
+/// Unix socket only (its directory is the OS user's: the agent and the OS user reach
+/// it), SCRAM passwords for every TCP connection from loopback and the cluster's hosts,
+/// replication included; nothing else connects.
 pub fn render_hba(addresses: &[String]) -> String {
-    let mut out = String::from(
-        "# Written by cm_agent. This is a loopback development cluster: every connection\n\
-         # from the cluster's own hosts is trusted, replication included.\n\
-         # PRODUCTION NEEDS REAL AUTHENTICATION (scram-sha-256 passwords or certificates,\n\
-         # and a replication role) instead of trust.\n\
-         local   all          all                 trust\n\
-         local   replication  all                 trust\n\
-         host    all          all   127.0.0.1/32  trust\n\
-         host    replication  all   127.0.0.1/32  trust\n\
-         host    all          all   ::1/128       trust\n\
-         host    replication  all   ::1/128       trust\n",
+    let mut out = format!(
+        "# Written by cm_agent. Do not edit: the agent rewrites it.\n\
+         # Trust only on the local socket (in the instance dir, reachable by the OS user\n\
+         # and the agent); every TCP login needs a SCRAM-SHA-256 password\n\
+         # ({repl}, {mon}, {admin}: see [dn_auth] in the config).\n\
+         local   all          {SUPERUSER}            trust\n\
+         host    all          all   127.0.0.1/32  scram-sha-256\n\
+         host    replication  all   127.0.0.1/32  scram-sha-256\n\
+         host    all          all   ::1/128       scram-sha-256\n\
+         host    replication  all   ::1/128       scram-sha-256\n",
+        repl = DnRole::Replication.name(),
+        mon = DnRole::Monitor.name(),
+        admin = DnRole::Admin.name(),
     );
     let mut seen = std::collections::BTreeSet::new();
     for a in addresses {
@@ -214,11 +242,55 @@ pub fn render_hba(addresses: &[String]) -> String {
             Err(_) => a.clone(),
         };
         if seen.insert(cidr.clone()) {
-            out.push_str(&format!("host    all          all   {cidr}  trust\n"));
-            out.push_str(&format!("host    replication  all   {cidr}  trust\n"));
+            out.push_str(&format!(
+                "host    all          all   {cidr}  scram-sha-256\n"
+            ));
+            out.push_str(&format!(
+                "host    replication  all   {cidr}  scram-sha-256\n"
+            ));
         }
     }
     out
+}
+
+/// The SQL that makes (or brings up to date) the [`DnRole`]s on a primary, with
+/// `passwords` in [`DnRole::ALL`] order. Idempotent.
+pub fn roles_sql(passwords: &[String; 3]) -> String {
+    let [repl, mon, admin] = DnRole::ALL.map(DnRole::name);
+    let lit = |r: DnRole| dn_auth::sql_literal(&passwords[r as usize]);
+    let mut sql = String::from("DO $$ BEGIN\n");
+    for r in DnRole::ALL {
+        sql.push_str(&format!(
+            "  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{0}') THEN CREATE ROLE {0}; END IF;\n",
+            r.name()
+        ));
+    }
+    sql.push_str("END $$;\n");
+    sql.push_str(&format!(
+        "ALTER ROLE {repl} WITH LOGIN REPLICATION NOSUPERUSER PASSWORD {};\n\
+         ALTER ROLE {mon} WITH LOGIN NOREPLICATION NOSUPERUSER PASSWORD {};\n\
+         GRANT pg_monitor TO {mon};\n\
+         GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_checkpoint() TO {mon};\n\
+         ALTER ROLE {admin} WITH LOGIN SUPERUSER PASSWORD {};\n",
+        lit(DnRole::Replication),
+        lit(DnRole::Monitor),
+        lit(DnRole::Admin),
+    ));
+    // pg_rewind as a non-superuser (its documented grants), and the build source's
+    // backup on its own session (dn_replicator::build_source).
+    for f in [
+        "pg_ls_dir(text, boolean, boolean)",
+        "pg_stat_file(text, boolean)",
+        "pg_read_binary_file(text)",
+        "pg_read_binary_file(text, bigint, bigint, boolean)",
+        "pg_backup_start(text, boolean)",
+        "pg_backup_stop(boolean)",
+    ] {
+        sql.push_str(&format!(
+            "GRANT EXECUTE ON FUNCTION pg_catalog.{f} TO {repl};\n"
+        ));
+    }
+    sql
 }
 
 /// What a probe of a running instance found.
@@ -254,6 +326,8 @@ pub struct PgInstance {
     /// The `restore_command`'s program as built (`<bin_dir>/dn_replicator`) and the
     /// copy the OS user runs (`<base_dir>/bin/dn_replicator`).
     pub restore_tool: (PathBuf, PathBuf),
+    /// The DN roles' password files (read when used).
+    pub passwords: PasswordFiles,
 }
 
 impl PgInstance {
@@ -280,6 +354,7 @@ impl PgInstance {
                 cfg.bin_dir().join(RESTORE_TOOL),
                 os_tools::installed_path(cfg, RESTORE_TOOL),
             ),
+            passwords: PasswordFiles::for_config(cfg),
         })
     }
 
@@ -325,7 +400,12 @@ impl PgInstance {
     async fn run(&self, tool: &str, args: &[&str]) -> Result<String> {
         let program = self.tool(tool);
         let mut cmd = self.os_user.command(&program, &self.instance_dir);
-        cmd.args(args).env("LC_ALL", "C").env_remove("PGDATA");
+        cmd.args(args)
+            .env("LC_ALL", "C")
+            .env_remove("PGDATA")
+            .env_remove("PGPASSWORD")
+            // pg_basebackup and pg_rewind log in as the replication role.
+            .env("PGPASSFILE", self.pgpass_path());
         // pg_ctl starts the postmaster: keep it out of the agent's process group so
         // that signals aimed at the agent never reach it.
         cmd.process_group(0);
@@ -354,7 +434,91 @@ impl PgInstance {
         self.data_dir.display().to_string()
     }
 
-    /// A new primary: initdb with checksums, superuser `postgres`, trust auth.
+    /// The libpq password file of this instance.
+    pub fn pgpass_path(&self) -> PathBuf {
+        self.instance_dir.join(PGPASS_FILE)
+    }
+
+    /// Writes the libpq password file (replication role) from the password files,
+    /// owned by the OS user, 0600 (libpq ignores a more open one).
+    pub fn write_pgpass(&self) -> Result<()> {
+        let pw = self.password(DnRole::Replication)?;
+        let text = dn_auth::pgpass_line(DnRole::Replication, &pw);
+        let path = self.pgpass_path();
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            self.write_owned(&path, &text)?;
+        }
+        Ok(())
+    }
+
+    fn password(&self, role: DnRole) -> Result<String> {
+        self.passwords
+            .read(role)
+            .map_err(|e| AgentError::Instance(format!("{}: {e}", self.name)))
+    }
+
+    /// The socket dir must fit a Unix socket path, or PostgreSQL refuses to start.
+    fn check_socket_path(&self) -> Result<()> {
+        let sock = self.instance_dir.join(format!(".s.PGSQL.{}", self.port));
+        let len = sock.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(AgentError::Instance(format!(
+                "{}: the socket path {} is {len} bytes, more than a Unix socket allows ({MAX_SOCKET_PATH}): use a shorter base_dir",
+                self.name,
+                sock.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes the [`DnRole`]s (or brings their passwords and rights up to date) on this
+    /// running primary, as the superuser on its own socket. `synchronous_commit =
+    /// local`: a primary just started has no synchronous standby yet, and the roles
+    /// reach standbys with the WAL (or their base backup) all the same.
+    pub async fn ensure_roles(&self, timeout: Duration) -> Result<()> {
+        let passwords = [
+            self.password(DnRole::Replication)?,
+            self.password(DnRole::Monitor)?,
+            self.password(DnRole::Admin)?,
+        ];
+        let mut socket = tokio_postgres::Config::new();
+        socket
+            .host_path(&self.instance_dir)
+            .port(self.port)
+            .user(SUPERUSER)
+            .dbname("postgres")
+            .application_name("cm_agent")
+            .connect_timeout(timeout);
+        // A server started before DN auth (no socket yet, pg_hba still trusting TCP)
+        // is reached as the superuser over TCP, so that it gets its roles before our
+        // pg_hba is loaded.
+        let mut tcp = socket.clone();
+        tcp.host(&self.address);
+        let err =
+            |e: String| AgentError::Instance(format!("{}: creating the DN roles: {e}", self.name));
+        let work = async {
+            let (client, conn) = match socket.connect(tokio_postgres::NoTls).await {
+                Ok(c) => c,
+                Err(e) => tcp.connect(tokio_postgres::NoTls).await.map_err(|_| e)?,
+            };
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+                .batch_execute(&format!(
+                    "SET synchronous_commit = local;\nBEGIN;\n{}COMMIT;",
+                    roles_sql(&passwords)
+                ))
+                .await
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| err(format!("timed out after {timeout:?}")))?
+            .map_err(|e| err(e.to_string()))
+    }
+
+    /// A new primary: initdb with checksums, superuser `postgres`, trust only on the
+    /// local socket and SCRAM passwords over TCP (our pg_hba.conf replaces initdb's).
     pub async fn initdb(&self) -> Result<()> {
         self.prepare_dirs()?;
         self.clear_partial_data()?;
@@ -367,7 +531,8 @@ impl PgInstance {
                 &data,
                 "-U",
                 SUPERUSER,
-                "--auth=trust",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
                 // Every DN of the cluster must sort text the same way.
                 "--locale=C",
                 "--encoding=UTF8",
@@ -381,6 +546,7 @@ impl PgInstance {
     pub async fn basebackup(&self, upstream: &Upstream) -> Result<()> {
         self.prepare_dirs()?;
         self.clear_partial_data()?;
+        self.write_pgpass()?;
         let data = self.data_arg();
         let port = upstream.port.to_string();
         let result = self
@@ -394,7 +560,7 @@ impl PgInstance {
                     "-p",
                     &port,
                     "-U",
-                    SUPERUSER,
+                    DnRole::Replication.name(),
                     "-X",
                     "stream",
                     "-R",
@@ -449,6 +615,8 @@ impl PgInstance {
                 self.write_owned(&auto, &kept)?;
             }
         }
+        self.check_socket_path()?;
+        self.write_pgpass()?;
         let hba = self.data_dir.join("pg_hba.conf");
         let hba_text = render_hba(&self.trusted_addresses);
         let mut changed = false;
@@ -621,9 +789,12 @@ impl PgInstance {
         self.require_primary_upstream(upstream).await?;
         self.checkpoint_upstream(upstream).await?;
         let data = self.data_arg();
+        self.write_pgpass()?;
         let source = format!(
-            "host={} port={} user={SUPERUSER} dbname=postgres",
-            upstream.host, upstream.port
+            "host={} port={} user={} dbname=postgres",
+            upstream.host,
+            upstream.port,
+            DnRole::Replication.name()
         );
         let target = format!("--target-pgdata={data}");
         let source = format!("--source-server={source}");
@@ -661,7 +832,7 @@ impl PgInstance {
         Ok(())
     }
 
-    /// Connects to `upstream` as the superuser and runs `work` on the session, both
+    /// Connects to `upstream` as the admin role and runs `work` on the session, both
     /// within `timeout`; an error names this instance and `purpose(host, port)`.
     async fn on_upstream<T, F, Fut>(
         &self,
@@ -678,7 +849,8 @@ impl PgInstance {
         config
             .host(&upstream.host)
             .port(upstream.port)
-            .user(SUPERUSER)
+            .user(DnRole::Admin.name())
+            .password(self.password(DnRole::Admin)?)
             .dbname("postgres")
             .application_name("cm_agent")
             .connect_timeout(Duration::from_secs(5));
@@ -749,13 +921,14 @@ impl PgInstance {
         last_lines(&text, lines)
     }
 
-    /// Connects over TCP as the superuser (within `timeout`).
+    /// Connects over TCP as the monitoring role (within `timeout`): the probes.
     pub async fn connect(&self, timeout: Duration) -> Result<tokio_postgres::Client> {
         let mut config = tokio_postgres::Config::new();
         config
             .host(&self.address)
             .port(self.port)
-            .user(SUPERUSER)
+            .user(DnRole::Monitor.name())
+            .password(self.password(DnRole::Monitor)?)
             .dbname("postgres")
             .application_name("cm_agent")
             .connect_timeout(timeout);
@@ -1010,7 +1183,15 @@ mod tests {
         );
         assert!(text.contains("port = 6501"), "{text}");
         assert!(text.contains("listen_addresses = '127.0.0.1'"), "{text}");
-        assert!(text.contains("unix_socket_directories = ''"), "{text}");
+        let inst = cfg.instance_dir("dn1_h1");
+        assert!(
+            text.contains(&format!("unix_socket_directories = '{}'", inst.display())),
+            "the only socket is in the instance dir: {text}"
+        );
+        assert!(
+            text.contains("password_encryption = 'scram-sha-256'"),
+            "{text}"
+        );
         assert!(!text.contains("primary_conninfo"), "{text}");
         // A silently dropped standby stops counting as synchronous within the
         // failover timeout (3 s in local.toml), not PostgreSQL's default minute.
@@ -1046,9 +1227,10 @@ mod tests {
         let s = PgSettings::for_member(&cfg, group(&cfg, "dn1"), "dn1_h2", Some(up)).unwrap();
         let text = render_settings(&s);
         assert!(
-            text.contains(
-                "primary_conninfo = 'host=127.0.0.1 port=6501 user=postgres application_name=dn1_h2'"
-            ),
+            text.contains(&format!(
+                "primary_conninfo = 'host=127.0.0.1 port=6501 user=mpp_replication passfile={} application_name=dn1_h2'",
+                cfg.instance_dir("dn1_h2").join("pgpass").display()
+            )),
             "{text}"
         );
         assert!(text.contains("port = 6502"), "{text}");
@@ -1112,18 +1294,72 @@ mod tests {
     }
 
     #[test]
-    fn hba_trusts_loopback_and_cluster_hosts_once() {
+    fn hba_trusts_only_the_local_socket_and_asks_tcp_for_scram_passwords() {
         let text = render_hba(&[
             "127.0.0.1".into(),
             "10.0.0.5".into(),
             "10.0.0.5".into(),
             "db3".into(),
         ]);
-        assert_eq!(text.matches("10.0.0.5/32").count(), 2, "{text}");
-        assert!(
-            text.contains("host    replication  all   db3  trust"),
+        let rules: Vec<Vec<&str>> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        // Exactly one trust rule: the superuser on the local socket.
+        let trusted: Vec<&Vec<&str>> = rules.iter().filter(|r| r.contains(&"trust")).collect();
+        assert_eq!(
+            trusted,
+            [&vec!["local", "all", "postgres", "trust"]],
             "{text}"
         );
-        assert!(text.contains("PRODUCTION NEEDS REAL AUTHENTICATION"));
+        // Every TCP rule wants a SCRAM password.
+        for r in rules.iter().filter(|r| r[0] == "host") {
+            assert_eq!(r.last(), Some(&"scram-sha-256"), "{text}");
+        }
+        for (db, addr) in [
+            ("all", "127.0.0.1/32"),
+            ("replication", "127.0.0.1/32"),
+            ("all", "::1/128"),
+            ("replication", "::1/128"),
+            ("all", "10.0.0.5/32"),
+            ("replication", "10.0.0.5/32"),
+            ("all", "db3"),
+            ("replication", "db3"),
+        ] {
+            let n = rules
+                .iter()
+                .filter(|r| r[0] == "host" && r[1] == db && r[3] == addr)
+                .count();
+            assert_eq!(n, 1, "one {db} rule for {addr}: {text}");
+        }
+        // Loopback cluster addresses are not listed twice; nothing else connects.
+        assert_eq!(rules.len(), 9, "{text}");
+    }
+
+    #[test]
+    fn roles_sql_makes_each_role_idempotently_with_its_rights() {
+        let sql = roles_sql(&["r'1".into(), "m2".into(), "a3".into()]);
+        for r in DnRole::ALL {
+            assert!(
+                sql.contains(&format!("WHERE rolname = '{}') THEN CREATE ROLE", r.name())),
+                "{sql}"
+            );
+        }
+        assert!(
+            sql.contains(
+                "ALTER ROLE mpp_replication WITH LOGIN REPLICATION NOSUPERUSER PASSWORD 'r''1'"
+            ),
+            "passwords are quoted: {sql}"
+        );
+        assert!(sql.contains("GRANT pg_monitor TO mpp_monitor"), "{sql}");
+        assert!(
+            sql.contains("ALTER ROLE mpp_admin WITH LOGIN SUPERUSER PASSWORD 'a3'"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("pg_read_binary_file(text, bigint, bigint, boolean) TO mpp_replication"),
+            "pg_rewind's grants: {sql}"
+        );
     }
 }

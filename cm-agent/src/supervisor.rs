@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ha_common::config::{ClusterConfig, DnGroup, InstanceKind as ConfigKind, InstanceRef, Role};
+use ha_common::dn_auth::DnRole;
 use ha_common::proto::cm::{
     Assignment, InstanceKind, InstanceReport, MemberRole, Order, OrderOutcome,
 };
@@ -64,6 +65,9 @@ pub struct InstanceSupervisor {
     /// Role the instance reported itself in at the last successful probe.
     pub observed_role: Option<Role>,
     pub probe_timeout: Duration,
+    /// Whether this agent already tried to make the DN roles on a running instance
+    /// whose probe failed (a server from before DN auth, adopted; see `observe`).
+    roles_tried: bool,
     cfg: Arc<ClusterConfig>,
     report_tx: Option<watch::Sender<Observation>>,
     last_report: InstanceReport,
@@ -176,6 +180,7 @@ impl InstanceSupervisor {
             last_error: String::new(),
             observed_role: None,
             probe_timeout,
+            roles_tried: false,
             cfg,
             report_tx: None,
         };
@@ -413,6 +418,13 @@ impl InstanceSupervisor {
                 let settings = PgSettings::for_member(&cfg, &group, &self.name, follow)?;
                 pg.configure(&settings)?;
                 pg.start().await?;
+                if role == Some(Role::Primary) {
+                    // Before the first probe (it logs in as the monitoring role) and
+                    // before any standby copies it: a fresh primary has only the
+                    // superuser; an older one gets the roles on its next start.
+                    pg.ensure_roles(self.probe_timeout.max(Duration::from_secs(10)))
+                        .await?;
+                }
                 self.started();
                 Ok(())
             }
@@ -544,7 +556,24 @@ impl InstanceSupervisor {
         let mut facts = String::new();
         match &self.managed {
             Managed::Postgres { pg, .. } if pid.is_some() => {
-                match pg.probe(self.probe_timeout).await {
+                let mut probe = pg.probe(self.probe_timeout).await;
+                // Refused as the monitoring role ('role "mpp_monitor" does not exist',
+                // or its password): not a hung server, whose probe merely times out.
+                let refused_login = probe.as_ref().is_err_and(|e| {
+                    e.to_string()
+                        .contains(&format!("\"{}\"", DnRole::Monitor.name()))
+                });
+                if refused_login && !self.roles_tried {
+                    // Once per agent: a primary adopted from before DN auth has no
+                    // monitoring role yet (and a standby's attempt fails harmlessly).
+                    self.roles_tried = true;
+                    let pg = pg.clone();
+                    if pg.ensure_roles(self.probe_timeout).await.is_ok() {
+                        tracing::info!(instance = %self.name, "made the DN roles on a running primary");
+                        probe = pg.probe(self.probe_timeout).await;
+                    }
+                }
+                match probe {
                     Ok(p) => {
                         let role = if p.in_recovery {
                             Role::Standby

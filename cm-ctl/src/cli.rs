@@ -158,6 +158,11 @@ impl Cli {
             ha_common::tls::init_dir(&cfg.tls_dir(), &cfg.cluster.name, None, &opts)
                 .map_err(ha_common::ConfigError::from)?;
         }
+        if first_local_up {
+            // The DN roles' passwords, made once (never replaced: the data dirs'
+            // roles carry them).
+            ha_common::dn_auth::init_password_files(&cfg)?;
+        }
         if !matches!(self.command, Command::Cert { .. }) {
             ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
                 .map_err(ha_common::ConfigError::from)?;

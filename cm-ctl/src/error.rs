@@ -9,6 +9,8 @@ use ha_common::ConfigError;
 pub enum CtlError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    DnAuth(#[from] ha_common::dn_auth::DnAuthError),
     #[error("no primary CMServer reachable (tried {tried})")]
     NoCmServer { tried: String },
     #[error("unknown instance {name:?}: not in config {config}")]

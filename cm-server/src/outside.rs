@@ -59,11 +59,22 @@ pub async fn probe(cfg: &ClusterConfig, name: &str, timeout: Duration) -> Option
             }
             _ => {
                 let (host, port) = endpoint.rsplit_once(':')?;
+                // As the monitoring role, like the agents' probes: pg_hba wants a
+                // password on every TCP login (the CMServer hosts need the file too).
+                let monitor = ha_common::dn_auth::DnRole::Monitor;
+                let password = match ha_common::dn_auth::read_password(cfg, monitor) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(instance = %name, "cannot probe it: {e}");
+                        return None;
+                    }
+                };
                 let mut config = tokio_postgres::Config::new();
                 config
                     .host(host)
                     .port(port.parse().ok()?)
-                    .user("postgres")
+                    .user(monitor.name())
+                    .password(password)
                     .dbname("postgres")
                     .application_name("cm_server")
                     .connect_timeout(timeout);

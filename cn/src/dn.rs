@@ -156,15 +156,22 @@ fn answer(msgs: Vec<SimpleQueryMessage>) -> Answer {
 /// Pools of idle connections per group.
 pub struct Pool {
     user: String,
+    /// The role's password file, read at each new connection (None: no password).
+    password_file: Option<std::path::PathBuf>,
     connect_timeout: Duration,
     idle: Mutex<HashMap<usize, Vec<DnConn>>>,
     max_idle: usize,
 }
 
 impl Pool {
-    pub fn new(user: &str, connect_timeout: Duration) -> Arc<Pool> {
+    pub fn new(
+        user: &str,
+        password_file: Option<std::path::PathBuf>,
+        connect_timeout: Duration,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             user: user.to_owned(),
+            password_file,
             connect_timeout,
             idle: Mutex::new(HashMap::new()),
             max_idle: 64,
@@ -200,6 +207,15 @@ impl Pool {
             .dbname("postgres")
             .application_name("mpp-ha-cn")
             .connect_timeout(self.connect_timeout);
+        if let Some(file) = &self.password_file {
+            let password = std::fs::read_to_string(file).map_err(|e| {
+                DnError::new(
+                    UNREACHABLE,
+                    format!("DN password file {}: {e}", file.display()),
+                )
+            })?;
+            cfg.password(password.lines().next().unwrap_or("").trim());
+        }
         let connected = tokio::time::timeout(self.connect_timeout, cfg.connect(NoTls)).await;
         let (client, conn) = match connected {
             Ok(Ok(x)) => x,

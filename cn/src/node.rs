@@ -163,7 +163,10 @@ impl Node {
                 }
             })
             .collect();
-        let user = cfg.cluster.os_user.clone();
+        // The admin role (superuser): the CN runs every client's statements and
+        // finishes 2PC transactions other sessions prepared (see ha_common::dn_auth).
+        let admin = ha_common::dn_auth::DnRole::Admin;
+        let password_file = ha_common::dn_auth::password_file(&cfg, admin);
         let timeout = cfg.timing.probe_timeout();
         Node {
             name: name.to_owned(),
@@ -173,7 +176,7 @@ impl Node {
             state_dir,
             catalog: RwLock::new(catalog),
             topology: RwLock::new(topology),
-            pool: Pool::new(&user, timeout),
+            pool: Pool::new(admin.name(), Some(password_file), timeout),
             gtm,
             ddl_lock: tokio::sync::Mutex::new(()),
             in_flight: Mutex::new(HashSet::new()),

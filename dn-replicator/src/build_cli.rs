@@ -26,9 +26,14 @@ pub struct BuildSourceArgs {
     /// The primary's port.
     #[arg(long)]
     pg_port: u16,
-    /// Database superuser.
-    #[arg(long, default_value = "postgres")]
+    /// Database role: the cluster's replication role (REPLICATION, with the grants on
+    /// pg_backup_start/stop the agent gives it).
+    #[arg(long, default_value = "mpp_replication")]
     pg_user: String,
+    /// File holding the role's password (first line), e.g. the config's
+    /// `[dn_auth] replication_password_file`; none: no password is sent.
+    #[arg(long)]
+    pg_password_file: Option<PathBuf>,
     /// Seconds to keep the backup open for a sink that lost its connection.
     #[arg(long, default_value_t = 120)]
     resume_window: u64,
@@ -84,6 +89,18 @@ pub fn build_source(a: BuildSourceArgs) -> anyhow::Result<()> {
                 host: a.pg_host,
                 port: a.pg_port,
                 user: a.pg_user,
+                password: match &a.pg_password_file {
+                    Some(p) => Some(
+                        std::fs::read_to_string(p)
+                            .with_context(|| format!("--pg-password-file {}", p.display()))?
+                            .lines()
+                            .next()
+                            .unwrap_or("")
+                            .trim()
+                            .to_owned(),
+                    ),
+                    None => None,
+                },
             },
             resume_window: Duration::from_secs(a.resume_window),
             first_wait: Duration::from_secs(a.resume_window),

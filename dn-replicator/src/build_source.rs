@@ -31,6 +31,8 @@ pub struct PgTarget {
     pub host: String,
     pub port: u16,
     pub user: String,
+    /// The role's SCRAM password (pg_hba asks every TCP login for one).
+    pub password: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +281,9 @@ async fn start_session(cfg: &SourceConfig) -> Result<Session, SourceError> {
         .dbname("postgres")
         .application_name("dn_replicator build-source")
         .connect_timeout(Duration::from_secs(10));
+    if let Some(pw) = &cfg.pg.password {
+        pgc.password(pw);
+    }
     let (client, conn) = pgc
         .connect(tokio_postgres::NoTls)
         .await

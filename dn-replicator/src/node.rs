@@ -38,6 +38,8 @@ struct Inner {
 
 pub struct Node {
     name: String,
+    /// The replication role's password file (read at each connection), if any.
+    password_file: Option<PathBuf>,
     state_path: PathBuf,
     inner: tokio::sync::Mutex<Inner>,
     store: Arc<Mutex<WalStore>>,
@@ -77,6 +79,7 @@ impl Node {
         let store = WalStore::open(&dir.join("wal"))?;
         Ok(Node {
             name: name.to_owned(),
+            password_file: None,
             state_path,
             inner: tokio::sync::Mutex::new(Inner {
                 durable,
@@ -85,6 +88,13 @@ impl Node {
             store: Arc::new(Mutex::new(store)),
             live: Arc::new(Mutex::new(Live::default())),
         })
+    }
+
+    /// Logs in to upstreams with the password in `file` (the config's
+    /// `[dn_auth] replication_password_file`).
+    pub fn with_password_file(mut self, file: PathBuf) -> Node {
+        self.password_file = Some(file);
+        self
     }
 
     /// After a restart: streams again if it was streaming.
@@ -104,6 +114,7 @@ impl Node {
             up,
             start_lsn,
             self.name.clone(),
+            self.password_file.clone(),
             self.store.clone(),
             self.live.clone(),
         )));

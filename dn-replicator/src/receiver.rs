@@ -4,14 +4,15 @@
 //! secondary holds it durably. Reconnects after any error until cancelled (the task is
 //! aborted: its socket closes and nothing more is acknowledged).
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::pgproto::{self, Connection, ProtoError, ReplicationMessage};
 use crate::wal_store::{segment_start, StoreError, WalStore};
 
-/// The user the replication connection logs in as (the local config trusts it).
-pub const REPLICATION_USER: &str = "postgres";
+/// The role the replication connection logs in as (SCRAM; see `ha_common::dn_auth`).
+pub const REPLICATION_USER: &str = "mpp_replication";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between reconnect attempts: short, the first two-copy commit after a failover waits on it.
 const RETRY: Duration = Duration::from_millis(100);
@@ -82,11 +83,20 @@ pub async fn run(
     up: Upstream,
     start_lsn: u64,
     application_name: String,
+    password_file: Option<PathBuf>,
     store: Arc<Mutex<WalStore>>,
     live: Arc<Mutex<Live>>,
 ) {
     loop {
-        let r = session(&up, start_lsn, &application_name, &store, &live).await;
+        let r = session(
+            &up,
+            start_lsn,
+            &application_name,
+            password_file.as_deref(),
+            &store,
+            &live,
+        )
+        .await;
         let msg = match r {
             Ok(()) => "upstream closed the stream".to_owned(),
             Err(e) => e.to_string(),
@@ -158,15 +168,34 @@ async fn session(
     up: &Upstream,
     start_lsn: u64,
     application_name: &str,
+    password_file: Option<&Path>,
     store: &Arc<Mutex<WalStore>>,
     live: &Arc<Mutex<Live>>,
 ) -> Result<(), ReceiveError> {
+    // Read at each connection: a file made or changed since is used at once.
+    let password = match password_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| {
+                    ReceiveError::Upstream(format!(
+                        "replication password file {}: {e}",
+                        p.display()
+                    ))
+                })?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
     let mut conn = Connection::connect(
         &up.host,
         up.port,
         REPLICATION_USER,
         application_name,
-        None,
+        password.as_deref(),
         CONNECT_TIMEOUT,
     )
     .await?;

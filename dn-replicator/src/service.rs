@@ -202,7 +202,9 @@ pub async fn serve(
         .instance
         .clone();
     let dir = cfg.instance_dir(&me.name);
-    let n = Arc::new(Node::open(&me.name, &dir)?);
+    let password_file =
+        ha_common::dn_auth::password_file(&cfg, ha_common::dn_auth::DnRole::Replication);
+    let n = Arc::new(Node::open(&me.name, &dir)?.with_password_file(password_file));
     let addr_text = format!("{}:{}", cfg.address_of(&me), me.port());
     let addr: SocketAddr = tokio::net::lookup_host(&addr_text)
         .await

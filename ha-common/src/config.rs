@@ -91,6 +91,25 @@ pub struct TlsSection {
     pub dir: Option<PathBuf>,
 }
 
+/// `[dn_auth]`: where the passwords of the roles our programs use on the DNs live
+/// (see `ha_common::dn_auth`). Paths only: a config never holds a password.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnAuthSection {
+    /// Directory of the password files; default `<base_dir>/secrets`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// `mpp_replication`'s password; default `<dir>/mpp_replication.password`.
+    #[serde(default)]
+    pub replication_password_file: Option<PathBuf>,
+    /// `mpp_monitor`'s password; default `<dir>/mpp_monitor.password`.
+    #[serde(default)]
+    pub monitor_password_file: Option<PathBuf>,
+    /// `mpp_admin`'s password; default `<dir>/mpp_admin.password`.
+    #[serde(default)]
+    pub admin_password_file: Option<PathBuf>,
+}
+
 fn default_base_dir() -> PathBuf {
     PathBuf::from("/tmp/mpp-ha")
 }
@@ -329,6 +348,9 @@ pub struct ClusterConfig {
     /// Mutual TLS on every gRPC link (`[tls]`); off when the section is absent.
     #[serde(default)]
     pub tls: TlsSection,
+    /// The DN roles' password files (`[dn_auth]`); defaults below the base dir.
+    #[serde(default)]
+    pub dn_auth: DnAuthSection,
     /// Where the config was read from (for messages).
     #[serde(skip)]
     pub source: PathBuf,

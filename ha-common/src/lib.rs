@@ -3,6 +3,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod dn_auth;
 pub mod durable;
 pub mod logging;
 pub mod lsn;

@@ -54,30 +54,56 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// Connects to a DN member on loopback as the superuser; connecting is bounded by
-/// `timeout`.
-pub async fn connect(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
-    connect_with("127.0.0.1", port, None, timeout).await
+/// The DN admin role's password file of the cluster this test process wrote last
+/// ([`write_config`]): DN ports accept no login without a password (pg_hba), so the
+/// tests connect to DNs as that role (a superuser), like the CNs do.
+static DN_ADMIN_PASSWORD_FILE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The `(user, password)` tests log in to DN ports with: the admin role and its
+/// password from the password file of the test's cluster.
+pub fn dn_login() -> Result<(String, String)> {
+    let file = DN_ADMIN_PASSWORD_FILE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .context(
+            "no test cluster config written yet (write_config) to take the DN password from",
+        )?;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("DN admin password file {}", file.display()))?;
+    Ok((
+        ha_common::dn_auth::DnRole::Admin.name().to_owned(),
+        text.lines().next().unwrap_or("").trim().to_owned(),
+    ))
 }
 
-/// Connects to a DN member at `address` as the superuser (bounded by `timeout`).
+/// Connects to a DN member on loopback as the admin role (see [`dn_login`]);
+/// connecting is bounded by `timeout`.
+pub async fn connect(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
+    connect_at("127.0.0.1", port, timeout).await
+}
+
+/// Connects to a DN member at `address` as the admin role (bounded by `timeout`).
 pub async fn connect_at(
     address: &str,
     port: u16,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client> {
-    connect_with(address, port, None, timeout).await
+    let (user, password) = dn_login()?;
+    connect_with(address, port, &user, Some(&password), timeout).await
 }
 
 /// Connects to a CN on loopback as `postgres` with the password of configs/local.toml
 /// (`[[user]]`); connecting is bounded by `timeout`.
 pub async fn connect_cn(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
-    connect_with("127.0.0.1", port, Some("postgres"), timeout).await
+    connect_with("127.0.0.1", port, "postgres", Some("postgres"), timeout).await
 }
 
-async fn connect_with(
+/// Connects to `address:port` as `user` (with `password` if given), bounded by `timeout`.
+pub async fn connect_with(
     address: &str,
     port: u16,
+    user: &str,
     password: Option<&str>,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client> {
@@ -85,7 +111,7 @@ async fn connect_with(
     config
         .host(address)
         .port(port)
-        .user("postgres")
+        .user(user)
         .dbname("postgres")
         .application_name("mpp-ha-test")
         .connect_timeout(timeout);
@@ -207,10 +233,16 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
             out.push_str(TLS_OFF_LINE);
             out.push('\n');
         } else if trimmed.starts_with("# dir = ") {
-            // An explicit [tls] dir: a daemon started with --base-dir still finds it.
+            // An explicit [tls] (and [dn_auth]) dir: a daemon started with --base-dir
+            // still finds it.
+            let sub = if trimmed.contains("secrets") {
+                "secrets"
+            } else {
+                "tls"
+            };
             out.push_str(&format!(
                 "dir = {:?}\n",
-                base_dir.join("tls").display().to_string()
+                base_dir.join(sub).display().to_string()
             ));
         } else {
             out.push_str(line);
@@ -248,8 +280,20 @@ pub fn write_config(dir: &TestDir, text: &str) -> PathBuf {
     std::fs::write(&p, text).expect("write config");
     if let Ok(cfg) = ha_common::ClusterConfig::parse(text, &p) {
         prepare_tls(&cfg);
+        prepare_dn_passwords(&cfg);
     }
     p
+}
+
+/// The DN roles' password files for `cfg` (made once, as `cm_ctl local up` does), and
+/// this process's DN login ([`dn_login`]) taken from them.
+pub fn prepare_dn_passwords(cfg: &ha_common::ClusterConfig) {
+    use ha_common::dn_auth;
+    dn_auth::init_password_files(cfg).expect("make the test cluster's DN password files");
+    *DN_ADMIN_PASSWORD_FILE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) =
+        Some(dn_auth::password_file(cfg, dn_auth::DnRole::Admin));
 }
 
 /// Certificates for `cfg` when it has TLS on (made once per tls dir), and this

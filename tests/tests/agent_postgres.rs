@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use cm_agent::os_user::OsUser;
 use cm_agent::postgres::{PgInstance, PgSettings, Upstream};
 use ha_common::ClusterConfig;
-use mpp_ha_tests::{local_config_text, wait_for, write_config, TestDir};
+use mpp_ha_tests::{connect, local_config_text, wait_for, write_config, TestDir};
 
 const PORT_BASE: u16 = 24000;
 const PROBE: Duration = Duration::from_secs(5);
@@ -73,6 +73,9 @@ async fn agent_postgres_primary_standby_probe_and_crash_detection() -> Result<()
         "same settings: nothing to reload"
     );
     primary.start().await?;
+    // As the agent does on a primary it starts: the roles TCP clients log in as.
+    primary.ensure_roles(PROBE * 5).await?;
+    primary.ensure_roles(PROBE * 5).await?; // idempotent
     let pid = primary
         .postmaster_pid()
         .context("postmaster pid after start")?;
@@ -120,7 +123,7 @@ async fn agent_postgres_primary_standby_probe_and_crash_detection() -> Result<()
     assert_eq!(p.timeline, 1);
     assert!(p.current_lsn > 0 && p.flush_lsn > 0, "{p:?}");
 
-    let client = primary.connect(PROBE).await?;
+    let client = connect(primary.port, PROBE).await?;
     tokio::time::timeout(
         Duration::from_secs(30),
         client.batch_execute(
@@ -129,7 +132,7 @@ async fn agent_postgres_primary_standby_probe_and_crash_detection() -> Result<()
     )
     .await
     .context("commit with a sync standby timed out")??;
-    let s_client = standby.connect(PROBE).await?;
+    let s_client = connect(standby.port, PROBE).await?;
     let v: String = wait_for(
         "the row on the standby",
         Duration::from_secs(30),
@@ -219,7 +222,7 @@ async fn agent_postgres_primary_standby_probe_and_crash_detection() -> Result<()
     let settings = PgSettings::for_member(&cfg, group, "dn1_h1", Some(s_up.clone()))?;
     primary.configure(&settings)?;
     primary.start().await?;
-    let c = primary.connect(PROBE).await?;
+    let c = connect(primary.port, PROBE).await?;
     let row = c.query_one("SELECT v FROM t WHERE id = 1", &[]).await?;
     assert_eq!(row.get::<_, String>(0), "hello");
     assert!(

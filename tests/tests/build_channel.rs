@@ -156,6 +156,7 @@ async fn build_channel_resumes_refuses_corruption_and_rebuilds_incrementally() -
     settings.sync_standbys.clear();
     primary.configure(&settings)?;
     primary.start().await?;
+    primary.ensure_roles(T).await?;
     let c = connect(primary.port, T).await?;
     c.batch_execute(
         "CREATE TABLE t (id int PRIMARY KEY, pad text); \
@@ -168,6 +169,10 @@ async fn build_channel_resumes_refuses_corruption_and_rebuilds_incrementally() -
     let pg_port = primary.port.to_string();
     let data = primary.data_dir.display().to_string();
     let listen = format!("127.0.0.1:{src_port}");
+    // The replication role logs in with its password (pg_hba wants one over TCP).
+    let pw_file = ha_common::dn_auth::password_file(&cfg, ha_common::dn_auth::DnRole::Replication)
+        .display()
+        .to_string();
     let mut source = Proc::spawn(
         "source",
         &bin("dn_replicator"),
@@ -177,6 +182,8 @@ async fn build_channel_resumes_refuses_corruption_and_rebuilds_incrementally() -
             &data,
             "--pg-port",
             &pg_port,
+            "--pg-password-file",
+            &pw_file,
             "--listen",
             &listen,
             "--resume-window",
@@ -324,6 +331,8 @@ async fn build_channel_resumes_refuses_corruption_and_rebuilds_incrementally() -
             &data,
             "--pg-port",
             &pg_port,
+            "--pg-password-file",
+            &pw_file,
             "--listen",
             &listen,
         ],

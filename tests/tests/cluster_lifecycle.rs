@@ -33,7 +33,8 @@ async fn cluster_local_up_replicates_and_local_down_leaves_nothing() -> Result<(
     let dn1_port = c.port("dn1_h1");
     assert!(
         out.stdout.contains(&format!(
-            "psql \"host=127.0.0.1 port={dn1_port} user=postgres dbname=postgres\""
+            "PGPASSWORD=$(cat {}) psql \"host=127.0.0.1 port={dn1_port} user=mpp_admin dbname=postgres\"",
+            ha_common::dn_auth::password_file(&c.cfg, ha_common::dn_auth::DnRole::Admin).display()
         )),
         "up prints how to connect: {}",
         out.stdout

@@ -413,10 +413,12 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
     any_dn.simple_query("drop database if exists plain").await?;
     any_dn.simple_query("create database plain").await?;
     let dn_port = c.port(&primaries[0].0);
+    let (dn_user, dn_password) = mpp_ha_tests::dn_login()?;
     let mut pcfg = tokio_postgres::Config::new();
     pcfg.host("127.0.0.1")
         .port(dn_port)
-        .user("postgres")
+        .user(&dn_user)
+        .password(&dn_password)
         .dbname("plain");
     let (plain, pconn) = pcfg.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {

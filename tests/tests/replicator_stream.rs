@@ -12,7 +12,9 @@ use cm_agent::postgres::{PgInstance, PgSettings};
 use ha_common::proto::replicator::replicator_client::ReplicatorClient;
 use ha_common::proto::replicator::{ReplicatorState, StatusRequest, StopOrder, StreamOrder};
 use ha_common::ClusterConfig;
-use mpp_ha_tests::{bin, local_config_text, run_bin, wait_for, write_config, Proc, TestDir};
+use mpp_ha_tests::{
+    bin, connect, local_config_text, run_bin, wait_for, write_config, Proc, TestDir,
+};
 
 /// The config's layout at base 10000, but dn1_h1 and dn1_h3 (the only two ports
 /// this test listens on) moved to 10901/10903: above what a cluster at base 10000
@@ -87,6 +89,7 @@ async fn replicator_streams_as_the_synchronous_partner_and_is_fenced_by_term() -
     primary.initdb().await?;
     primary.configure(&PgSettings::for_member(&cfg, group, "dn1_h1", None)?)?;
     primary.start().await?;
+    primary.ensure_roles(Duration::from_secs(10)).await?;
     let sec_port = cfg.find("dn1_h3").context("dn1_h3")?.instance.port();
     assert_eq!((primary.port, sec_port), (10901, 10903));
     let cfg_s = path.display().to_string();
@@ -95,10 +98,10 @@ async fn replicator_streams_as_the_synchronous_partner_and_is_fenced_by_term() -
     let mut c = replicator(sec_port).await?;
 
     // No synchronous partner yet: a commit waits.
-    let db = primary.connect(PROBE).await?;
+    let db = connect(primary.port, PROBE).await?;
     db.batch_execute("SET synchronous_commit = local; CREATE TABLE t (id int primary key)")
         .await?;
-    let db2 = primary.connect(PROBE).await?;
+    let db2 = connect(primary.port, PROBE).await?;
     let waiting = tokio::spawn(async move { db2.execute("INSERT INTO t VALUES (0)", &[]).await });
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!waiting.is_finished(), "a commit returned with one copy");

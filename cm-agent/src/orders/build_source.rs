@@ -12,8 +12,8 @@ use ha_common::config::Role;
 use ha_common::proto::cm::Order;
 
 use crate::error::{AgentError, Result};
-use crate::postgres::SUPERUSER;
 use crate::supervisor::{InstanceSupervisor, Managed};
+use ha_common::dn_auth::DnRole;
 
 /// How long a build waits for its (first or returning) sink.
 const RESUME_WINDOW: Duration = Duration::from_secs(120);
@@ -48,7 +48,12 @@ pub async fn apply(sup: &mut InstanceSupervisor, _order: &Order) -> Result<Strin
         pg: PgTarget {
             host: pg.address.clone(),
             port: pg.port,
-            user: SUPERUSER.to_owned(),
+            user: DnRole::Replication.name().to_owned(),
+            password: Some(
+                pg.passwords
+                    .read(DnRole::Replication)
+                    .map_err(|e| AgentError::Instance(format!("{name}: build source: {e}")))?,
+            ),
         },
         resume_window: RESUME_WINDOW,
         first_wait: RESUME_WINDOW,

@@ -88,5 +88,13 @@ fn cert_init(
         dir.display(),
         tls::CertRole::ALL.map(|r| r.as_str()).join(", ")
     );
+    // The DN roles' passwords belong with the certificates: made once per cluster,
+    // copied to every host with them.
+    let made = ha_common::dn_auth::init_password_files(cfg)?;
+    println!(
+        "DN role passwords in {} ({} new; existing files are kept)",
+        ha_common::dn_auth::dir(cfg).display(),
+        made.len()
+    );
     Ok(())
 }

@@ -136,10 +136,7 @@ pub async fn run(
                 .find(&m.name)
                 .map(|r| cfg.address_of(r.instance).to_owned())
                 .unwrap_or_else(|| "127.0.0.1".into());
-            println!(
-                "  {} primary {}: psql \"host={address} port={} user=postgres dbname=postgres\"",
-                g.name, m.name, m.port
-            );
+            println!("{}", dn_psql_line(cfg, &g.name, &m.name, &address, m.port));
         }
     }
     if let Some(n) = &network {
@@ -159,6 +156,17 @@ pub async fn run(
     }
     println!("  stop:   {stop_cmd}");
     Ok(())
+}
+
+/// How to connect to a DN primary: psql over TCP as the admin role, with the
+/// password from its file (pg_hba asks every TCP login for a SCRAM password).
+fn dn_psql_line(cfg: &ClusterConfig, group: &str, name: &str, address: &str, port: u32) -> String {
+    use ha_common::dn_auth::{password_file, DnRole};
+    format!(
+        "  {group} primary {name}: PGPASSWORD=$(cat {}) psql \"host={address} port={port} user={} dbname=postgres\"",
+        password_file(cfg, DnRole::Admin).display(),
+        DnRole::Admin.name()
+    )
 }
 
 /// How to connect to a CN: psql as the config's first `[[user]]`.
