@@ -15,10 +15,12 @@ use crate::sql_text;
 /// shapes, e.g. IN lists of every length, must not grow the CN without bound).
 const MAX_SHAPES: usize = 4096;
 
+/// Shape text -> (catalog version it was made at, its template if it has one).
+type Shapes = HashMap<String, (u64, Option<Arc<Template>>)>;
+
 #[derive(Default)]
 pub struct PlanCache {
-    /// Shape text -> (catalog version it was made at, its template if it has one).
-    shapes: Mutex<HashMap<String, (u64, Option<Arc<Template>>)>>,
+    shapes: Mutex<Shapes>,
 }
 
 impl PlanCache {
@@ -28,7 +30,7 @@ impl PlanCache {
         self.lock().clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Option<Arc<Template>>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shapes> {
         self.shapes.lock().unwrap_or_else(|p| p.into_inner())
     }
 

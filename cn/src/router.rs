@@ -1665,9 +1665,8 @@ fn plan_update(u: &ast::Update, sql: String, catalog: &Catalog, params: Params<'
         alias.as_ref(),
         u.selection.as_ref(),
         &u.assignments,
-        sql,
+        (sql, "UPDATE"),
         catalog,
-        "UPDATE",
         params,
     )
 }
@@ -1694,9 +1693,8 @@ fn plan_delete(d: &ast::Delete, sql: String, catalog: &Catalog, params: Params<'
         alias.as_ref(),
         d.selection.as_ref(),
         &[],
-        sql,
+        (sql, "DELETE"),
         catalog,
-        "DELETE",
         params,
     )
 }
@@ -1706,9 +1704,8 @@ fn plan_filtered_write(
     alias: Option<&ast::TableAlias>,
     selection: Option<&Expr>,
     assignments: &[ast::Assignment],
-    sql: String,
+    (sql, tag): (String, &'static str),
     catalog: &Catalog,
-    tag: &'static str,
     params: Params<'_>,
 ) -> Plan {
     // Other distributed tables in subqueries would be read partially on each group.
