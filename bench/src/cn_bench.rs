@@ -46,6 +46,16 @@ struct Args {
     /// First port of the cluster; the plain PostgreSQL uses port_base + 900.
     #[arg(long, default_value_t = 17000)]
     port_base: u16,
+    /// Transactions per pgbench mode for the CN's CPU per query (0: skip that part).
+    #[arg(long, default_value_t = 20000)]
+    cpu_transactions: u32,
+    /// Only the CPU-per-query part (no TPS, DDL or failover runs).
+    #[arg(long)]
+    cpu_only: bool,
+    /// Record each CPU-per-query run with `perf record -e cpu-clock -g` on cn1 into
+    /// this directory (`<mode>.perf.data`), to see where the CN spends its time.
+    #[arg(long)]
+    perf_dir: Option<PathBuf>,
 }
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -66,6 +76,14 @@ async fn main() -> Result<()> {
         &["-i", "-q", "-s", &args.scale.to_string()],
     )?;
     pgbench(&target(cn1), &["-i", "-q", "-s", &args.scale.to_string()])?;
+
+    if args.cpu_transactions > 0 {
+        cpu_per_query(&cluster, cn1, &args)?;
+    }
+    if args.cpu_only {
+        drop(plain);
+        return Ok(());
+    }
 
     let threads = args.clients.min(2).to_string();
     let clients = args.clients.to_string();
@@ -111,6 +129,78 @@ async fn main() -> Result<()> {
         write.as_secs_f64()
     );
     drop(plain);
+    Ok(())
+}
+
+/// pgbench `-S` in each protocol mode through cn1 for a fixed number of transactions:
+/// the CN process's CPU time (user + system) per query. Unlike TPS this does not move
+/// with the load other processes put on the machine, so before/after figures of a CN
+/// change compare even on a busy host.
+fn cpu_per_query(cluster: &LocalCluster, cn1: u16, args: &Args) -> Result<()> {
+    let pid_file = cluster.base_dir().join("cn1.cn.pid");
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .with_context(|| format!("read {}", pid_file.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("parse {}", pid_file.display()))?;
+    let clients = args.clients.max(1);
+    let per_client = (args.cpu_transactions / clients).max(1);
+    let total = per_client * clients;
+    let target = format!("host=127.0.0.1 port={cn1} user=postgres dbname=postgres");
+    println!("CPU of the cn1 process per query, pgbench -S, {clients} clients x {per_client}:");
+    for (label, mode) in [
+        ("simple", "simple"),
+        ("extended", "extended"),
+        ("prepared", "prepared"),
+    ] {
+        let perf = match &args.perf_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let out = dir.join(format!("{label}.perf.data"));
+                Some(
+                    Command::new("perf")
+                        .args(["record", "-q", "-e", "cpu-clock", "-g", "-p"])
+                        .arg(pid.to_string())
+                        .arg("-o")
+                        .arg(&out)
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .context("start perf record")?,
+                )
+            }
+            None => None,
+        };
+        let before = mpp_ha_tests::cpu_seconds(pid).ok_or_else(|| anyhow!("cn1 ({pid}) gone"))?;
+        let t = Instant::now();
+        let t_arg = per_client.to_string();
+        let c_arg = clients.to_string();
+        let j_arg = clients.min(2).to_string();
+        pgbench(
+            &target,
+            &[
+                "-n", "-S", "-M", mode, "-c", &c_arg, "-j", &j_arg, "-t", &t_arg,
+            ],
+        )?;
+        let wall = t.elapsed();
+        let after = mpp_ha_tests::cpu_seconds(pid).ok_or_else(|| anyhow!("cn1 ({pid}) gone"))?;
+        if let Some(mut p) = perf {
+            // perf writes its file on SIGINT.
+            if let Ok(raw) = i32::try_from(p.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(raw),
+                    nix::sys::signal::Signal::SIGINT,
+                );
+            }
+            let _ = p.wait();
+        }
+        println!(
+            "  -M {label:<9} {:>7.1} us CPU per query ({:.2} s CPU, {:.1} s wall, {total} queries)",
+            (after - before) * 1e6 / total as f64,
+            after - before,
+            wall.as_secs_f64()
+        );
+    }
     Ok(())
 }
 
@@ -177,11 +267,15 @@ async fn ddl_latency(port: u16, n: usize) -> Result<(Duration, Duration)> {
 /// as standby, the new primary has no synchronous partner and commits wait.
 async fn dn_failover(cluster: &LocalCluster, cn_port: u16) -> Result<(Duration, Duration)> {
     let client = connect(cn_port).await?;
+    // Multi-row VALUES, not INSERT ... SELECT: the CN routes each row of a VALUES list
+    // to its group, and refuses INSERT ... SELECT into a hash table (0A000).
+    let values: Vec<String> = (1..=64).map(|i| format!("({i}, 0)")).collect();
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "CREATE TABLE bench_fo (id int PRIMARY KEY, v int); \
-             INSERT INTO bench_fo SELECT g, 0 FROM generate_series(1, 64) g",
-        )
+             INSERT INTO bench_fo VALUES {}",
+            values.join(", ")
+        ))
         .await
         .context("create bench_fo")?;
     let agent = cluster

@@ -60,14 +60,22 @@ impl DnError {
 /// transaction asking for it surely did not commit there.
 pub const UNREACHABLE: &str = "08001";
 
+/// SQLSTATEs of a DN connection ended under the statement: lost (08006, our own), or
+/// ended by the DN itself: admin_shutdown (57P01, also "terminating connection due to
+/// unexpected postmaster exit" when a DN's postmaster dies) and crash_shutdown (57P02).
+/// The DN backend is gone, and its open transaction with it.
+pub const CONNECTION_ENDED: [&str; 3] = ["08006", "57P01", "57P02"];
+
 impl DnError {
     /// The error of a transaction that surely did not commit: a connection to a DN could
-    /// not be had (nothing was sent), or, `before_commit`, one was lost before the
-    /// transaction's commit point. Reported as 40001 (serialization_failure) so that
-    /// clients retry it, as pgbench `--max-tries` does; every other error is unchanged
-    /// (a connection lost at a commit point keeps 08006: outcome unknown).
+    /// not be had (nothing was sent), or, `before_commit`, one ended (lost, or ended by
+    /// the DN: [`CONNECTION_ENDED`]) before the transaction's commit point. Reported as
+    /// 40001 (serialization_failure) so that clients retry it, as pgbench `--max-tries`
+    /// does; every other error is unchanged (a connection ended at a commit point keeps
+    /// its code: outcome unknown).
     pub fn not_committed(self, before_commit: bool) -> DnError {
-        let cut = self.code == UNREACHABLE || before_commit && self.code == "08006";
+        let cut = self.code == UNREACHABLE
+            || before_commit && CONNECTION_ENDED.contains(&self.code.as_str());
         if !cut {
             return self;
         }
@@ -118,7 +126,11 @@ impl DnConn {
         match self.client.simple_query(sql).await {
             Ok(msgs) => Ok(answer(msgs)),
             Err(e) => {
-                if e.as_db_error().is_none() || self.client.is_closed() {
+                // A FATAL from the DN (57P01/57P02) ends its backend: never pool it.
+                if e.as_db_error().is_none()
+                    || self.client.is_closed()
+                    || e.code().is_some_and(|c| c.code().starts_with("57P0"))
+                {
                     self.broken = true;
                 }
                 Err(DnError::from_pg(group_name, &e))
@@ -268,6 +280,50 @@ impl Pool {
         let list = idle.entry(c.group).or_default();
         if list.len() < self.max_idle {
             list.push(c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_ended_before_the_commit_point_is_retryable() {
+        for code in ["08006", "57P01", "57P02"] {
+            let e = DnError::new(
+                code,
+                "terminating connection due to unexpected postmaster exit",
+            )
+            .not_committed(true);
+            assert_eq!(e.code, "40001", "{code} before the commit point");
+            assert!(e.message.contains("did not commit"), "{}", e.message);
+            assert!(
+                e.message.contains("unexpected postmaster exit"),
+                "{}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_connection_ended_at_the_commit_point_keeps_its_code() {
+        for code in ["08006", "57P01", "57P02"] {
+            let e = DnError::new(code, "gone").not_committed(false);
+            assert_eq!(e.code, code, "outcome unknown: never 40001");
+        }
+    }
+
+    #[test]
+    fn unreachable_is_retryable_anywhere_and_other_errors_pass_through() {
+        assert_eq!(
+            DnError::new(UNREACHABLE, "no primary")
+                .not_committed(false)
+                .code,
+            "40001"
+        );
+        for code in ["23505", "42P01", "57014", "57P03"] {
+            assert_eq!(DnError::new(code, "x").not_committed(true).code, code);
         }
     }
 }

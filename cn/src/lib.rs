@@ -7,6 +7,7 @@ pub mod distribute_clause;
 pub mod dn;
 pub mod merge;
 pub mod node;
+pub mod plan_cache;
 pub mod router;
 pub mod rpc;
 pub mod server;

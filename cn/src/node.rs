@@ -92,6 +92,8 @@ pub struct Node {
     accepting: AtomicBool,
     pub cm_term: AtomicU64,
     describe_cache: Mutex<HashMap<(String, Vec<Type>), Described>>,
+    /// Plan templates by statement shape (the hot path plans without sqlparser).
+    pub plans: crate::plan_cache::PlanCache,
     /// When the resolver first saw another CN's prepared catalog change.
     pub seen_prepared: Mutex<HashMap<String, Instant>>,
     /// Test-only fault point (`MPP_CN_FAULT`), read at start.
@@ -184,6 +186,7 @@ impl Node {
             accepting: AtomicBool::new(false),
             cm_term: AtomicU64::new(0),
             describe_cache: Mutex::new(HashMap::new()),
+            plans: Default::default(),
             seen_prepared: Mutex::new(HashMap::new()),
             fault: std::env::var("MPP_CN_FAULT").ok().filter(|s| !s.is_empty()),
             counters: CnCounters::default(),
@@ -296,7 +299,10 @@ impl Node {
         Ok(())
     }
 
+    /// Forgets what was learnt about statements under the catalog before a change:
+    /// descriptions and plan templates.
     pub fn clear_describe_cache(&self) {
+        self.plans.clear();
         self.describe_cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())

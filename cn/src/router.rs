@@ -4,6 +4,7 @@
 //! The rule is "correct or 0A000": a shape whose merged answer the CN cannot prove
 //! equal to a single PostgreSQL's is refused with a clear message, never answered.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use sqlparser::ast::{
@@ -175,6 +176,7 @@ pub fn plan_query(sql: &str, catalog: &Catalog, in_txn: bool) -> Vec<Plan> {
             clause,
             catalog,
             in_txn,
+            Params::Bound,
         )];
     }
     if clause.is_some() {
@@ -184,8 +186,93 @@ pub fn plan_query(sql: &str, catalog: &Catalog, in_txn: bool) -> Vec<Plan> {
     }
     statements
         .iter()
-        .map(|s| plan_statement(s, &s.to_string(), None, catalog, in_txn))
+        .map(|s| plan_statement(s, &s.to_string(), None, catalog, in_txn, Params::Bound))
         .collect()
+}
+
+/// How `$n` placeholders are read while planning.
+#[derive(Debug, Clone, Copy)]
+enum Params<'a> {
+    /// There are none: the parameters of an extended-protocol statement are bound as
+    /// literals before it is planned.
+    Bound,
+    /// Making a [`Template`]: `dist = $n` pins the statement to "the group of parameter
+    /// n", recorded here.
+    Template(&'a Cell<Option<(usize, KeyKind)>>),
+}
+
+/// A statement's text as it is sent to the DNs: without surrounding space and `;`.
+fn statement_text(sql: &str) -> &str {
+    sql.trim().trim_end_matches(';').trim()
+}
+
+/// The plan of a statement shape, made once from its text with `$n` placeholders and
+/// reused for every run of that shape with the values of its parameters: a point read
+/// or write pinned to one group (by a literal, or by the parameter that is compared to
+/// the distribution column), or BEGIN/COMMIT/ROLLBACK. Planning a statement with
+/// sqlparser costs more CPU than the CN's whole rest of a point query; a template saves
+/// it. Other shapes (scatters, merges, INSERT, DDL, ...) have none and are planned
+/// every time: their plan may depend on the values (LIMIT, literals in HAVING, NULL).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    plan: Plan,
+    /// The parameter (1-based) whose value picks the group, and how it hashes.
+    routed_by: Option<(usize, KeyKind)>,
+}
+
+impl Template {
+    /// A template for `sql` (a single statement, `$n` for its parameters), if its shape
+    /// has one.
+    pub fn make(sql: &str, catalog: &Catalog) -> Option<Template> {
+        let (text, clause) = distribute_clause::strip(sql).ok()?;
+        if clause.is_some() || plan_by_keyword(&text, catalog).is_some() {
+            return None;
+        }
+        let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, &text).ok()?;
+        if statements.len() != 1 {
+            return None;
+        }
+        let stmt = statements.pop()?;
+        let pin = Cell::new(None);
+        // in_txn only changes DDL and TRUNCATE plans, which have no template.
+        let plan = plan_statement(&stmt, &text, None, catalog, false, Params::Template(&pin));
+        let routed_by = pin.get();
+        let fits = match &plan {
+            Plan::Begin | Plan::Commit | Plan::Rollback => routed_by.is_none(),
+            Plan::Read { groups, merge, .. } => groups.len() == 1 && *merge == Merge::Concat,
+            Plan::Write {
+                groups, replicated, ..
+            } => groups.len() == 1 && !*replicated,
+            _ => false,
+        };
+        fits.then_some(Template { plan, routed_by })
+    }
+
+    /// The plan of one run: `sql` is the text the DNs get (its parameters bound) and
+    /// `param(n)` the text of parameter n's value (None: NULL or absent, for which the
+    /// statement is planned from scratch).
+    pub fn plan<'p>(
+        &self,
+        sql: &str,
+        param: impl Fn(usize) -> Option<&'p str>,
+        catalog: &Catalog,
+    ) -> Option<Plan> {
+        let group = match self.routed_by {
+            Some((n, kind)) => Some(catalog.group_of(kind, param(n)?)),
+            None => None,
+        };
+        let mut plan = self.plan.clone();
+        match &mut plan {
+            Plan::Read { groups, sql: s, .. } | Plan::Write { groups, sql: s, .. } => {
+                *s = statement_text(sql).to_owned();
+                if let Some(g) = group {
+                    *groups = vec![g];
+                }
+            }
+            _ => {}
+        }
+        Some(plan)
+    }
 }
 
 /// Statements sqlparser reads differently from PostgreSQL, recognised by keyword:
@@ -307,8 +394,9 @@ fn plan_statement(
     clause: Option<Clause>,
     catalog: &Catalog,
     in_txn: bool,
+    params: Params<'_>,
 ) -> Plan {
-    let sql = sql.trim().trim_end_matches(';').trim().to_owned();
+    let sql = statement_text(sql).to_owned();
     match stmt {
         Statement::StartTransaction { .. } => Plan::Begin,
         Statement::Commit { chain: false, .. } => Plan::Commit,
@@ -335,10 +423,10 @@ fn plan_statement(
         Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => {
             Plan::AnyGroup { sql, tag: "SHOW" }
         }
-        Statement::Query(q) => plan_select(q, sql, catalog),
+        Statement::Query(q) => plan_select(q, sql, catalog, params),
         Statement::Insert(ins) => plan_insert(ins, sql, catalog),
-        Statement::Update(u) => plan_update(u, sql, catalog),
-        Statement::Delete(d) => plan_delete(d, sql, catalog),
+        Statement::Update(u) => plan_update(u, sql, catalog, params),
+        Statement::Delete(d) => plan_delete(d, sql, catalog, params),
         Statement::CreateTable(ct) => plan_create_table(ct, sql, clause, catalog, in_txn),
         Statement::Drop {
             object_type,
@@ -834,11 +922,26 @@ fn literal_text(e: &Expr) -> Option<String> {
     }
 }
 
-/// The group a WHERE clause pins the query to: `dist = literal` on a hash table.
+/// `$n` (also in parentheses or cast): n.
+fn placeholder_number(e: &Expr) -> Option<usize> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Placeholder(p) => p.strip_prefix('$')?.parse().ok(),
+            _ => None,
+        },
+        Expr::Nested(inner) => placeholder_number(inner),
+        Expr::Cast { expr, .. } => placeholder_number(expr),
+        _ => None,
+    }
+}
+
+/// The group a WHERE clause pins the query to: `dist = literal` on a hash table (or,
+/// for a plan template, `dist = $n`: recorded, and group 0 stands in for the group).
 fn pinned_group(
     selection: Option<&Expr>,
     tables: &[FromTable],
     catalog: &Catalog,
+    params: Params<'_>,
 ) -> Option<usize> {
     let mut cs = Vec::new();
     conjuncts(selection?, &mut cs);
@@ -852,6 +955,19 @@ fn pinned_group(
             continue;
         };
         for (col, lit) in [(left, right), (right, left)] {
+            if let (Params::Template(pin), Some(n)) = (params, placeholder_number(lit)) {
+                let Some((k, name)) = resolve_column(col, tables) else {
+                    continue;
+                };
+                let def = tables[k].def;
+                if let Some((i, kind)) = def.hash_column() {
+                    if def.columns[i] == name && kind != KeyKind::Other {
+                        pin.set(Some((n, kind)));
+                        return Some(0);
+                    }
+                }
+                continue;
+            }
             let (Some((k, name)), Some(value)) = (resolve_column(col, tables), literal_text(lit))
             else {
                 continue;
@@ -919,7 +1035,7 @@ fn colocated(tables: &[FromTable], conditions: &[&Expr]) -> bool {
 
 // ---------- SELECT ----------
 
-fn plan_select(q: &ast::Query, sql: String, catalog: &Catalog) -> Plan {
+fn plan_select(q: &ast::Query, sql: String, catalog: &Catalog, params: Params<'_>) -> Plan {
     let names = all_relations(q);
     let distributed: BTreeSet<&String> = names
         .iter()
@@ -996,7 +1112,7 @@ fn plan_select(q: &ast::Query, sql: String, catalog: &Catalog) -> Plan {
             );
         }
     }
-    if let Some(g) = pinned_group(sel.selection.as_ref(), &tables, catalog) {
+    if let Some(g) = pinned_group(sel.selection.as_ref(), &tables, catalog, params) {
         return Plan::Read {
             groups: vec![g],
             sql,
@@ -1523,7 +1639,7 @@ fn plan_insert(ins: &ast::Insert, sql: String, catalog: &Catalog) -> Plan {
     Plan::InsertSplit { parts }
 }
 
-fn plan_update(u: &ast::Update, sql: String, catalog: &Catalog) -> Plan {
+fn plan_update(u: &ast::Update, sql: String, catalog: &Catalog, params: Params<'_>) -> Plan {
     if u.from.is_some() || !u.table.joins.is_empty() {
         return unsupported("UPDATE ... FROM is not supported by the coordinator");
     }
@@ -1549,13 +1665,13 @@ fn plan_update(u: &ast::Update, sql: String, catalog: &Catalog) -> Plan {
         alias.as_ref(),
         u.selection.as_ref(),
         &u.assignments,
-        sql,
+        (sql, "UPDATE"),
         catalog,
-        "UPDATE",
+        params,
     )
 }
 
-fn plan_delete(d: &ast::Delete, sql: String, catalog: &Catalog) -> Plan {
+fn plan_delete(d: &ast::Delete, sql: String, catalog: &Catalog, params: Params<'_>) -> Plan {
     if d.using.is_some() || !d.tables.is_empty() {
         return unsupported("DELETE ... USING is not supported by the coordinator");
     }
@@ -1577,9 +1693,9 @@ fn plan_delete(d: &ast::Delete, sql: String, catalog: &Catalog) -> Plan {
         alias.as_ref(),
         d.selection.as_ref(),
         &[],
-        sql,
+        (sql, "DELETE"),
         catalog,
-        "DELETE",
+        params,
     )
 }
 
@@ -1588,9 +1704,9 @@ fn plan_filtered_write(
     alias: Option<&ast::TableAlias>,
     selection: Option<&Expr>,
     assignments: &[ast::Assignment],
-    sql: String,
+    (sql, tag): (String, &'static str),
     catalog: &Catalog,
-    tag: &'static str,
+    params: Params<'_>,
 ) -> Plan {
     // Other distributed tables in subqueries would be read partially on each group.
     let mut names = Vec::new();
@@ -1618,7 +1734,7 @@ fn plan_filtered_write(
         .map(|a| ident_name(&a.name))
         .unwrap_or_else(|| table.name.clone())];
     let tables = [FromTable { def: table, refs }];
-    let groups = match pinned_group(selection, &tables, catalog) {
+    let groups = match pinned_group(selection, &tables, catalog, params) {
         Some(g) => vec![g],
         None => groups,
     };
@@ -1659,6 +1775,55 @@ mod tests {
             }
         }
         c
+    }
+
+    /// A template's plan for every value equals planning the bound text from scratch;
+    /// shapes whose plan depends on more than the routing value have no template.
+    #[test]
+    fn templates_plan_as_the_router_does() {
+        let c = catalog();
+        let with_template = [
+            "SELECT v FROM t WHERE id = $1",
+            "select v from t where id = $1::int4 and g > $2",
+            "SELECT * FROM t WHERE ($1) = id",
+            "select u.w from u join t on u.id = t.id where t.id = $1",
+            "UPDATE t SET g = g + $1 WHERE id = $2",
+            "DELETE FROM u WHERE id = $1 RETURNING w",
+            "select v from t where id = 7 and g = $1",
+            "BEGIN",
+            "END",
+            "ROLLBACK",
+        ];
+        let values: [&[&str]; 4] = [&["1", "2"], &["42", "0"], &["-5", "9"], &["007", "x"]];
+        for shape in with_template {
+            let t = Template::make(shape, &c).unwrap_or_else(|| panic!("{shape}: no template"));
+            for vals in values {
+                let lits: Vec<String> = vals.iter().map(|v| format!("'{v}'")).collect();
+                let bound = crate::sql_text::bind_parameters(shape, &lits).unwrap();
+                let value = |n: usize| n.checked_sub(1).and_then(|k| vals.get(k)).copied();
+                let from_template = t.plan(&bound, value, &c);
+                let planned = plan_query(&bound, &c, false);
+                assert_eq!(from_template.as_ref(), planned.first(), "{bound}");
+            }
+            // A NULL routing value: planned from scratch, not by the template.
+            if t.routed_by.is_some() {
+                assert_eq!(t.plan("x", |_| None, &c), None, "{shape}");
+            }
+        }
+        for shape in [
+            "select v from t where g = $1",
+            "select v from t order by id limit $1",
+            "select count(*) from t where id = $1 or id = $2",
+            "select v from t where id = -$1",
+            "insert into t values ($1, $2, $3)",
+            "update r set name = $1 where k = $2",
+            "create table x (a int)",
+            "copy t from stdin",
+            "select 1; select 2",
+            "select v from t where id = $1 and g in (select w from u)",
+        ] {
+            assert_eq!(Template::make(shape, &c), None, "{shape}");
+        }
     }
 
     fn one(sql: &str) -> Plan {

@@ -695,7 +695,7 @@ impl Session {
         let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
         let plans = {
             let catalog = self.node.catalog_read();
-            router::plan_query(sql, &catalog, in_txn)
+            self.node.plans.plan_simple(sql, &catalog, in_txn)
         };
         let mut out = Vec::new();
         for plan in plans {
@@ -733,7 +733,7 @@ impl Session {
             let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
             let plans = {
                 let catalog = self.node.catalog_read();
-                router::plan_query(text, &catalog, in_txn)
+                self.node.plans.plan_simple(text, &catalog, in_txn)
             };
             for plan in plans {
                 let implicit = st.txn.as_ref().is_some_and(|t| !t.explicit);
@@ -1001,8 +1001,12 @@ impl QueryParser for CnParser {
     }
 }
 
-/// A bound parameter as an SQL literal.
-fn param_literal(portal: &Portal<CnStatement>, i: usize, ty: &Type) -> PgWireResult<String> {
+/// A bound parameter's text (None: NULL) and the SQL literal that stands for it.
+fn param_literal(
+    portal: &Portal<CnStatement>,
+    i: usize,
+    ty: &Type,
+) -> PgWireResult<(Option<String>, String)> {
     macro_rules! get {
         ($t:ty) => {
             portal.parameter::<$t>(i, ty)?.map(|v| v.to_string())
@@ -1039,7 +1043,7 @@ fn param_literal(portal: &Portal<CnStatement>, i: usize, ty: &Type) -> PgWireRes
             }
         }
     };
-    Ok(match text {
+    let literal = match &text {
         None => "NULL".to_owned(),
         Some(t) => {
             let quoted = format!("'{}'", t.replace('\'', "''"));
@@ -1049,7 +1053,8 @@ fn param_literal(portal: &Portal<CnStatement>, i: usize, ty: &Type) -> PgWireRes
                 format!("{quoted}::{}", ty.name())
             }
         }
-    })
+    };
+    Ok((text, literal))
 }
 
 #[async_trait]
@@ -1081,6 +1086,7 @@ impl ExtendedQueryHandler for Session {
         }
         let stmt = &portal.statement.statement;
         let mut literals = Vec::with_capacity(portal.parameter_len());
+        let mut values = Vec::with_capacity(portal.parameter_len());
         for i in 0..portal.parameter_len() {
             let ty = portal
                 .statement
@@ -1090,7 +1096,9 @@ impl ExtendedQueryHandler for Session {
                 .flatten()
                 .or_else(|| stmt.param_types.get(i).cloned())
                 .unwrap_or(Type::UNKNOWN);
-            literals.push(param_literal(portal, i, &ty)?);
+            let (value, literal) = param_literal(portal, i, &ty)?;
+            values.push(value);
+            literals.push(literal);
         }
         let sql =
             sql_text::bind_parameters(&stmt.sql, &literals).map_err(|e| user_error("08P01", e))?;
@@ -1098,7 +1106,9 @@ impl ExtendedQueryHandler for Session {
         let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
         let mut plans = {
             let catalog = self.node.catalog_read();
-            router::plan_query(&sql, &catalog, in_txn)
+            self.node
+                .plans
+                .plan_bound(&stmt.sql, &sql, &values, &catalog, in_txn)
         };
         if plans.len() != 1 {
             return Err(user_error(

@@ -1,9 +1,101 @@
 //! Text-level helpers on SQL: binding `$n` parameters as literals (outside quotes and
 //! comments), so that the router sees the values and the DNs get plain SQL; splitting a
-//! query string into its statements.
+//! query string into its statements. Both walk the text with one scanner of what is not
+//! code ([`skip_non_code`]), so they agree on PostgreSQL's lexical rules.
 
-/// Replaces every `$n` outside string literals, quoted identifiers and comments by
-/// `literals[n-1]`.
+/// What [`skip_non_code`] skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NonCode {
+    /// `-- ...` to the end of the line, or `/* ... */` (nested, as PostgreSQL nests them).
+    Comment,
+    /// A string literal (`'..'`, `E'..'` with backslash escapes), a quoted identifier
+    /// (`".."`) or a dollar-quoted string (`$tag$ .. $tag$`).
+    Quoted,
+}
+
+fn is_ident_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+/// If a comment, string literal, quoted identifier or dollar-quoted string starts at
+/// byte `i` of `sql`: the offset just past its end (the end of `sql` when it is not
+/// closed) and what it was. None when `i` is code.
+fn skip_non_code(sql: &str, i: usize) -> Option<(usize, NonCode)> {
+    let b = sql.as_bytes();
+    let mut j = i;
+    match *b.get(i)? {
+        b'\'' => {
+            // E'..' strings take backslash escapes; '' is a quote in either kind.
+            let escapes =
+                i > 0 && matches!(b[i - 1], b'e' | b'E') && !(i > 1 && is_ident_byte(b[i - 2]));
+            j += 1;
+            while j < b.len() {
+                if escapes && b[j] == b'\\' {
+                    j += 2;
+                    continue;
+                }
+                if b[j] == b'\'' {
+                    if b.get(j + 1) == Some(&b'\'') {
+                        j += 2;
+                        continue;
+                    }
+                    break;
+                }
+                j += 1;
+            }
+            Some(((j + 1).min(b.len()), NonCode::Quoted))
+        }
+        b'"' => {
+            // "a""b" is one identifier; scanning it as two changes nothing here.
+            j += 1;
+            while j < b.len() && b[j] != b'"' {
+                j += 1;
+            }
+            Some(((j + 1).min(b.len()), NonCode::Quoted))
+        }
+        b'-' if b.get(i + 1) == Some(&b'-') => {
+            while j < b.len() && b[j] != b'\n' {
+                j += 1;
+            }
+            Some((j, NonCode::Comment))
+        }
+        b'/' if b.get(i + 1) == Some(&b'*') => {
+            // PostgreSQL's block comments nest.
+            let mut depth = 1;
+            j += 2;
+            while j < b.len() && depth > 0 {
+                if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
+                    depth += 1;
+                    j += 2;
+                } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
+                    depth -= 1;
+                    j += 2;
+                } else {
+                    j += 1;
+                }
+            }
+            Some((j.min(b.len()), NonCode::Comment))
+        }
+        b'$' if !(i > 0 && is_ident_byte(b[i - 1])) => {
+            // $tag$ ... $tag$; a `$1` parameter is not one (a tag never starts with a
+            // digit).
+            let e = i + 1 + b[i + 1..].iter().position(|c| !is_ident_byte(*c))?;
+            if b[e] != b'$' || b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                return None;
+            }
+            let tag = &sql[i..=e];
+            let end = match sql[e + 1..].find(tag) {
+                Some(p) => e + 1 + p + tag.len(),
+                None => b.len(),
+            };
+            Some((end, NonCode::Quoted))
+        }
+        _ => None,
+    }
+}
+
+/// Replaces every `$n` outside string literals, quoted identifiers, dollar quotes and
+/// comments by `literals[n-1]`.
 pub fn bind_parameters(sql: &str, literals: &[String]) -> Result<String, String> {
     if literals.is_empty() {
         return Ok(sql.to_owned());
@@ -13,50 +105,95 @@ pub fn bind_parameters(sql: &str, literals: &[String]) -> Result<String, String>
     let mut i = 0;
     let mut last = 0;
     while i < b.len() {
-        match b[i] {
-            b'\'' | b'"' => {
-                let q = b[i];
+        if let Some((end, _)) = skip_non_code(sql, i) {
+            i = end;
+            continue;
+        }
+        if b[i] == b'$'
+            && b.get(i + 1).is_some_and(u8::is_ascii_digit)
+            && !(i > 0 && is_ident_byte(b[i - 1]))
+        {
+            let start = i;
+            i += 1;
+            while i < b.len() && b[i].is_ascii_digit() {
                 i += 1;
-                while i < b.len() && b[i] != q {
-                    i += 1;
-                }
-                i += 1;
             }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
-                    i += 1;
-                }
-                i += 2;
-            }
-            b'$' if b.get(i + 1).is_some_and(|c| c.is_ascii_digit())
-                && !(i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_')) =>
-            {
-                let start = i;
-                i += 1;
-                while i < b.len() && b[i].is_ascii_digit() {
-                    i += 1;
-                }
-                let n: usize = sql[start + 1..i]
-                    .parse()
-                    .map_err(|_| "bad parameter number")?;
-                let Some(lit) = n.checked_sub(1).and_then(|k| literals.get(k)) else {
-                    return Err(format!("there is no parameter ${n}"));
-                };
-                out.push_str(&sql[last..start]);
-                out.push_str(lit);
-                last = i;
-            }
-            _ => i += 1,
+            let n: usize = sql[start + 1..i]
+                .parse()
+                .map_err(|_| "bad parameter number")?;
+            let Some(lit) = n.checked_sub(1).and_then(|k| literals.get(k)) else {
+                return Err(format!("there is no parameter ${n}"));
+            };
+            out.push_str(&sql[last..start]);
+            out.push_str(lit);
+            last = i;
+        } else {
+            i += 1;
         }
     }
     out.push_str(&sql[last.min(sql.len())..]);
     Ok(out)
+}
+
+/// A simple-query statement's shape: its text with each integer and standard string
+/// literal replaced by `$1`, `$2`, ... in order, and the literals' values (strings
+/// unquoted). Numbers with a fraction, exponent or sign, and E'', B'', X'', U&'' and
+/// dollar-quoted strings stay in the text. None when the text has `$n` placeholders of
+/// its own (a simple query cannot bind them; PostgreSQL gives the error).
+pub fn lift_literals(sql: &str) -> Option<(String, Vec<String>)> {
+    let b = sql.as_bytes();
+    let mut shape = String::with_capacity(sql.len() + 8);
+    let mut values = Vec::new();
+    let mut last = 0;
+    let mut i = 0;
+    let lift = |shape: &mut String, values: &mut Vec<String>, value: String| {
+        values.push(value);
+        shape.push('$');
+        shape.push_str(&values.len().to_string());
+    };
+    while i < b.len() {
+        if let Some((end, _)) = skip_non_code(sql, i) {
+            let plain_string = b[i] == b'\''
+                && end >= i + 2
+                && b[end - 1] == b'\''
+                && !(i > 0 && (is_ident_byte(b[i - 1]) || b[i - 1] == b'&'));
+            if plain_string {
+                shape.push_str(&sql[last..i]);
+                lift(
+                    &mut shape,
+                    &mut values,
+                    sql[i + 1..end - 1].replace("''", "'"),
+                );
+                last = end;
+            }
+            i = end;
+            continue;
+        }
+        if b[i] == b'$' && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+            return None;
+        }
+        if b[i].is_ascii_digit() {
+            let start = i;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            let glued_before = start > 0 && (is_ident_byte(b[start - 1]) || b[start - 1] == b'.');
+            let glued_after = i < b.len() && (is_ident_byte(b[i]) || b[i] == b'.');
+            if !glued_before && !glued_after {
+                shape.push_str(&sql[last..start]);
+                lift(&mut shape, &mut values, sql[start..i].to_owned());
+                last = i;
+            }
+            // A number glued to letters (t1, 1e5, 0x1f) is left whole.
+            while i < b.len() && (is_ident_byte(b[i]) || b[i] == b'.') {
+                i += 1;
+            }
+            continue;
+        }
+        i += 1;
+    }
+    shape.push_str(&sql[last..]);
+    Some((shape, values))
 }
 
 /// The statements of a simple-query string, each with its own text (without the `;`),
@@ -70,83 +207,15 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
     let mut start = 0;
     let mut i = 0;
     while i < b.len() {
-        match b[i] {
-            b'\'' => {
-                // E'..' strings take backslash escapes; '' is a quote in either kind.
-                let escapes = i > 0
-                    && matches!(b[i - 1], b'e' | b'E')
-                    && !(i > 1 && (b[i - 2].is_ascii_alphanumeric() || b[i - 2] == b'_'));
-                i += 1;
-                while i < b.len() {
-                    if escapes && b[i] == b'\\' {
-                        i += 2;
-                        continue;
-                    }
-                    if b[i] == b'\'' {
-                        if b.get(i + 1) == Some(&b'\'') {
-                            i += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    i += 1;
-                }
-                i += 1;
-            }
-            b'"' => {
-                i += 1;
-                while i < b.len() && b[i] != b'"' {
-                    i += 1;
-                }
-                i += 1;
-            }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                // PostgreSQL's block comments nest.
-                let mut depth = 1;
-                i += 2;
-                while i < b.len() && depth > 0 {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
-            b'$' if !(i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_')) => {
-                // $tag$ ... $tag$ (a `$1` parameter has no closing `$` right after digits).
-                let tag_end = b[i + 1..]
-                    .iter()
-                    .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
-                    .map(|p| i + 1 + p);
-                match tag_end {
-                    Some(e)
-                        if b[e] == b'$' && !b[i + 1..e].first().is_some_and(u8::is_ascii_digit) =>
-                    {
-                        let tag = &sql[i..=e];
-                        match sql[e + 1..].find(tag) {
-                            Some(p) => i = e + 1 + p + tag.len(),
-                            None => i = b.len(),
-                        }
-                    }
-                    _ => i += 1,
-                }
-            }
-            b';' => {
-                out.push(&sql[start..i]);
-                i += 1;
-                start = i;
-            }
-            _ => i += 1,
+        if let Some((end, _)) = skip_non_code(sql, i) {
+            i = end;
+            continue;
         }
+        if b[i] == b';' {
+            out.push(&sql[start..i]);
+            start = i + 1;
+        }
+        i += 1;
     }
     out.push(&sql[start.min(sql.len())..]);
     out.retain(|s| !is_blank(s));
@@ -155,34 +224,19 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
 
 /// Only whitespace and comments.
 fn is_blank(s: &str) -> bool {
-    let mut rest = s.trim_start();
-    loop {
-        if let Some(r) = rest.strip_prefix("--") {
-            rest = r.split_once('\n').map(|x| x.1).unwrap_or("").trim_start();
-        } else if rest.starts_with("/*") {
-            // split_statements closed the comment (nesting included) or ran to the end.
-            let mut depth = 0;
-            let b = rest.as_bytes();
-            let mut i = 0;
-            while i < b.len() {
-                if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                    depth += 1;
-                    i += 2;
-                } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            rest = rest[i.min(rest.len())..].trim_start();
-        } else {
-            return rest.is_empty();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        match skip_non_code(s, i) {
+            Some((end, NonCode::Comment)) => i = end,
+            _ => return false,
         }
     }
+    true
 }
 
 /// A name as a quoted identifier (`a"b` -> `"a""b"`), for names PostgreSQL already
@@ -269,6 +323,65 @@ mod tests {
         );
         assert!(bind_parameters("select $3", &lits).is_err());
         assert_eq!(bind_parameters("select a$1", &lits).unwrap(), "select a$1");
+    }
+
+    #[test]
+    fn binds_nothing_inside_dollar_quotes_or_nested_comments() {
+        let lits = vec!["42".to_owned()];
+        assert_eq!(
+            bind_parameters("select $$a $1 b$$, $f$ $1 $f$, $1", &lits).unwrap(),
+            "select $$a $1 b$$, $f$ $1 $f$, 42"
+        );
+        // The first */ closes only the inner comment: $1 after it is still commented.
+        assert_eq!(
+            bind_parameters("select /* a /* b */ $1 */ $1", &lits).unwrap(),
+            "select /* a /* b */ $1 */ 42"
+        );
+        assert_eq!(
+            bind_parameters("select E'it\\'s $1', $1", &lits).unwrap(),
+            "select E'it\\'s $1', 42"
+        );
+        // Unclosed quotes and comments run to the end: nothing to bind, no panic.
+        for open in ["select '$1", "select /* $1", "select $q$ $1", "select \"$1"] {
+            assert_eq!(bind_parameters(open, &lits).unwrap(), open);
+        }
+    }
+
+    #[test]
+    fn lifts_plain_literals_only() {
+        let (shape, values) =
+            lift_literals("SELECT abalance FROM pgbench_accounts WHERE aid = 1234;").unwrap();
+        assert_eq!(
+            shape,
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+        );
+        assert_eq!(values, vec!["1234"]);
+        let (shape, values) = lift_literals(
+            "update t1 set v = 'it''s', w = 1.5, x = -3, y = E'a\\'b', z = 1e5 where id = 7 -- 8",
+        )
+        .unwrap();
+        assert_eq!(
+            shape,
+            "update t1 set v = $1, w = 1.5, x = -$2, y = E'a\\'b', z = 1e5 where id = $3 -- 8"
+        );
+        assert_eq!(values, vec!["it's", "3", "7"]);
+        assert_eq!(
+            lift_literals("select $q$ 5 $q$, /* 6 /* 7 */ 8 */ \"9\", 10").unwrap(),
+            (
+                "select $q$ 5 $q$, /* 6 /* 7 */ 8 */ \"9\", $1".to_owned(),
+                vec!["10".to_owned()]
+            )
+        );
+        assert_eq!(lift_literals("select $1"), None);
+        // Unclosed: left as it is (the DN gives the error).
+        assert_eq!(lift_literals("select 'ab").unwrap().0, "select 'ab");
+    }
+
+    #[test]
+    fn blank_statements_are_whitespace_and_comments() {
+        assert!(is_blank(" -- x\n /* a /* b */ c */ \n"));
+        assert!(!is_blank("/* a */ select 1"));
+        assert!(!is_blank("''"));
     }
 
     #[test]

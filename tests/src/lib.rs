@@ -433,6 +433,23 @@ pub fn pid_alive(pid: u32) -> bool {
     ha_common::process::alive(pid)
 }
 
+/// CPU time (user + system) `pid` has used so far, in seconds (from /proc/<pid>/stat).
+/// Benchmarks measure CPU per operation with it: unlike throughput, it does not depend
+/// on what else the machine runs.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) in parentheses:
+    // rest[0] is field 3 (state); utime is field 14, stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    Some(ticks as f64 / tck as f64)
+}
+
 /// SIGKILLs `pid` (no-op if it is gone).
 pub fn kill9(pid: u32) {
     if let Ok(raw) = i32::try_from(pid) {
