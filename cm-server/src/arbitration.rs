@@ -122,32 +122,45 @@ impl Engine {
         }
     }
 
-    /// The GTM lease for the GTM primary on `host` in a reply to its agent (see
-    /// `gtm_lease.rs`), recorded so that an operation never promotes another GTM
-    /// before it ends.
+    /// The GTM lease for GTM `instance`, which asked for it (RenewGtmLease, see
+    /// `gtm_lease.rs`): how long from now. Recorded, so that neither the arbiter nor
+    /// an operation promotes another GTM before it ends. Call under the state lock (a
+    /// tick holds it from its decision until the new roles are installed). The
+    /// healthy observation is the arbiter's, or the CMServer's own probe of the GTM as
+    /// primary while its agent is silent (restarting): the lease then runs on.
     pub fn grant_gtm_lease(
         &self,
         cfg: &ClusterConfig,
         state: &ClusterState,
-        host: &str,
-    ) -> Option<ha_common::proto::cm::GtmLeaseGrant> {
+        instance: &str,
+    ) -> Result<Duration, String> {
         let now = Instant::now();
         let mut st = lock(&self.inner);
-        let healthy = st.memory.healthy_at.clone();
-        let (grant, end) =
-            crate::gtm_lease::grant(cfg, state, host, |n| healthy.get(n).copied(), now)?;
-        let e = st.gtm_leases.entry(grant.instance.clone()).or_insert(end);
+        let seen = st.memory.healthy_at.get(instance).copied();
+        let outside = st
+            .outside
+            .get(instance)
+            .filter(|o| {
+                o.role == ha_common::proto::cm::MemberRole::Primary
+                    && now.saturating_duration_since(o.at) < cfg.timing.agent_timeout()
+            })
+            .map(|o| o.at);
+        let healthy = seen.max(outside);
+        let (left, end) = crate::gtm_lease::grant(cfg, state, instance, |_| healthy, now)?;
+        let e = st.gtm_leases.entry(instance.to_owned()).or_insert(end);
         *e = (*e).max(end);
-        Some(grant)
+        Ok(left)
     }
 
     /// When the last GTM lease granted to `instance` in this tenure ends; a new tenure
-    /// counts an earlier primary's as ending `gtm_failover_timeout` after it began.
+    /// counts an earlier primary's as ending `gtm_failover_timeout` after it began
+    /// (only with `gtm.require_lease`: without it no GTM holds a lease).
     pub fn gtm_lease_end(&self, cfg: &ClusterConfig, instance: &str) -> Option<Instant> {
         let st = lock(&self.inner);
         let earlier = st
             .memory
             .tenure_started
+            .filter(|_| cfg.gtm.require_lease)
             .map(|t| t + cfg.timing.gtm_failover_timeout());
         [st.gtm_leases.get(instance).copied(), earlier]
             .into_iter()
@@ -304,7 +317,7 @@ pub async fn tick(cx: &Ctx<'_>) {
     let mut state = cx.state.lock().await;
     cx.engine.enter_tenure(cx.tenure, state.order_id_base);
     let reports = lock(cx.reports).clone();
-    let (memory, busy, recent, outside) = {
+    let (memory, busy, recent, outside, gtm_leases) = {
         let mut st = lock(&cx.engine.inner);
         st.book.expire(now);
         (
@@ -312,6 +325,7 @@ pub async fn tick(cx: &Ctx<'_>) {
             st.busy.clone(),
             st.book.recent(now, ORDER_COOLDOWN),
             st.outside.clone(),
+            st.gtm_leases.clone(),
         )
     };
     let plan = arbiter::decide(&arbiter::Input {
@@ -323,6 +337,7 @@ pub async fn tick(cx: &Ctx<'_>) {
         busy: &busy,
         recent: &recent,
         outside: &outside,
+        gtm_leases: &gtm_leases,
     });
     {
         let mut st = lock(&cx.engine.inner);

@@ -20,7 +20,7 @@ use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::cm_server_server::{CmServer, CmServerServer};
 use ha_common::proto::cm::{
     AgentReport, BuildRequest, ClusterStatus, ClusterStatusRequest, CnSyncReply, CnSyncRequest,
-    FailoverRequest, OperationReply, ReportReply, SetDesiredStateReply, SetDesiredStateRequest,
+    FailoverRequest, OperationReply, RenewGtmLeaseReply, RenewGtmLeaseRequest, ReportReply, SetDesiredStateReply, SetDesiredStateRequest,
     SwitchoverRequest, SyncStateReply, SyncStateRequest,
 };
 use ha_common::ClusterConfig;
@@ -245,12 +245,36 @@ impl CmServer for CmService {
             reply.assignments = assignments::for_host(&sh.cfg, &state, &host);
             reply.orders = sh.engine.orders_for(&host);
             reply.next_report_ms = sh.engine.next_report_ms();
-            // Under the state lock: a tick promoting the GTM standby holds it from
-            // its decision until the new roles are installed, so no lease is granted
-            // to a GTM primary being replaced.
-            reply.gtm_lease = sh.engine.grant_gtm_lease(&sh.cfg, &state, &host);
         }
         Ok(Response::new(reply))
+    }
+
+    async fn renew_gtm_lease(
+        &self,
+        request: Request<RenewGtmLeaseRequest>,
+    ) -> Result<Response<RenewGtmLeaseReply>, Status> {
+        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Gtm])?;
+        let sh = &self.shared;
+        sh.require_primary()?;
+        let req = request.into_inner();
+        // Under the state lock: a tick promoting the GTM standby holds it from its
+        // decision until the new roles are installed, so no lease is granted to a GTM
+        // primary being replaced.
+        let state = sh.state.lock().await;
+        // Primacy may have ended while we waited for the lock.
+        sh.require_primary()?;
+        sh.engine.enter_tenure(sh.pair.tenure(), state.order_id_base);
+        let (valid_for_ms, why) = match sh.engine.grant_gtm_lease(&sh.cfg, &state, &req.instance)
+        {
+            Ok(left) => (left.as_millis() as u64, String::new()),
+            Err(why) => (0, why),
+        };
+        Ok(Response::new(RenewGtmLeaseReply {
+            cm_term: state.term.0,
+            valid_for_ms,
+            from: sh.node.clone(),
+            why,
+        }))
     }
 
     async fn get_cluster_status(
