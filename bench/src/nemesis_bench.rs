@@ -62,6 +62,7 @@ async fn main() -> Result<()> {
     let mut applied: BTreeMap<Kind, usize> = BTreeMap::new();
     let mut survived: BTreeMap<Kind, usize> = BTreeMap::new();
     let (mut lost, mut twice, mut reused, mut dual, mut acked, mut gxids) = (0, 0, 0, 0, 0, 0);
+    let mut unsettled = 0;
     let mut failed_runs = Vec::new();
     let mut left = args.faults;
     let mut run_seed = seed;
@@ -98,6 +99,7 @@ async fn main() -> Result<()> {
                 twice += r.twice.len();
                 reused += r.reused_gxids.len();
                 dual += r.dual_primaries.len();
+                unsettled += r.unsettled.len();
                 acked += r.acked.values().sum::<usize>();
                 gxids += r.gxids;
                 if !r.ok() {
@@ -146,7 +148,7 @@ async fn main() -> Result<()> {
         println!("{:<32} {a:>8} {s:>9} {ratio:>7.2}", k.as_str());
     }
     println!(
-        "acknowledged commits {acked}: lost {lost}, duplicated {twice}; GXIDs {gxids}: reused {reused}; dual primaries {dual}"
+        "acknowledged commits {acked}: lost {lost}, duplicated {twice}; GXIDs {gxids}: reused {reused}; dual primaries {dual}; groups that did not settle {unsettled}"
     );
     for f in &failed_runs {
         println!("FAILED {f}");

@@ -9,8 +9,7 @@ use std::time::Duration;
 use ha_common::config::ClusterConfig;
 use ha_common::proto::gtm::gtm_client::GtmClient;
 use ha_common::proto::gtm::{
-    DemoteRequest, GtmStatus, PromoteRequest, SetRunAloneRequest,
-    StatusRequest,
+    DemoteRequest, GtmStatus, PromoteRequest, SetRunAloneRequest, StatusRequest,
 };
 
 use crate::detached::Detached;

@@ -1578,7 +1578,12 @@ mod tests {
             p.notes
         );
         let p = gtm1_lost(&mut w, 3700);
-        assert!(has(&p, "gtm2", OrderKind::Promote), "{:?} {:?}", p.orders, p.notes);
+        assert!(
+            has(&p, "gtm2", OrderKind::Promote),
+            "{:?} {:?}",
+            p.orders,
+            p.notes
+        );
     }
 
     #[test]

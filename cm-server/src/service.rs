@@ -20,8 +20,9 @@ use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::cm_server_server::{CmServer, CmServerServer};
 use ha_common::proto::cm::{
     AgentReport, BuildRequest, ClusterStatus, ClusterStatusRequest, CnSyncReply, CnSyncRequest,
-    FailoverRequest, OperationReply, RenewGtmLeaseReply, RenewGtmLeaseRequest, ReportReply, SetDesiredStateReply, SetDesiredStateRequest,
-    SwitchoverRequest, SyncStateReply, SyncStateRequest,
+    FailoverRequest, OperationReply, RenewGtmLeaseReply, RenewGtmLeaseRequest, ReportReply,
+    SetDesiredStateReply, SetDesiredStateRequest, SwitchoverRequest, SyncStateReply,
+    SyncStateRequest,
 };
 use ha_common::ClusterConfig;
 use tonic::{Code, Request, Response, Status};
@@ -263,9 +264,9 @@ impl CmServer for CmService {
         let state = sh.state.lock().await;
         // Primacy may have ended while we waited for the lock.
         sh.require_primary()?;
-        sh.engine.enter_tenure(sh.pair.tenure(), state.order_id_base);
-        let (valid_for_ms, why) = match sh.engine.grant_gtm_lease(&sh.cfg, &state, &req.instance)
-        {
+        sh.engine
+            .enter_tenure(sh.pair.tenure(), state.order_id_base);
+        let (valid_for_ms, why) = match sh.engine.grant_gtm_lease(&sh.cfg, &state, &req.instance) {
             Ok(left) => (left.as_millis() as u64, String::new()),
             Err(why) => (0, why),
         };
