@@ -448,4 +448,57 @@ mod tests {
         drop(b);
         assert!(e.begin("dn1").is_ok());
     }
+
+    fn running_local() -> (ClusterConfig, ClusterState) {
+        let cfg = crate::state::tests::local_config();
+        let mut state = ClusterState::initial(&cfg);
+        state.set_run(None, true).unwrap();
+        (cfg, state)
+    }
+
+    #[test]
+    fn a_gtm_whose_agent_is_silent_keeps_its_lease_from_the_cmservers_own_probe() {
+        let (cfg, state) = running_local();
+        let e = Engine::new();
+        e.enter_tenure(2, 1);
+        assert!(
+            e.grant_gtm_lease(&cfg, &state, "gtm1").is_err(),
+            "never seen"
+        );
+        let long_ago = Instant::now() - Duration::from_millis(2900);
+        lock(&e.inner)
+            .memory
+            .healthy_at
+            .insert("gtm1".into(), long_ago);
+        assert!(e.grant_gtm_lease(&cfg, &state, "gtm1").is_err(), "too old");
+        // The CMServer's own probe answered as primary just now: a full lease.
+        e.saw_from_outside(
+            "gtm1",
+            ha_common::proto::cm::MemberRole::Primary,
+            Instant::now(),
+        );
+        let left = e.grant_gtm_lease(&cfg, &state, "gtm1").expect("a lease");
+        assert!(left > Duration::from_millis(2500), "{left:?}");
+        // Recorded: the arbiter and operations wait for it.
+        let end = e.gtm_lease_end(&cfg, "gtm1").unwrap();
+        assert!(end >= Instant::now() + Duration::from_millis(2500));
+        // As a standby it gives nothing.
+        e.saw_from_outside(
+            "gtm2",
+            ha_common::proto::cm::MemberRole::Standby,
+            Instant::now(),
+        );
+        assert!(e.grant_gtm_lease(&cfg, &state, "gtm2").is_err());
+    }
+
+    #[test]
+    fn the_wait_for_an_earlier_tenures_gtm_lease_only_with_require_lease() {
+        let (mut cfg, _) = running_local();
+        let e = Engine::new();
+        e.enter_tenure(2, 1);
+        let end = e.gtm_lease_end(&cfg, "gtm1").expect("the earlier tenure's");
+        assert!(end > Instant::now() + Duration::from_millis(2500));
+        cfg.gtm.require_lease = false;
+        assert_eq!(e.gtm_lease_end(&cfg, "gtm1"), None, "no lease, no wait");
+    }
 }

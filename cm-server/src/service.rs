@@ -888,6 +888,28 @@ mod tests {
         assert_eq!(e.code(), Code::FailedPrecondition);
     }
 
+    #[tokio::test]
+    async fn only_the_primary_renews_a_gtm_lease_and_only_for_its_assigned_primary() {
+        let req = |instance: &str| {
+            Request::new(RenewGtmLeaseRequest {
+                instance: instance.into(),
+                gtm_term: 1,
+            })
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path(), "cms1");
+        let e = svc.renew_gtm_lease(req("gtm1")).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("not primary"), "{}", e.message());
+        elect(&svc).await;
+        // Elected, but nothing seen healthy yet (and the instances start stopped).
+        let r = svc.renew_gtm_lease(req("gtm1")).await.unwrap().into_inner();
+        assert_eq!(r.valid_for_ms, 0);
+        assert!(!r.why.is_empty() && r.from == "cms1", "{r:?}");
+        let r = svc.renew_gtm_lease(req("gtm2")).await.unwrap().into_inner();
+        assert_eq!(r.valid_for_ms, 0, "{r:?}");
+    }
+
     fn cn_sync_req(
         cn: &str,
         phase: ha_common::proto::cm::CnPhase,
