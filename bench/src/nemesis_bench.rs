@@ -31,8 +31,9 @@ struct Args {
     /// Seed of the first run (default: from the clock; printed for the replay).
     #[arg(long)]
     seed: Option<u64>,
-    /// Also draw the faults that hit known open bugs (network faults separating the
-    /// GTM pair's or the CMServer pair's hosts).
+    /// Also draw the network faults that separate the GTM pair's or the CMServer
+    /// pair's hosts (left out by default: they hit bugs since fixed, the GTM lease
+    /// and the CMServer election livelock; the suite's short run draws them).
     #[arg(long)]
     all_faults: bool,
     /// First port of the cluster (it uses port_base+1 ..= port_base+702).
@@ -129,7 +130,7 @@ async fn main() -> Result<()> {
         if args.all_faults {
             ", all fault kinds"
         } else {
-            ", known-bug faults left out"
+            ", faults separating the pairs' hosts left out"
         },
         started.elapsed().as_secs_f64(),
         load.split_whitespace()
