@@ -31,8 +31,9 @@ struct Args {
     /// Seed of the first run (default: from the clock; printed for the replay).
     #[arg(long)]
     seed: Option<u64>,
-    /// Also draw the faults that hit known open bugs (network faults separating the
-    /// GTM pair's or the CMServer pair's hosts).
+    /// Also draw the network faults that separate the GTM pair's or the CMServer
+    /// pair's hosts (left out by default: they hit bugs since fixed, the GTM lease
+    /// and the CMServer election livelock; the suite's short run draws them).
     #[arg(long)]
     all_faults: bool,
     /// First port of the cluster (it uses port_base+1 ..= port_base+702).
@@ -62,6 +63,7 @@ async fn main() -> Result<()> {
     let mut applied: BTreeMap<Kind, usize> = BTreeMap::new();
     let mut survived: BTreeMap<Kind, usize> = BTreeMap::new();
     let (mut lost, mut twice, mut reused, mut dual, mut acked, mut gxids) = (0, 0, 0, 0, 0, 0);
+    let mut unsettled = 0;
     let mut failed_runs = Vec::new();
     let mut left = args.faults;
     let mut run_seed = seed;
@@ -98,6 +100,7 @@ async fn main() -> Result<()> {
                 twice += r.twice.len();
                 reused += r.reused_gxids.len();
                 dual += r.dual_primaries.len();
+                unsettled += r.unsettled.len();
                 acked += r.acked.values().sum::<usize>();
                 gxids += r.gxids;
                 if !r.ok() {
@@ -127,7 +130,7 @@ async fn main() -> Result<()> {
         if args.all_faults {
             ", all fault kinds"
         } else {
-            ", known-bug faults left out"
+            ", faults separating the pairs' hosts left out"
         },
         started.elapsed().as_secs_f64(),
         load.split_whitespace()
@@ -146,7 +149,7 @@ async fn main() -> Result<()> {
         println!("{:<32} {a:>8} {s:>9} {ratio:>7.2}", k.as_str());
     }
     println!(
-        "acknowledged commits {acked}: lost {lost}, duplicated {twice}; GXIDs {gxids}: reused {reused}; dual primaries {dual}"
+        "acknowledged commits {acked}: lost {lost}, duplicated {twice}; GXIDs {gxids}: reused {reused}; dual primaries {dual}; groups that did not settle {unsettled}"
     );
     for f in &failed_runs {
         println!("FAILED {f}");

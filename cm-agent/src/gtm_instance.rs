@@ -9,8 +9,7 @@ use std::time::Duration;
 use ha_common::config::ClusterConfig;
 use ha_common::proto::gtm::gtm_client::GtmClient;
 use ha_common::proto::gtm::{
-    ConfirmLeaseRequest, DemoteRequest, GtmStatus, PromoteRequest, SetRunAloneRequest,
-    StatusRequest,
+    DemoteRequest, GtmStatus, PromoteRequest, SetRunAloneRequest, StatusRequest,
 };
 
 use crate::detached::Detached;
@@ -46,9 +45,10 @@ impl GtmInstance {
         // its data dir itself (atomically, with its control file) and refuses to start
         // on an existing dir without one, so the agent must not create it first.
         let mut process = Detached::serve(cfg, "gtm", name, config_path);
-        // Invariant 3 under partitions: with `gtm.require_lease` an agent-run GTM hands
-        // out GXIDs only under the primary CMServer's lease, which this agent passes on
-        // (`confirm_lease`).
+        // Invariant 3 under partitions: with `gtm.require_lease` (the default) an
+        // agent-run GTM hands out GXIDs only under the primary CMServer's lease, which
+        // it renews from the CMServer itself (RenewGtmLease): an agent restart does
+        // not pause it.
         if cfg.gtm.require_lease {
             process.extra_args.push("--require-lease".to_owned());
         }
@@ -145,28 +145,6 @@ impl GtmInstance {
             .set_run_alone(SetRunAloneRequest { term, run_alone })
             .await
             .map_err(|e| self.rpc_error("set run-alone", e))?;
-        Ok(s.into_inner())
-    }
-
-    /// ConfirmLease RPC: the primary CMServer (term `cm_term`) promised that no other
-    /// GTM is promoted within `valid_for_ms` of `sent_at_ns` (this host's monotonic
-    /// clock, when the report it answered was sent).
-    pub async fn confirm_lease(
-        &self,
-        cm_term: u64,
-        valid_for_ms: u64,
-        sent_at_ns: u64,
-        timeout: Duration,
-    ) -> Result<GtmStatus> {
-        let mut c = self.client(timeout).await?;
-        let s = c
-            .confirm_lease(ConfirmLeaseRequest {
-                cm_term,
-                valid_for_ms,
-                sent_at_ns,
-            })
-            .await
-            .map_err(|e| self.rpc_error("confirm lease", e))?;
         Ok(s.into_inner())
     }
 

@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use ha_common::config::ClusterConfig;
 use ha_common::proto::cm::cm_server_client::CmServerClient;
-use ha_common::proto::cm::{AgentReport, GtmLeaseGrant, Order, OrderOutcome, ReportReply};
-use ha_common::proto::gtm::gtm_client::GtmClient;
-use ha_common::proto::gtm::ConfirmLeaseRequest;
+use ha_common::proto::cm::{AgentReport, Order, OrderOutcome, ReportReply};
 use ha_common::Term;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
@@ -147,9 +145,6 @@ pub struct Reporter {
     /// unreachable CMServer does not delay a lease grant to the other by its RPC
     /// timeout.
     silent: Arc<Vec<AtomicBool>>,
-    /// This host's GTM instances (name → client): the primary CMServer's GTM lease
-    /// is passed on to them (`gtm/src/lease.rs`).
-    gtms: HashMap<String, GtmClient<Channel>>,
 }
 
 impl Reporter {
@@ -165,16 +160,6 @@ impl Reporter {
             servers.push((ep, CmServerClient::new(channel)));
         }
         let silent = Arc::new(servers.iter().map(|_| AtomicBool::new(false)).collect());
-        let mut gtms = HashMap::new();
-        for g in cfg.gtm.instances.iter().filter(|g| g.host == host) {
-            let url = format!("http://{}", cfg.endpoint(g));
-            let channel = ha_common::tls::endpoint(&url, ha_common::tls::CertRole::Gtm)
-                .map_err(|e| AgentError::Instance(format!("GTM endpoint {url}: {e}")))?
-                .connect_timeout(timeout)
-                .timeout(timeout)
-                .connect_lazy();
-            gtms.insert(g.name.clone(), GtmClient::new(channel));
-        }
         Ok(Reporter {
             host: host.to_owned(),
             servers,
@@ -183,7 +168,6 @@ impl Reporter {
             prompt: false,
             next_report: None,
             silent,
-            gtms,
         })
     }
 
@@ -221,9 +205,6 @@ impl Reporter {
             self.state.finished(o);
         }
         let now = Instant::now();
-        // Before the report leaves: the CMServer's answer (and any GTM lease in it)
-        // comes after this moment on this host's clock.
-        let sent_at_ns = ha_common::clock::monotonic_ns();
         let report = AgentReport {
             host: self.host.clone(),
             term: self.state.term.0.max(self.lease.highest()),
@@ -287,9 +268,6 @@ impl Reporter {
         let Some(plan) = plan else {
             return true;
         };
-        if let Some(grant) = &reply.gtm_lease {
-            self.pass_on_gtm_lease(grant, reply.term, sent_at_ns);
-        }
         for d in plan.assignments {
             if let Some(h) = by_name.get(d.assignment.instance.as_str()) {
                 h.desired.send_if_modified(|cur| {
@@ -320,30 +298,6 @@ impl Reporter {
             self.state.finished(r);
         }
         true
-    }
-}
-
-impl Reporter {
-    /// Passes the primary CMServer's GTM lease on to the local GTM (in the background:
-    /// a hung GTM must not stall the heartbeat; a late delivery cannot stretch the
-    /// lease, whose deadline runs from `sent_at_ns`).
-    fn pass_on_gtm_lease(&self, grant: &GtmLeaseGrant, cm_term: u64, sent_at_ns: u64) {
-        let Some(client) = self.gtms.get(&grant.instance) else {
-            tracing::warn!(instance = %grant.instance, "GTM lease for an instance not on this host");
-            return;
-        };
-        let mut client = client.clone();
-        let req = ConfirmLeaseRequest {
-            cm_term,
-            valid_for_ms: grant.valid_for_ms,
-            sent_at_ns,
-        };
-        let name = grant.instance.clone();
-        tokio::spawn(async move {
-            if let Err(e) = client.confirm_lease(req).await {
-                tracing::debug!(gtm = %name, "GTM lease not passed on: {}", e.message());
-            }
-        });
     }
 }
 

@@ -138,6 +138,9 @@ pub struct Input<'a> {
     pub recent: &'a [(String, OrderKind)],
     /// The CMServer's own probes of instances whose agent is silent.
     pub outside: &'a HashMap<String, SeenFromOutside>,
+    /// GTM leases granted in this tenure (`gtm_lease.rs`): instance → when the latest
+    /// ends. No GTM standby is promoted while its primary's runs.
+    pub gtm_leases: &'a HashMap<String, Instant>,
 }
 
 /// What to do.
@@ -762,7 +765,8 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
         .input
         .memory
         .tenure_started
-        .and_then(|t| (t + timeout).checked_duration_since(cx.input.now))
+        .filter(|t| cx.input.cfg.gtm.require_lease && *t + timeout > cx.input.now)
+        .map(|t| t + timeout - cx.input.now)
     {
         // Our view of the primary may predate a lease the previous primary CMServer
         // granted it from a newer observation: wait until any such lease has run out.
@@ -770,6 +774,25 @@ fn gtm_pair(cx: &mut Ctx<'_>) {
             GTM_PAIR,
             format!(
                 "primary {} lost; a new primary CMServer waits {} ms more (the previous one's GTM lease) before promoting",
+                p.name,
+                left.as_millis()
+            ),
+        );
+        return;
+    }
+    if let Some(left) = cx
+        .input
+        .gtm_leases
+        .get(&p.name)
+        .filter(|end| **end > cx.input.now)
+        .map(|end| *end - cx.input.now)
+    {
+        // Its lease came from a newer observation than our timer's (the CMServer's
+        // own probe while its agent was silent): it may hand out GXIDs until then.
+        cx.note(
+            GTM_PAIR,
+            format!(
+                "primary {} lost; waiting {} ms more for the GTM lease it holds before promoting",
                 p.name,
                 left.as_millis()
             ),
@@ -901,6 +924,7 @@ mod tests {
         busy: BTreeSet<String>,
         recent: Vec<(String, OrderKind)>,
         outside: HashMap<String, SeenFromOutside>,
+        gtm_leases: HashMap<String, Instant>,
         t0: Instant,
     }
 
@@ -962,6 +986,7 @@ mod tests {
                 busy: BTreeSet::new(),
                 recent: Vec::new(),
                 outside: HashMap::new(),
+                gtm_leases: HashMap::new(),
                 t0: Instant::now(),
             }
         }
@@ -1024,6 +1049,7 @@ mod tests {
                 busy: &self.busy,
                 recent: &self.recent,
                 outside: &self.outside,
+                gtm_leases: &self.gtm_leases,
             });
             if let Some(s) = &plan.state {
                 self.state = s.clone();
@@ -1537,6 +1563,61 @@ mod tests {
         assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
         assert_eq!(w.state.role_of("gtm2"), Some(AssignedRole::Primary));
         assert_eq!(w.state.term, Term(2));
+    }
+
+    /// gtm1 lost (healthy at t0, silent since), gtm2 ready at `ms`.
+    fn gtm1_lost(w: &mut World, ms: u64) -> Plan {
+        let at = w.at(ms);
+        w.report("h2", vec![gtm("gtm2", MemberRole::Standby, ready())], at);
+        w.tick(at)
+    }
+
+    #[test]
+    fn a_new_tenure_waits_out_the_previous_gtm_lease_only_with_require_lease() {
+        for require_lease in [true, false] {
+            let mut w = World::new();
+            w.cfg.gtm.require_lease = require_lease;
+            w.healthy_at(w.t0);
+            // Elected 1 s after gtm1's last healthy report.
+            w.memory.tenure_started = Some(w.at(1000));
+            w.tick(w.t0);
+            let p = gtm1_lost(&mut w, 3100);
+            if require_lease {
+                assert!(!has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+                assert!(
+                    p.notes[GTM_PAIR].contains("waits 900 ms more"),
+                    "{:?}",
+                    p.notes
+                );
+                let p = gtm1_lost(&mut w, 4000);
+                assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+            } else {
+                assert!(has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+            }
+        }
+    }
+
+    #[test]
+    fn no_gtm_promotion_while_its_primary_holds_a_lease() {
+        let mut w = World::new();
+        w.healthy_at(w.t0);
+        w.tick(w.t0);
+        // Granted from the CMServer's own probe at 1000 ms: runs until 3700 ms.
+        w.gtm_leases.insert("gtm1".into(), w.at(3700));
+        let p = gtm1_lost(&mut w, 3100);
+        assert!(!has(&p, "gtm2", OrderKind::Promote), "{:?}", p.orders);
+        assert!(
+            p.notes[GTM_PAIR].contains("waiting 600 ms more for the GTM lease"),
+            "{:?}",
+            p.notes
+        );
+        let p = gtm1_lost(&mut w, 3700);
+        assert!(
+            has(&p, "gtm2", OrderKind::Promote),
+            "{:?} {:?}",
+            p.orders,
+            p.notes
+        );
     }
 
     #[test]

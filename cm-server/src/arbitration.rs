@@ -124,32 +124,45 @@ impl Engine {
         }
     }
 
-    /// The GTM lease for the GTM primary on `host` in a reply to its agent (see
-    /// `gtm_lease.rs`), recorded so that an operation never promotes another GTM
-    /// before it ends.
+    /// The GTM lease for GTM `instance`, which asked for it (RenewGtmLease, see
+    /// `gtm_lease.rs`): how long from now. Recorded, so that neither the arbiter nor
+    /// an operation promotes another GTM before it ends. Call under the state lock (a
+    /// tick holds it from its decision until the new roles are installed). The
+    /// healthy observation is the arbiter's, or the CMServer's own probe of the GTM as
+    /// primary while its agent is silent (restarting): the lease then runs on.
     pub fn grant_gtm_lease(
         &self,
         cfg: &ClusterConfig,
         state: &ClusterState,
-        host: &str,
-    ) -> Option<ha_common::proto::cm::GtmLeaseGrant> {
+        instance: &str,
+    ) -> Result<Duration, String> {
         let now = Instant::now();
         let mut st = lock(&self.inner);
-        let healthy = st.memory.healthy_at.clone();
-        let (grant, end) =
-            crate::gtm_lease::grant(cfg, state, host, |n| healthy.get(n).copied(), now)?;
-        let e = st.gtm_leases.entry(grant.instance.clone()).or_insert(end);
+        let seen = st.memory.healthy_at.get(instance).copied();
+        let outside = st
+            .outside
+            .get(instance)
+            .filter(|o| {
+                o.role == ha_common::proto::cm::MemberRole::Primary
+                    && now.saturating_duration_since(o.at) < cfg.timing.agent_timeout()
+            })
+            .map(|o| o.at);
+        let healthy = seen.max(outside);
+        let (left, end) = crate::gtm_lease::grant(cfg, state, instance, |_| healthy, now)?;
+        let e = st.gtm_leases.entry(instance.to_owned()).or_insert(end);
         *e = (*e).max(end);
-        Some(grant)
+        Ok(left)
     }
 
     /// When the last GTM lease granted to `instance` in this tenure ends; a new tenure
-    /// counts an earlier primary's as ending `gtm_failover_timeout` after it began.
+    /// counts an earlier primary's as ending `gtm_failover_timeout` after it began
+    /// (only with `gtm.require_lease`: without it no GTM holds a lease).
     pub fn gtm_lease_end(&self, cfg: &ClusterConfig, instance: &str) -> Option<Instant> {
         let st = lock(&self.inner);
         let earlier = st
             .memory
             .tenure_started
+            .filter(|_| cfg.gtm.require_lease)
             .map(|t| t + cfg.timing.gtm_failover_timeout());
         [st.gtm_leases.get(instance).copied(), earlier]
             .into_iter()
@@ -308,7 +321,7 @@ pub async fn tick(cx: &Ctx<'_>) {
     let mut state = cx.state.lock().await;
     cx.engine.enter_tenure(cx.tenure, state.order_id_base);
     let reports = lock(cx.reports).clone();
-    let (memory, busy, recent, outside) = {
+    let (memory, busy, recent, outside, gtm_leases) = {
         let mut st = lock(&cx.engine.inner);
         st.book.expire(now);
         (
@@ -316,6 +329,7 @@ pub async fn tick(cx: &Ctx<'_>) {
             st.busy.clone(),
             st.book.recent(now, ORDER_COOLDOWN),
             st.outside.clone(),
+            st.gtm_leases.clone(),
         )
     };
     let plan = arbiter::decide(&arbiter::Input {
@@ -327,6 +341,7 @@ pub async fn tick(cx: &Ctx<'_>) {
         busy: &busy,
         recent: &recent,
         outside: &outside,
+        gtm_leases: &gtm_leases,
     });
     let ordered = lock(&cx.engine.inner)
         .book
@@ -456,5 +471,58 @@ mod tests {
         assert_eq!(e.next_report_ms("h3"), 0);
         drop(b);
         assert!(e.begin("dn1").is_ok());
+    }
+
+    fn running_local() -> (ClusterConfig, ClusterState) {
+        let cfg = crate::state::tests::local_config();
+        let mut state = ClusterState::initial(&cfg);
+        state.set_run(None, true).unwrap();
+        (cfg, state)
+    }
+
+    #[test]
+    fn a_gtm_whose_agent_is_silent_keeps_its_lease_from_the_cmservers_own_probe() {
+        let (cfg, state) = running_local();
+        let e = Engine::new();
+        e.enter_tenure(2, 1);
+        assert!(
+            e.grant_gtm_lease(&cfg, &state, "gtm1").is_err(),
+            "never seen"
+        );
+        let long_ago = Instant::now() - Duration::from_millis(2900);
+        lock(&e.inner)
+            .memory
+            .healthy_at
+            .insert("gtm1".into(), long_ago);
+        assert!(e.grant_gtm_lease(&cfg, &state, "gtm1").is_err(), "too old");
+        // The CMServer's own probe answered as primary just now: a full lease.
+        e.saw_from_outside(
+            "gtm1",
+            ha_common::proto::cm::MemberRole::Primary,
+            Instant::now(),
+        );
+        let left = e.grant_gtm_lease(&cfg, &state, "gtm1").expect("a lease");
+        assert!(left > Duration::from_millis(2500), "{left:?}");
+        // Recorded: the arbiter and operations wait for it.
+        let end = e.gtm_lease_end(&cfg, "gtm1").unwrap();
+        assert!(end >= Instant::now() + Duration::from_millis(2500));
+        // As a standby it gives nothing.
+        e.saw_from_outside(
+            "gtm2",
+            ha_common::proto::cm::MemberRole::Standby,
+            Instant::now(),
+        );
+        assert!(e.grant_gtm_lease(&cfg, &state, "gtm2").is_err());
+    }
+
+    #[test]
+    fn the_wait_for_an_earlier_tenures_gtm_lease_only_with_require_lease() {
+        let (mut cfg, _) = running_local();
+        let e = Engine::new();
+        e.enter_tenure(2, 1);
+        let end = e.gtm_lease_end(&cfg, "gtm1").expect("the earlier tenure's");
+        assert!(end > Instant::now() + Duration::from_millis(2500));
+        cfg.gtm.require_lease = false;
+        assert_eq!(e.gtm_lease_end(&cfg, "gtm1"), None, "no lease, no wait");
     }
 }

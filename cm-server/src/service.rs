@@ -20,8 +20,9 @@ use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::cm_server_server::{CmServer, CmServerServer};
 use ha_common::proto::cm::{
     AgentReport, BuildRequest, ClusterStatus, ClusterStatusRequest, CnSyncReply, CnSyncRequest,
-    FailoverRequest, OperationReply, ReportReply, SetDesiredStateReply, SetDesiredStateRequest,
-    SwitchoverRequest, SyncStateReply, SyncStateRequest,
+    FailoverRequest, OperationReply, RenewGtmLeaseReply, RenewGtmLeaseRequest, ReportReply,
+    SetDesiredStateReply, SetDesiredStateRequest, SwitchoverRequest, SyncStateReply,
+    SyncStateRequest,
 };
 use ha_common::ClusterConfig;
 use tonic::{Code, Request, Response, Status};
@@ -245,12 +246,36 @@ impl CmServer for CmService {
             reply.assignments = assignments::for_host(&sh.cfg, &state, &host);
             reply.orders = sh.engine.orders_for(&host);
             reply.next_report_ms = sh.engine.next_report_ms(&host);
-            // Under the state lock: a tick promoting the GTM standby holds it from
-            // its decision until the new roles are installed, so no lease is granted
-            // to a GTM primary being replaced.
-            reply.gtm_lease = sh.engine.grant_gtm_lease(&sh.cfg, &state, &host);
         }
         Ok(Response::new(reply))
+    }
+
+    async fn renew_gtm_lease(
+        &self,
+        request: Request<RenewGtmLeaseRequest>,
+    ) -> Result<Response<RenewGtmLeaseReply>, Status> {
+        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Gtm])?;
+        let sh = &self.shared;
+        sh.require_primary()?;
+        let req = request.into_inner();
+        // Under the state lock: a tick promoting the GTM standby holds it from its
+        // decision until the new roles are installed, so no lease is granted to a GTM
+        // primary being replaced.
+        let state = sh.state.lock().await;
+        // Primacy may have ended while we waited for the lock.
+        sh.require_primary()?;
+        sh.engine
+            .enter_tenure(sh.pair.tenure(), state.order_id_base);
+        let (valid_for_ms, why) = match sh.engine.grant_gtm_lease(&sh.cfg, &state, &req.instance) {
+            Ok(left) => (left.as_millis() as u64, String::new()),
+            Err(why) => (0, why),
+        };
+        Ok(Response::new(RenewGtmLeaseReply {
+            cm_term: state.term.0,
+            valid_for_ms,
+            from: sh.node.clone(),
+            why,
+        }))
     }
 
     async fn get_cluster_status(
@@ -883,6 +908,28 @@ mod tests {
         assert_eq!(e.message(), "not primary: cms1");
         let e = svc.set_desired_state(set(true, "")).await.unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn only_the_primary_renews_a_gtm_lease_and_only_for_its_assigned_primary() {
+        let req = |instance: &str| {
+            Request::new(RenewGtmLeaseRequest {
+                instance: instance.into(),
+                gtm_term: 1,
+            })
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(dir.path(), "cms1");
+        let e = svc.renew_gtm_lease(req("gtm1")).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("not primary"), "{}", e.message());
+        elect(&svc).await;
+        // Elected, but nothing seen healthy yet (and the instances start stopped).
+        let r = svc.renew_gtm_lease(req("gtm1")).await.unwrap().into_inner();
+        assert_eq!(r.valid_for_ms, 0);
+        assert!(!r.why.is_empty() && r.from == "cms1", "{r:?}");
+        let r = svc.renew_gtm_lease(req("gtm2")).await.unwrap().into_inner();
+        assert_eq!(r.valid_for_ms, 0, "{r:?}");
     }
 
     fn cn_sync_req(

@@ -41,11 +41,12 @@ pub enum Command {
         /// Overrides cluster.base_dir.
         #[arg(long)]
         base_dir: Option<PathBuf>,
-        /// Hand out GXIDs (and record decisions) only while this host's cm_agent
-        /// confirms the primary CMServer's lease (ConfirmLease): a primary cut off
-        /// from the CMServer stops before its standby can be promoted. The agent
-        /// passes it when the config sets `gtm.require_lease = true` (default off);
-        /// leave it off for a bare GTM pair run without agents.
+        /// Hand out GXIDs (and record decisions) only under the primary CMServer's
+        /// lease, which this GTM renews from the config's CMServers itself
+        /// (RenewGtmLease): a primary cut off from the primary CMServer stops before
+        /// its standby can be promoted. The agent passes it when the config sets
+        /// `gtm.require_lease = true` (the default); leave it off for a bare GTM pair
+        /// run without CMServers.
         #[arg(long)]
         require_lease: bool,
     },

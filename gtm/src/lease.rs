@@ -1,49 +1,52 @@
 //! The GTM primary's lease (invariant 3 under partitions): a GTM started with
-//! `--require-lease` hands out GXIDs and records decisions only while its host's agent
-//! has passed on, recently enough, a promise of the primary CMServer that no other GTM
-//! is promoted before a deadline. Deadlines are CLOCK_MONOTONIC nanoseconds of this
-//! host, begun when the agent *sent* the report that the CMServer answered, so a
-//! confirmation that arrives late (a frozen agent, a slow loopback) never stretches a
-//! promise. `LeaseState::transition` is the one transition function.
+//! `--require-lease` hands out GXIDs and records decisions only while it holds,
+//! recently enough, a promise of the primary CMServer that no other GTM is promoted
+//! before a deadline. The GTM renews it itself (`renew.rs`: RenewGtmLease to every
+//! CMServer, several times per lease), so its host's agent plays no part and an agent
+//! restart does not pause GXIDs. Deadlines are CLOCK_MONOTONIC nanoseconds of this
+//! host, begun when the GTM *sent* the renewal that the CMServer answered, so a reply
+//! that arrives late (a frozen GTM, a slow network) never stretches a promise.
+//! `LeaseState::transition` is the one transition function.
 
 /// Where the lease stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lease {
-    /// Never confirmed since start, or revoked (stepped down, demoted).
+    /// Never renewed since start, or revoked (stepped down, demoted).
     NoLease,
     /// Confirmed: GXIDs may be handed out before `until` (monotonic ns).
     Held { until: u64 },
-    /// Ran out at `at` (monotonic ns) with no newer confirmation.
+    /// Ran out at `at` (monotonic ns) with no newer renewal.
     Expired { at: u64 },
 }
 
 /// What can happen to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// The agent passes on the primary CMServer's promise (of CMServer term `cm_term`)
-    /// running until `until`; `now` is when it arrived.
-    Confirm { cm_term: u64, until: u64, now: u64 },
+    /// The primary CMServer (cluster term `cm_term`) answered a renewal with a promise
+    /// running until `until` (the renewal's send time + what it granted, see
+    /// [`deadline`]); `now` is when the answer arrived.
+    Renewed { cm_term: u64, until: u64, now: u64 },
     /// Time passes (checked whenever a grant finds the lease's deadline behind it).
     Tick { now: u64 },
     /// The GTM stopped being primary: what it was promised as primary is gone.
     Revoke,
 }
 
-/// Why a confirmation was refused (it changes nothing).
+/// Why a renewal's answer was refused (it changes nothing).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
-    #[error("lease confirmation of CMServer term {got} refused: term {seen} already seen")]
+    #[error("lease renewal of CMServer term {got} refused: term {seen} already seen")]
     StaleTerm { got: u64, seen: u64 },
-    #[error("lease confirmation sent at {sent_at} ns, after this host's clock ({now} ns): the sender does not share this host's CLOCK_MONOTONIC")]
+    #[error("lease renewal sent at {sent_at} ns, after this host's clock ({now} ns): not this host's CLOCK_MONOTONIC")]
     FromAnotherClock { sent_at: u64, now: u64 },
 }
 
-/// The lease and the highest CMServer term that confirmed one.
+/// The lease and the highest CMServer term that renewed one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseState {
     pub lease: Lease,
     pub cm_term: u64,
-    /// When the last accepted confirmation arrived (monotonic ns; 0 = never).
+    /// When the last accepted renewal's answer arrived (monotonic ns; 0 = never).
     pub confirmed_at: u64,
 }
 
@@ -61,7 +64,7 @@ impl LeaseState {
     /// The one transition function.
     pub fn transition(self, event: Event) -> Result<LeaseState, LeaseError> {
         match event {
-            Event::Confirm {
+            Event::Renewed {
                 cm_term,
                 until,
                 now,
@@ -138,8 +141,8 @@ impl LeaseState {
     }
 }
 
-/// The deadline a confirmation sets: `sent_at + valid_for`, where `sent_at` must be
-/// this host's clock (not after `now`).
+/// The deadline a renewal's answer sets: `sent_at + valid_for`, where `sent_at` is
+/// when this GTM sent the renewal, on its own clock (not after `now`).
 pub fn deadline(sent_at: u64, valid_for_ms: u64, now: u64) -> Result<u64, LeaseError> {
     if sent_at > now {
         return Err(LeaseError::FromAnotherClock { sent_at, now });
@@ -161,8 +164,8 @@ mod tests {
         }
     }
 
-    fn confirm(cm_term: u64, until: u64, now: u64) -> Event {
-        Event::Confirm {
+    fn renewed(cm_term: u64, until: u64, now: u64) -> Event {
+        Event::Renewed {
             cm_term,
             until,
             now,
@@ -170,40 +173,40 @@ mod tests {
     }
 
     #[test]
-    fn no_lease_confirmed_is_held() {
+    fn no_lease_renewed_is_held() {
         let s = LeaseState::default()
-            .transition(confirm(3, 5 * S, S))
+            .transition(renewed(3, 5 * S, S))
             .unwrap();
         assert_eq!(s, held(5 * S, 3, S));
     }
 
     #[test]
-    fn no_lease_confirmed_with_a_past_deadline_stays_without() {
+    fn no_lease_renewed_with_a_past_deadline_stays_without() {
         let s = LeaseState::default()
-            .transition(confirm(3, S, 2 * S))
+            .transition(renewed(3, S, 2 * S))
             .unwrap();
         assert_eq!(s.lease, Lease::NoLease);
         assert_eq!(s.until(), 0);
     }
 
     #[test]
-    fn held_confirmed_keeps_the_later_deadline() {
+    fn held_renewed_keeps_the_later_deadline() {
         let s = held(5 * S, 3, S);
         assert_eq!(
-            s.transition(confirm(3, 7 * S, 2 * S)).unwrap().until(),
+            s.transition(renewed(3, 7 * S, 2 * S)).unwrap().until(),
             7 * S
         );
         assert_eq!(
-            s.transition(confirm(4, 4 * S, 2 * S)).unwrap().until(),
+            s.transition(renewed(4, 4 * S, 2 * S)).unwrap().until(),
             5 * S
         );
     }
 
     #[test]
-    fn held_confirmed_in_an_older_cmserver_term_is_refused() {
+    fn held_renewed_in_an_older_cmserver_term_is_refused() {
         let s = held(5 * S, 3, S);
         assert_eq!(
-            s.transition(confirm(2, 9 * S, 2 * S)),
+            s.transition(renewed(2, 9 * S, 2 * S)),
             Err(LeaseError::StaleTerm { got: 2, seen: 3 })
         );
     }
@@ -223,25 +226,25 @@ mod tests {
     }
 
     #[test]
-    fn held_confirmed_too_late_expires() {
+    fn held_renewed_too_late_expires() {
         let s = held(5 * S, 3, S)
-            .transition(confirm(3, 4 * S, 6 * S))
+            .transition(renewed(3, 4 * S, 6 * S))
             .unwrap();
         assert_eq!(s.lease, Lease::Expired { at: 5 * S });
     }
 
     #[test]
-    fn expired_confirmed_is_held_again() {
+    fn expired_renewed_is_held_again() {
         let s = LeaseState {
             lease: Lease::Expired { at: 5 * S },
             cm_term: 3,
             confirmed_at: S,
         };
         assert_eq!(
-            s.transition(confirm(4, 9 * S, 6 * S)).unwrap(),
+            s.transition(renewed(4, 9 * S, 6 * S)).unwrap(),
             held(9 * S, 4, 6 * S)
         );
-        let stale = s.transition(confirm(4, 5 * S, 6 * S)).unwrap();
+        let stale = s.transition(renewed(4, 5 * S, 6 * S)).unwrap();
         assert_eq!(stale.lease, Lease::Expired { at: 5 * S });
     }
 

@@ -11,6 +11,7 @@ mod fast_lane;
 mod gxid_stream;
 pub mod lease;
 pub mod node;
+pub mod renew;
 pub mod replication;
 pub mod reservation;
 pub mod server;

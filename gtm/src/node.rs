@@ -113,7 +113,8 @@ pub struct NodeSettings {
     pub block_size: u64,
     pub sync_timeout: Duration,
     /// Hand out GXIDs and record decisions only under an unexpired lease (see
-    /// [`crate::lease`]); the agent asks for it when `gtm.require_lease` is set.
+    /// [`crate::lease`]), renewed from the primary CMServer (`renew.rs`); the agent
+    /// asks for it when `gtm.require_lease` is set (the default).
     pub require_lease: bool,
 }
 
@@ -161,6 +162,9 @@ pub struct Node {
     /// ns) for the lock-free hot path.
     lease: Mutex<LeaseState>,
     lease_until: AtomicU64,
+    /// Wakes the renewal loop (`renew.rs`) at once: a grant found no lease, or this
+    /// GTM was just promoted (its lease must not wait for the next round).
+    pub lease_wanted: watch::Sender<u64>,
     /// Prometheus counters (atomics: one relaxed add per grant).
     pub counters: GtmCounters,
 }
@@ -217,6 +221,7 @@ impl Node {
             lane: FastLane::default(),
             lease: Mutex::new(LeaseState::default()),
             lease_until: AtomicU64::new(0),
+            lease_wanted: watch::channel(0).0,
             counters: GtmCounters::default(),
             settings,
         };
@@ -328,6 +333,7 @@ impl Node {
         if now < self.lease_until.load(SeqCst) {
             return Ok(());
         }
+        self.want_lease();
         let mut l = lock(&self.lease);
         *l = l.transition(lease::Event::Tick { now }).unwrap_or(*l);
         Err(GtmError::NoLease {
@@ -336,18 +342,19 @@ impl Node {
         })
     }
 
-    /// ConfirmLease: the agent passes on the primary CMServer's promise (in any role:
-    /// a standby named primary holds it the moment it is promoted).
-    pub fn confirm_lease(
+    /// The primary CMServer answered the renewal this GTM sent at `sent_at_ns` (its own
+    /// clock) with a promise of `valid_for_ms` (in any role: a standby assigned
+    /// primary holds it the moment it is promoted).
+    pub fn renew_lease(
         &self,
         cm_term: u64,
         valid_for_ms: u64,
         sent_at_ns: u64,
-    ) -> Result<pb::GtmStatus, GtmError> {
+    ) -> Result<(), GtmError> {
         let now = ha_common::clock::monotonic_ns();
         let confirmed = lease::deadline(sent_at_ns, valid_for_ms, now).and_then(|until| {
             let mut l = lock(&self.lease);
-            *l = l.transition(lease::Event::Confirm {
+            *l = l.transition(lease::Event::Renewed {
                 cm_term,
                 until,
                 now,
@@ -362,8 +369,12 @@ impl Node {
                 got: cm_term,
             },
             other => GtmError::InvalidArgument(other.to_string()),
-        })?;
-        Ok(self.status())
+        })
+    }
+
+    /// Asks the renewal loop for a renewal now.
+    pub fn want_lease(&self) {
+        self.lease_wanted.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The primary role is gone, and with it whatever was promised to it.
@@ -982,6 +993,9 @@ impl Node {
             run_alone,
             "promoted to primary"
         );
+        if self.settings.require_lease && self.check_lease().is_err() {
+            tracing::info!("promoted without a lease yet: renewing it now");
+        }
         Ok(self.status())
     }
 

@@ -242,18 +242,6 @@ impl Gtm for GtmService {
         Ok(Response::new(s))
     }
 
-    async fn confirm_lease(
-        &self,
-        req: Request<pb::ConfirmLeaseRequest>,
-    ) -> Result<Response<pb::GtmStatus>, Status> {
-        let r = req.into_inner();
-        let s = self
-            .node
-            .confirm_lease(r.cm_term, r.valid_for_ms, r.sent_at_ns)
-            .map_err(|e| self.err(e))?;
-        Ok(Response::new(s))
-    }
-
     async fn reserve_block(
         &self,
         req: Request<pb::ReserveBlockRequest>,
@@ -301,7 +289,8 @@ pub struct ServeOptions {
     pub config: PathBuf,
     pub node: String,
     pub base_dir: Option<PathBuf>,
-    /// Hand out GXIDs only under the lease the agent confirms (`--require-lease`).
+    /// Hand out GXIDs only under the primary CMServer's lease, renewed by this GTM
+    /// itself (`--require-lease`, `renew.rs`).
     pub require_lease: bool,
 }
 
@@ -433,6 +422,13 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
 
     serve_metrics(&node, me.metrics_port().map(|p| format!("{host}:{p}"))).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let renewals = opts.require_lease.then(|| {
+        tokio::spawn(crate::renew::run(
+            node.clone(),
+            cfg.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let bg = tokio::spawn(replication::run(node.clone(), stop_rx));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = ha_common::tls::server()
@@ -441,6 +437,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         .await;
     let _ = stop_tx.send(true);
     let _ = bg.await;
+    if let Some(r) = renewals {
+        let _ = r.await;
+    }
     tracing::info!("GTM stopped");
     result.map_err(ServeError::from)
 }

@@ -289,17 +289,20 @@ pub struct GtmSection {
     #[serde(default = "default_sync_timeout_ms")]
     pub sync_timeout_ms: u64,
     /// Whether an agent-run GTM primary hands out GXIDs only under the lease the
-    /// primary CMServer grants through its host's agent (`gtm serve --require-lease`).
-    /// It keeps a cut-off GTM primary from granting after its standby is promoted
-    /// (invariant 3 under partitions), but today the lease travels through the agent,
-    /// so an agent restart longer than the lease pauses GXIDs: off by default until
-    /// the GTM renews its lease from the CMServer itself.
-    #[serde(default)]
+    /// primary CMServer grants it (`gtm serve --require-lease`; the GTM renews it from
+    /// the CMServer itself, RenewGtmLease). It keeps a cut-off GTM primary from
+    /// granting after its standby is promoted (invariant 3 under partitions). On by
+    /// default; with it off the CMServer does not wait out earlier leases before a GTM
+    /// promotion (a new tenure's wait, an operator failover's).
+    #[serde(default = "default_require_lease")]
     pub require_lease: bool,
     #[serde(rename = "instance")]
     pub instances: Vec<Instance>,
 }
 
+fn default_require_lease() -> bool {
+    true
+}
 fn default_block_size() -> u64 {
     DEFAULT_GTM_BLOCK_SIZE
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use ha_common::proto::cm::cm_server_client::CmServerClient;
-use ha_common::proto::cm::{ClusterStatusRequest, FailoverRequest};
+use ha_common::proto::cm::{ClusterStatusRequest, FailoverRequest, RenewGtmLeaseRequest};
 use ha_common::tls::{self, Ca, CertRole, IssueOptions, TlsMaterial};
 use mpp_ha_tests::{status_member, with_tls, LocalCluster};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -72,6 +72,32 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
     // The operator's own certificate gets an answer: the check below can fail.
     if let Err(e) = ask(&c, Some(client_tls(&ca_pem, Some((&op_cert, &op_key))))).await {
         bail!("the operator certificate was refused: {e}");
+    }
+
+    // The GTM primary renews its lease (gtm.require_lease, the default) from the
+    // CMServer with its own gtm certificate: GXIDs are handed out.
+    let config = c.config.display().to_string();
+    let out = mpp_ha_tests::run_bin("gtm", &["next", "--config", &config, "--count", "3"]);
+    if !out.success {
+        bail!("no GXID with TLS on (GTM lease?): {}", out.stderr.trim());
+    }
+    // ...and nobody else may renew it: an agent certificate is refused by role.
+    let agent = TlsMaterial::load(&c.cfg, CertRole::Agent)?.expect("tls is on");
+    for ep in c.cfg.cm_server_endpoints() {
+        let ch = tls::endpoint_with(Some(&agent), &ep, CertRole::CmServer)?
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        let r = CmServerClient::new(ch)
+            .renew_gtm_lease(RenewGtmLeaseRequest {
+                instance: "gtm1".into(),
+                gtm_term: 0,
+            })
+            .await;
+        match r {
+            Err(s) if s.code() == tonic::Code::PermissionDenied => {}
+            other => bail!("{ep}: an agent certificate renewing a GTM lease: {other:?}"),
+        }
     }
 
     // Plaintext on a TLS port.
