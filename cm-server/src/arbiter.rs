@@ -913,7 +913,7 @@ fn run_alone(cx: &mut Ctx<'_>, name: &str, on: bool) {
 mod tests {
     use super::*;
     use crate::state::tests::local_config;
-    use ha_common::proto::cm::{AgentReport, InstanceKind as Kind, ReplicaState};
+    use ha_common::proto::cm::{InstanceKind as Kind, ReplicaState};
     use ha_common::Term;
 
     struct World {
@@ -1025,17 +1025,7 @@ mod tests {
         }
 
         fn report(&mut self, host: &str, instances: Vec<InstanceReport>, at: Instant) {
-            self.reports
-                .record(
-                    &self.cfg,
-                    AgentReport {
-                        host: host.into(),
-                        instances,
-                        ..Default::default()
-                    },
-                    at,
-                )
-                .unwrap();
+            self.reports.record_host(&self.cfg, host, instances, at);
         }
 
         /// Decides at `now` and applies the plan's state and memory.

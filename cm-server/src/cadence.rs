@@ -91,7 +91,7 @@ fn doubtful(input: &Input<'_>, name: &str, host: &str, late_after: Duration) -> 
 mod tests {
     use super::*;
     use crate::state::tests::local_config;
-    use ha_common::proto::cm::{AgentReport, InstanceReport};
+    use ha_common::proto::cm::InstanceReport;
 
     fn healthy_primary(name: &str) -> InstanceReport {
         InstanceReport {
@@ -109,17 +109,7 @@ mod tests {
             .into_iter()
             .map(|r| healthy_primary(&r.instance.name))
             .collect();
-        reports
-            .record(
-                cfg,
-                AgentReport {
-                    host: host.into(),
-                    instances,
-                    ..Default::default()
-                },
-                at,
-            )
-            .unwrap();
+        reports.record_host(cfg, host, instances, at);
     }
 
     fn hurried(
@@ -229,16 +219,7 @@ mod tests {
             .unwrap();
         let mut dead = healthy_primary(&p.name);
         dead.process_alive = false;
-        r.record(
-            &cfg,
-            AgentReport {
-                host: p.host.clone(),
-                instances: vec![dead],
-                ..Default::default()
-            },
-            t0,
-        )
-        .unwrap();
+        r.record_host(&cfg, &p.host, vec![dead], t0);
         assert_eq!(hurried(&cfg, &r, &[], &[], t0), hosts_of(&cfg, &[&g.name]));
     }
 

@@ -201,7 +201,7 @@ pub fn ddl_peers(cfg: &ClusterConfig, set: &DdlSet, memory: &ddl_set::Memory) ->
 mod tests {
     use super::*;
     use crate::state::tests::local_config;
-    use ha_common::proto::cm::{AgentReport, InstanceReport};
+    use ha_common::proto::cm::InstanceReport;
 
     fn primary_report(name: &str, alive: bool) -> InstanceReport {
         InstanceReport {
@@ -223,17 +223,7 @@ mod tests {
             ("h1", primary_report("dn1_h1", true)),
             ("h2", primary_report("dn2_h2", false)),
         ] {
-            reports
-                .record(
-                    &cfg,
-                    AgentReport {
-                        host: host.into(),
-                        instances: vec![inst],
-                        ..Default::default()
-                    },
-                    now,
-                )
-                .unwrap();
+            reports.record_host(&cfg, host, vec![inst], now);
         }
         let list = dn_primaries(&cfg, &state, &reports, now);
         assert_eq!(list.len(), 2);

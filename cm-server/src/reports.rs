@@ -106,6 +106,28 @@ impl Reports {
     pub fn host_seen(&self, host: &str) -> Option<Instant> {
         self.hosts.get(host).copied()
     }
+
+    /// Tests: records a report of `instances` from `host`'s agent at `at`; returns the
+    /// instances ignored as not configured there.
+    #[cfg(test)]
+    pub fn record_host(
+        &mut self,
+        cfg: &ClusterConfig,
+        host: &str,
+        instances: Vec<InstanceReport>,
+        at: Instant,
+    ) -> Vec<String> {
+        self.record(
+            cfg,
+            AgentReport {
+                host: host.into(),
+                instances,
+                ..Default::default()
+            },
+            at,
+        )
+        .expect("a configured host")
+    }
 }
 
 #[cfg(test)]

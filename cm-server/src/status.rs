@@ -474,7 +474,7 @@ fn group_state(members: &[InstanceStatus]) -> (&'static str, String) {
 mod tests {
     use super::*;
     use crate::state::tests::local_config;
-    use ha_common::proto::cm::{AgentReport, InstanceKind as Kind};
+    use ha_common::proto::cm::InstanceKind as Kind;
 
     struct World {
         cfg: ClusterConfig,
@@ -580,18 +580,7 @@ mod tests {
             self.report_at(host, instances, self.t0);
         }
         fn report_at(&mut self, host: &str, instances: Vec<InstanceReport>, at: Instant) {
-            let ignored = self
-                .reports
-                .record(
-                    &self.cfg,
-                    AgentReport {
-                        host: host.into(),
-                        instances,
-                        ..Default::default()
-                    },
-                    at,
-                )
-                .unwrap();
+            let ignored = self.reports.record_host(&self.cfg, host, instances, at);
             assert!(ignored.is_empty(), "{ignored:?}");
         }
         fn status_at(&self, now: Instant) -> ClusterStatus {
