@@ -27,7 +27,10 @@ fn agent_cli_missing_config_is_named() {
 fn agent_cli_unknown_node_is_named_and_nothing_is_created() {
     let dir = TestDir::new("agent-cli");
     let base = dir.path().join("base");
+    // write_config makes the DN password files under base/secrets, as `cm_ctl local
+    // up` would: the agent must add nothing to what is there.
     let cfg = write_config(&dir, &local_config_text(26000, &base));
+    let before = tree(dir.path());
     let (code, err) = run(&["--config", &cfg.display().to_string(), "--node", "h9"]);
     assert_ne!(code, 0);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -35,11 +38,25 @@ fn agent_cli_unknown_node_is_named_and_nothing_is_created() {
         err.contains("\"h9\"") && err.contains("h1, h2, h3"),
         "{err}"
     );
-    assert!(
-        !base.exists(),
-        "a rejected agent created {}",
-        base.display()
-    );
+    let after = tree(dir.path());
+    let created: Vec<_> = after.difference(&before).collect();
+    assert!(created.is_empty(), "a rejected agent created {created:?}");
+}
+
+/// Every path under `root` (bounded: a test dir holds a handful of files).
+fn tree(root: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read test dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p.clone());
+            }
+            out.insert(p);
+        }
+    }
+    out
 }
 
 #[test]
