@@ -214,7 +214,7 @@ fn pgbench(conninfo: &str, args: &[&str]) -> Result<String> {
         .args(["-u", "postgres", "--", "pgbench"])
         .args(args)
         .arg(conninfo)
-        .env("PGPASSWORD", "postgres")
+        .env("PGPASSWORD", mpp_ha_tests::cn_login()?.1)
         .output()
         .context("run pgbench")?;
     if !out.status.success() {

@@ -148,6 +148,7 @@ async fn main() -> Result<()> {
             match ha_common::tls::endpoint(
                 &format!("127.0.0.1:{sec_port}"),
                 ha_common::tls::CertRole::Replicator,
+                std::time::Duration::from_secs(2),
             ) {
                 Ok(ep) => ep.connect().await.ok().map(ReplicatorClient::new),
                 Err(_) => None,

@@ -60,12 +60,12 @@ impl CnInstance {
 
     /// The CN's own view of itself (Status RPC).
     pub async fn probe(&self, timeout: Duration) -> Result<CnStatusReply> {
-        let endpoint = ha_common::tls::endpoint(&self.rpc_url, ha_common::tls::CertRole::Cn)
-            .map_err(|e| {
-                AgentError::Probe(format!("{}: bad endpoint {}: {e}", self.name, self.rpc_url))
-            })?
-            .connect_timeout(timeout)
-            .timeout(timeout);
+        let endpoint =
+            ha_common::tls::endpoint(&self.rpc_url, ha_common::tls::CertRole::Cn, timeout)
+                .map_err(|e| {
+                    AgentError::Probe(format!("{}: bad endpoint {}: {e}", self.name, self.rpc_url))
+                })?
+                .timeout(timeout);
         let channel = endpoint.connect().await.map_err(|e| {
             AgentError::Probe(format!("{}: connect {}: {e}", self.name, self.rpc_url))
         })?;

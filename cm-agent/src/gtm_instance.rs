@@ -82,11 +82,10 @@ impl GtmInstance {
     }
 
     async fn client(&self, timeout: Duration) -> Result<GtmClient<tonic::transport::Channel>> {
-        let endpoint = ha_common::tls::endpoint(&self.url, ha_common::tls::CertRole::Gtm)
+        let endpoint = ha_common::tls::endpoint(&self.url, ha_common::tls::CertRole::Gtm, timeout)
             .map_err(|e| {
                 AgentError::Probe(format!("{}: bad endpoint {}: {e}", self.name, self.url))
             })?
-            .connect_timeout(timeout)
             .timeout(timeout);
         let channel = endpoint
             .connect()

@@ -128,8 +128,14 @@ pub fn restore_from_secondary(cfg: &ClusterConfig, group: &DnGroup) -> Option<St
     // `|| exit 1`: a missing binary (shell status 127) or any failure must read as "not
     // available" to recovery, which treats 127 and above as fatal. The copy in
     // `<base_dir>/bin` (see [`os_tools`]): the OS user may not reach `bin_dir`.
+    // With TLS on it presents the `restore` certificate, the OS user's own.
+    let tls = if cfg.tls.enabled {
+        format!(" --tls-dir {}", cfg.tls_dir().display())
+    } else {
+        String::new()
+    };
     Some(format!(
-        "{} restore-wal --from {} %f %p || exit 1",
+        "{} restore-wal --from {}{tls} %f %p || exit 1",
         os_tools::installed_path(cfg, RESTORE_TOOL).display(),
         cfg.endpoint(sec)
     ))
@@ -1235,8 +1241,11 @@ mod tests {
         );
         assert!(text.contains("port = 6502"), "{text}");
         assert!(
-            text.contains("dn_replicator restore-wal --from 127.0.0.1:6503 %f %p || exit 1'"),
-            "the standby fetches what it lacks from the secondary: {text}"
+            text.contains(&format!(
+                "dn_replicator restore-wal --from 127.0.0.1:6503 --tls-dir {} %f %p || exit 1'",
+                cfg.tls_dir().display()
+            )),
+            "the standby fetches what it lacks from the secondary, with the restore certificate: {text}"
         );
         // The copy below the base dir, which the OS user can reach; not bin_dir.
         let copy = cfg.cluster.base_dir.join("bin/dn_replicator");

@@ -152,11 +152,11 @@ impl Reporter {
         let lease = LeaseState::new(Instant::now(), cfg.timing.cm_lease());
         let mut servers = Vec::new();
         for ep in cfg.cm_server_endpoints() {
-            let channel = ha_common::tls::endpoint(&ep, ha_common::tls::CertRole::CmServer)
-                .map_err(|e| AgentError::Instance(format!("CMServer endpoint {ep}: {e}")))?
-                .connect_timeout(timeout)
-                .timeout(timeout)
-                .connect_lazy();
+            let channel =
+                ha_common::tls::endpoint(&ep, ha_common::tls::CertRole::CmServer, timeout)
+                    .map_err(|e| AgentError::Instance(format!("CMServer endpoint {ep}: {e}")))?
+                    .timeout(timeout)
+                    .connect_lazy();
             servers.push((ep, CmServerClient::new(channel)));
         }
         let silent = Arc::new(servers.iter().map(|_| AtomicBool::new(false)).collect());

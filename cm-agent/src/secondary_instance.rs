@@ -72,15 +72,17 @@ impl SecondaryInstance {
         &self,
         timeout: Duration,
     ) -> Result<ReplicatorClient<tonic::transport::Channel>> {
-        let channel = ha_common::tls::endpoint(&self.url, ha_common::tls::CertRole::Replicator)
-            .map_err(|e| {
-                AgentError::Probe(format!("{}: bad endpoint {}: {e}", self.name, self.url))
-            })?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| AgentError::Probe(format!("{}: connect {}: {e}", self.name, self.url)))?;
+        let channel =
+            ha_common::tls::endpoint(&self.url, ha_common::tls::CertRole::Replicator, timeout)
+                .map_err(|e| {
+                    AgentError::Probe(format!("{}: bad endpoint {}: {e}", self.name, self.url))
+                })?
+                .timeout(timeout)
+                .connect()
+                .await
+                .map_err(|e| {
+                    AgentError::Probe(format!("{}: connect {}: {e}", self.name, self.url))
+                })?;
         Ok(ReplicatorClient::new(channel))
     }
 

@@ -157,6 +157,9 @@ impl Cli {
             let opts = ha_common::tls::IssueOptions::for_config(&cfg);
             ha_common::tls::init_dir(&cfg.tls_dir(), &cfg.cluster.name, None, &opts)
                 .map_err(ha_common::ConfigError::from)?;
+            // restore_command runs as the OS user: its certificate is that user's.
+            ha_common::tls::give_restore_identity(&cfg.tls_dir(), &cfg.cluster.os_user)
+                .map_err(ha_common::ConfigError::from)?;
         }
         if first_local_up {
             // The DN roles' passwords, made once (never replaced: the data dirs'

@@ -73,10 +73,13 @@ impl Primary {
         &self,
         timeout: Duration,
     ) -> Result<CmServerClient<Channel>, CtlError> {
-        let ep = ha_common::tls::endpoint(&self.endpoint, ha_common::tls::CertRole::CmServer)
-            .map_err(|e| CtlError::Other(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(timeout);
+        let ep = ha_common::tls::endpoint(
+            &self.endpoint,
+            ha_common::tls::CertRole::CmServer,
+            CONNECT_TIMEOUT,
+        )
+        .map_err(|e| CtlError::Other(e.to_string()))?
+        .timeout(timeout);
         let channel = ep.connect().await.map_err(|e| CtlError::Rpc {
             what: "connect",
             endpoint: format!("{} ({})", self.endpoint, self.name),
@@ -100,17 +103,37 @@ impl Primary {
 }
 
 async fn try_one(endpoint: &str) -> Result<CmServerClient<Channel>, String> {
-    let ep = ha_common::tls::endpoint(endpoint, ha_common::tls::CertRole::CmServer)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(RPC_TIMEOUT);
-    let channel = ep.connect().await.map_err(|e| describe(&e))?;
+    let ep = ha_common::tls::endpoint(
+        endpoint,
+        ha_common::tls::CertRole::CmServer,
+        CONNECT_TIMEOUT,
+    )
+    .map_err(|e| e.to_string())?
+    .timeout(RPC_TIMEOUT);
+    let channel = ep
+        .connect()
+        .await
+        .map_err(|e| plaintext_hint(describe(&e)))?;
     let mut client = CmServerClient::new(channel);
     client
         .get_cluster_status(ClusterStatusRequest {})
         .await
-        .map_err(|s| one_line(s.message()))?;
+        .map_err(|s| plaintext_hint(one_line(s.message())))?;
     Ok(client)
+}
+
+/// A plaintext client on a TLS port sees only an HTTP/2 protocol error (the server
+/// drops it at the handshake): say so, and what to do.
+fn plaintext_hint(message: String) -> String {
+    let h2 = message.contains("h2 protocol error") || message.contains("http2 error");
+    if ha_common::tls::enabled() || !h2 {
+        return message;
+    }
+    format!(
+        "{message} (refused at the TLS handshake: this cm_ctl speaks plaintext, [tls] \
+         enabled = false in its config, and the CMServer requires mutual TLS with an \
+         operator certificate of the cluster CA)"
+    )
 }
 
 /// A transport error with its causes, on one line ("transport error: connection refused").

@@ -47,9 +47,11 @@ pub async fn probe(cfg: &ClusterConfig, name: &str, timeout: Duration) -> Option
     let work = async {
         match r.kind {
             InstanceKind::Gtm => {
-                let mut c = gpb::gtm_client::GtmClient::connect(format!("http://{endpoint}"))
-                    .await
-                    .ok()?;
+                // With the CMServer's certificate when TLS is on, like every link.
+                let ep =
+                    ha_common::tls::endpoint(&endpoint, ha_common::tls::CertRole::Gtm, timeout)
+                        .ok()?;
+                let mut c = gpb::gtm_client::GtmClient::new(ep.connect().await.ok()?);
                 let s = c.status(gpb::StatusRequest {}).await.ok()?.into_inner();
                 match gpb::Role::try_from(s.role).ok()? {
                     gpb::Role::Primary => Some(MemberRole::Primary),

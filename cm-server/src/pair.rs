@@ -102,13 +102,13 @@ impl Pair {
             .iter()
             .filter(|s| s.name != node)
             .filter_map(|s| {
-                let ep =
-                    ha_common::tls::endpoint(&cfg.endpoint(s), ha_common::tls::CertRole::CmServer)
-                        .ok()?;
-                let channel = ep
-                    .connect_timeout(rpc_timeout)
-                    .timeout(rpc_timeout)
-                    .connect_lazy();
+                let ep = ha_common::tls::endpoint(
+                    &cfg.endpoint(s),
+                    ha_common::tls::CertRole::CmServer,
+                    rpc_timeout,
+                )
+                .ok()?;
+                let channel = ep.timeout(rpc_timeout).connect_lazy();
                 Some(Peer {
                     name: s.name.clone(),
                     client: CmServerClient::new(channel),

@@ -594,7 +594,10 @@ pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
         ha_common::notify::spawn_watchdog(notifier.clone(), service.shared.progress.clone());
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     ha_common::tls::server()
-        .add_service(CmServerServer::new(service))
+        .add_service(CmServerServer::with_interceptor(
+            service,
+            ha_common::tls::deny_restore,
+        ))
         .serve_with_incoming_shutdown(incoming, ha_common::shutdown::signal())
         .await?;
     notifier.stopping();
@@ -683,10 +686,11 @@ async fn keep_ddl_set(service: CmService) {
 }
 
 async fn ping(endpoint: &str, timeout: Duration) -> bool {
-    let Ok(ep) = ha_common::tls::endpoint(endpoint, ha_common::tls::CertRole::CmServer) else {
+    let Ok(ep) = ha_common::tls::endpoint(endpoint, ha_common::tls::CertRole::CmServer, timeout)
+    else {
         return false;
     };
-    let Ok(channel) = ep.connect_timeout(timeout).timeout(timeout).connect().await else {
+    let Ok(channel) = ep.timeout(timeout).connect().await else {
         return false;
     };
     match CmServerClient::new(channel)

@@ -32,17 +32,24 @@ pub struct UserAuth {
 }
 
 impl UserAuth {
-    pub fn new(cfg: &ClusterConfig) -> UserAuth {
-        let users = cfg
-            .users
-            .iter()
-            .map(|u| {
-                let salt: [u8; 16] = rand::random();
-                let salted = gen_salted_password(&u.password, &salt, SCRAM_ITERATIONS);
-                (u.name.clone(), (salt.to_vec(), salted))
-            })
-            .collect();
-        UserAuth { users }
+    /// Reads every user's password (its `password_file`; a missing or empty file is
+    /// an error naming it) and salts it.
+    pub fn new(cfg: &ClusterConfig) -> Result<UserAuth, ha_common::dn_auth::DnAuthError> {
+        let mut users = HashMap::new();
+        for u in &cfg.users {
+            if u.password.is_some() {
+                tracing::warn!(
+                    user = %u.name,
+                    "[[user]] password in the clear is deprecated: put it in a file named by password_file (default {})",
+                    ha_common::dn_auth::user_password_file(cfg, u).display()
+                );
+            }
+            let password = ha_common::dn_auth::user_password(cfg, u)?;
+            let salt: [u8; 16] = rand::random();
+            let salted = gen_salted_password(&password, &salt, SCRAM_ITERATIONS);
+            users.insert(u.name.clone(), (salt.to_vec(), salted));
+        }
+        Ok(UserAuth { users })
     }
 }
 
@@ -151,6 +158,7 @@ impl Node {
         state_dir: PathBuf,
         catalog: Catalog,
         gtm: GtmClient,
+        auth: UserAuth,
     ) -> Node {
         let topology = cfg
             .dn_groups
@@ -172,7 +180,7 @@ impl Node {
         let timeout = cfg.timing.probe_timeout();
         Node {
             name: name.to_owned(),
-            auth: Arc::new(UserAuth::new(&cfg)),
+            auth: Arc::new(auth),
             cancels: Arc::default(),
             store: CatalogStore::new(&state_dir),
             state_dir,

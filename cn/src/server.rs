@@ -36,6 +36,8 @@ pub enum ServeError {
     },
     #[error("GTM client: {0}")]
     Gtm(String),
+    #[error("{0}")]
+    Users(#[from] ha_common::dn_auth::DnAuthError),
 }
 
 /// How often the in-doubt resolver runs.
@@ -66,6 +68,8 @@ pub async fn serve(
         path: state_dir.clone(),
         source,
     })?;
+    // The users' passwords first: a missing password file stops the CN at start.
+    let auth = crate::node::UserAuth::new(&cfg)?;
     let store = CatalogStore::new(&state_dir);
     let groups: Vec<String> = cfg.dn_groups.iter().map(|g| g.name.clone()).collect();
     let catalog = match store.load()? {
@@ -81,7 +85,7 @@ pub async fn serve(
         .await
         .map_err(|e| ServeError::Gtm(e.to_string()))?;
     let address = cfg.address_of(&me).to_owned();
-    let node = Arc::new(Node::new(name, cfg.clone(), state_dir, catalog, gtm));
+    let node = Arc::new(Node::new(name, cfg.clone(), state_dir, catalog, gtm, auth));
 
     let rpc_addr = format!("{address}:{}", me.rpc_port());
     let rpc_listener = TcpListener::bind(&rpc_addr)
@@ -98,7 +102,10 @@ pub async fn serve(
             source,
         })?;
 
-    let svc = CoordinatorServer::new(CoordinatorService { node: node.clone() });
+    let svc = CoordinatorServer::with_interceptor(
+        CoordinatorService { node: node.clone() },
+        ha_common::tls::deny_restore,
+    );
     tokio::spawn(async move {
         let incoming = tokio_stream_from(rpc_listener);
         if let Err(e) = ha_common::tls::server()

@@ -28,12 +28,14 @@ async fn cn_sync(node: &Node, phase: CnPhase) -> SyncResult {
     let mut unimplemented = 0;
     for cms in &node.cfg.cm_servers {
         let url = format!("http://{}", node.cfg.endpoint(cms));
-        let Ok(ep) = ha_common::tls::endpoint(&url, ha_common::tls::CertRole::CmServer) else {
+        let Ok(ep) = ha_common::tls::endpoint(
+            &url,
+            ha_common::tls::CertRole::CmServer,
+            Duration::from_millis(500),
+        ) else {
             continue;
         };
-        let ep = ep
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(node.cfg.timing.probe_timeout());
+        let ep = ep.timeout(node.cfg.timing.probe_timeout());
         let Ok(ch) = ep.connect().await else { continue };
         let req = CnSyncRequest {
             cn: node.name.clone(),
@@ -65,12 +67,14 @@ pub async fn copy_catalog_from(node: &Node, peers: &[Peer]) -> Result<bool, Stri
     let mine = node.catalog_read().version;
     let mut best: Option<catalog::Catalog> = None;
     for p in peers {
-        let Ok(ep) = ha_common::tls::endpoint(&p.rpc, ha_common::tls::CertRole::Cn) else {
+        let Ok(ep) = ha_common::tls::endpoint(
+            &p.rpc,
+            ha_common::tls::CertRole::Cn,
+            Duration::from_millis(500),
+        ) else {
             continue;
         };
-        let ep = ep
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(5));
+        let ep = ep.timeout(Duration::from_secs(5));
         let Ok(ch) = ep.connect().await else { continue };
         let Ok(r) = CoordinatorClient::new(ch)
             .get_catalog(GetCatalogRequest {})
@@ -102,12 +106,14 @@ async fn follow_status(node: &Node) {
     let mut best: Option<ha_common::proto::cm::ClusterStatus> = None;
     for cms in &node.cfg.cm_servers {
         let url = format!("http://{}", node.cfg.endpoint(cms));
-        let Ok(ep) = ha_common::tls::endpoint(&url, ha_common::tls::CertRole::CmServer) else {
+        let Ok(ep) = ha_common::tls::endpoint(
+            &url,
+            ha_common::tls::CertRole::CmServer,
+            Duration::from_millis(500),
+        ) else {
             continue;
         };
-        let ep = ep
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(node.cfg.timing.probe_timeout());
+        let ep = ep.timeout(node.cfg.timing.probe_timeout());
         let Ok(ch) = ep.connect().await else { continue };
         let req = ha_common::proto::cm::ClusterStatusRequest::default();
         if let Ok(r) = CmServerClient::new(ch).get_cluster_status(req).await {

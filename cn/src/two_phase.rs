@@ -44,10 +44,13 @@ fn group_name(node: &Node, g: usize) -> String {
 }
 
 async fn rpc_client(peer: &Peer) -> Result<CoordinatorClient<tonic::transport::Channel>, String> {
-    let ep = ha_common::tls::endpoint(&peer.rpc, ha_common::tls::CertRole::Cn)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5));
+    let ep = ha_common::tls::endpoint(
+        &peer.rpc,
+        ha_common::tls::CertRole::Cn,
+        Duration::from_secs(2),
+    )
+    .map_err(|e| e.to_string())?
+    .timeout(Duration::from_secs(5));
     let ch = ep
         .connect()
         .await

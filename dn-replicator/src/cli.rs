@@ -22,17 +22,28 @@ pub fn serve(config: &Path, node: &str, base_dir: Option<&Path>) -> anyhow::Resu
 
 /// `dn_replicator restore-wal`: PostgreSQL's restore_command contract: exit 0 with
 /// the file written, non-zero when it is not available (recovery then tries its other
-/// sources).
-pub fn restore_wal(from: &str, file: &str, path: &Path) -> anyhow::Result<ExitCode> {
+/// sources). With `tls_dir`, it presents that dir's `restore` certificate, the one
+/// the OS user PostgreSQL runs as may read.
+pub fn restore_wal(
+    from: &str,
+    file: &str,
+    path: &Path,
+    tls_dir: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    use ha_common::tls::{CertRole, TlsMaterial};
+    // A certificate we cannot read is an error (logged by PostgreSQL), not "not available".
+    let material = tls_dir
+        .map(|d| TlsMaterial::load_dir(d, CertRole::Restore))
+        .transpose()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("start the tokio runtime")?;
     rt.block_on(async {
         let timeout = Duration::from_secs(2);
-        let ep = ha_common::tls::endpoint(from, ha_common::tls::CertRole::Replicator)
-            .with_context(|| format!("bad --from {from:?}"))?
-            .connect_timeout(timeout);
+        let ep =
+            ha_common::tls::endpoint_with(material.as_ref(), from, CertRole::Replicator, timeout)
+                .with_context(|| format!("bad --from {from:?}"))?;
         let Ok(ch) = ep.connect().await else {
             // Unreachable secondary: not available, not an error worth a log line.
             return Ok(ExitCode::from(1));

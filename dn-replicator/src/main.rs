@@ -45,6 +45,10 @@ enum Command {
         file: String,
         /// Where to write it (%p).
         path: PathBuf,
+        /// The cluster's TLS dir: connect with its `restore` certificate (ca.crt,
+        /// restore.crt, restore.key: the OS user's). Without it, plaintext.
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
     },
     /// Serve one build of a standby from this host's primary (8 KiB data units and the
     /// WAL from the backup's start); exits when the build is complete.
@@ -63,9 +67,12 @@ fn main() -> std::process::ExitCode {
             node,
             base_dir,
         } => dn_replicator::cli::serve(&config, &node, base_dir.as_deref()),
-        Command::RestoreWal { from, file, path } => {
-            dn_replicator::cli::restore_wal(&from, &file, &path)
-        }
+        Command::RestoreWal {
+            from,
+            file,
+            path,
+            tls_dir,
+        } => dn_replicator::cli::restore_wal(&from, &file, &path, tls_dir.as_deref()),
         Command::BuildSource(a) => {
             ha_common::logging::init("dn_replicator");
             build_cli::build_source(a).map(|()| std::process::ExitCode::SUCCESS)

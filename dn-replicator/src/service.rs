@@ -1,6 +1,7 @@
 //! `dn_replicator serve`: the Replicator gRPC service on the member's configured port.
 
 use ha_common::metrics::prometheus_client::metrics::gauge::Gauge;
+use ha_common::tls::{require_role, CertRole};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -49,12 +50,20 @@ fn to_status(e: NodeError) -> Status {
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::WalChunk, Status>> + Send>>;
 
+/// Who may order a secondary to stream or stop, and read its status: its agent (and
+/// an operator's tools).
+const ORDERS: &[CertRole] = &[CertRole::Agent, CertRole::Operator];
+/// Who may read its WAL: a standby's `restore_command` (the OS user's `restore`
+/// certificate, good for nothing else), and its agent and operators.
+const READERS: &[CertRole] = &[CertRole::Restore, CertRole::Agent, CertRole::Operator];
+
 #[tonic::async_trait]
 impl Replicator for Service {
     async fn stream(
         &self,
         req: Request<pb::StreamOrder>,
     ) -> Result<Response<pb::ReplicatorStatus>, Status> {
+        require_role(&req, ORDERS)?;
         let r = req.into_inner();
         let port = u16::try_from(r.upstream_port)
             .ok()
@@ -87,6 +96,7 @@ impl Replicator for Service {
         &self,
         req: Request<pb::StopOrder>,
     ) -> Result<Response<pb::ReplicatorStatus>, Status> {
+        require_role(&req, ORDERS)?;
         let r = req.into_inner();
         let order = Order::Stop {
             term: r.term,
@@ -101,8 +111,9 @@ impl Replicator for Service {
 
     async fn status(
         &self,
-        _: Request<pb::StatusRequest>,
+        req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::ReplicatorStatus>, Status> {
+        require_role(&req, ORDERS)?;
         Ok(Response::new(self.node.status().await))
     }
 
@@ -112,6 +123,7 @@ impl Replicator for Service {
         &self,
         req: Request<pb::ReadWalRequest>,
     ) -> Result<Response<Self::ReadWalStream>, Status> {
+        require_role(&req, READERS)?;
         let name = req.into_inner().file_name;
         let node = self.node.clone();
         let data = tokio::task::spawn_blocking(move || node.read_wal(&name).map(|d| (name, d)))

@@ -58,10 +58,10 @@ pub async fn run(node: Arc<Node>, cfg: ClusterConfig, mut stop: watch::Receiver<
     let timeout = rpc_timeout(&cfg);
     let mut clients: Vec<(String, CmServerClient<Channel>)> = Vec::new();
     for (s, ep) in cfg.cm_servers.iter().zip(cfg.cm_server_endpoints()) {
-        match ha_common::tls::endpoint(&ep, ha_common::tls::CertRole::CmServer) {
+        match ha_common::tls::endpoint(&ep, ha_common::tls::CertRole::CmServer, timeout) {
             Ok(e) => clients.push((
                 s.name.clone(),
-                CmServerClient::new(e.connect_timeout(timeout).timeout(timeout).connect_lazy()),
+                CmServerClient::new(e.timeout(timeout).connect_lazy()),
             )),
             Err(e) => tracing::error!(cm_server = %s.name, "no lease renewals from {ep}: {e}"),
         }

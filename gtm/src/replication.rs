@@ -31,8 +31,7 @@ pub fn lazy_channel(
     connect_timeout: Duration,
 ) -> Result<Channel, tonic::transport::Error> {
     Ok(
-        ha_common::tls::endpoint(endpoint, ha_common::tls::CertRole::Gtm)?
-            .connect_timeout(connect_timeout)
+        ha_common::tls::endpoint(endpoint, ha_common::tls::CertRole::Gtm, connect_timeout)?
             .tcp_nodelay(true)
             .connect_lazy(),
     )

@@ -432,7 +432,10 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let bg = tokio::spawn(replication::run(node.clone(), stop_rx));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = ha_common::tls::server()
-        .add_service(GtmServer::new(GtmService::new(node)))
+        .add_service(GtmServer::with_interceptor(
+            GtmService::new(node),
+            ha_common::tls::deny_restore,
+        ))
         .serve_with_incoming_shutdown(incoming, ha_common::shutdown::signal())
         .await;
     let _ = stop_tx.send(true);

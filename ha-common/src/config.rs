@@ -80,11 +80,12 @@ pub struct ClusterSection {
 }
 
 /// `[tls]`: where the cluster CA and the per-role certificates live (see `ha_common::tls`).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// On unless the config says `enabled = false` (a config without `[tls]` runs TLS).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
-    /// Every gRPC link uses mutual TLS with the cluster CA.
-    #[serde(default)]
+    /// Every gRPC link uses mutual TLS with the cluster CA (default true).
+    #[serde(default = "default_tls_enabled")]
     pub enabled: bool,
     /// Holds `ca.crt` and `<role>.crt`/`<role>.key` per role; default `<base_dir>/tls`.
     #[serde(default)]
@@ -108,6 +109,19 @@ pub struct DnAuthSection {
     /// `mpp_admin`'s password; default `<dir>/mpp_admin.password`.
     #[serde(default)]
     pub admin_password_file: Option<PathBuf>,
+}
+
+fn default_tls_enabled() -> bool {
+    true
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            enabled: default_tls_enabled(),
+            dir: None,
+        }
+    }
 }
 
 fn default_base_dir() -> PathBuf {
@@ -270,12 +284,21 @@ impl Instance {
     }
 }
 
-/// A database user the CNs accept (SCRAM-SHA-256).
+/// A database user the CNs accept (SCRAM-SHA-256). Its password is one line in
+/// `password_file` (default `<dn_auth dir>/user_<name>.password`, owned by the OS user,
+/// mode 0600, made with a random password by `cm_ctl local up` / `cm_ctl cert init`
+/// when missing; see `dn_auth::user_password`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub name: String,
-    pub password: String,
+    /// Deprecated: the password in the clear. Still accepted (the CN warns at start);
+    /// use `password_file`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The file holding the password (first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -348,7 +371,7 @@ pub struct ClusterConfig {
     /// Users the CNs authenticate clients against (SCRAM-SHA-256).
     #[serde(rename = "user", default)]
     pub users: Vec<User>,
-    /// Mutual TLS on every gRPC link (`[tls]`); off when the section is absent.
+    /// Mutual TLS on every gRPC link (`[tls]`); on when the section is absent.
     #[serde(default)]
     pub tls: TlsSection,
     /// The DN roles' password files (`[dn_auth]`); defaults below the base dir.
@@ -616,10 +639,16 @@ impl ClusterConfig {
             if u.name.trim().is_empty() {
                 return Err(self.invalid(format!("user[{i}].name"), "must not be empty"));
             }
-            if u.password.is_empty() {
+            if u.password.as_deref() == Some("") {
                 return Err(self.invalid(
                     format!("user[{i}] ({}).password", u.name),
                     "must not be empty",
+                ));
+            }
+            if u.password.is_some() && u.password_file.is_some() {
+                return Err(self.invalid(
+                    format!("user[{i}] ({}).password", u.name),
+                    "give password_file only (password, in the clear, is deprecated)",
                 ));
             }
             if !user_names.insert(u.name.as_str()) {
@@ -1153,9 +1182,33 @@ mod tests {
     fn cn_rpc_port_and_users_are_validated() {
         let cfg = parse(LOCAL).unwrap();
         assert_eq!(cfg.cns[0].rpc_port(), 6451);
+        let u = cfg.user("postgres").unwrap();
         assert_eq!(
-            cfg.user("postgres").map(|u| u.password.as_str()),
-            Some("postgres")
+            u.password, None,
+            "local.toml holds no password in the clear"
+        );
+        let e = err(&LOCAL.replacen(
+            "name = \"postgres\"\n",
+            "name = \"postgres\"\npassword = \"\"\n",
+            1,
+        ));
+        assert!(e.contains("user[0] (postgres).password"), "{e}");
+        let e = err(&LOCAL.replacen(
+            "name = \"postgres\"\n",
+            "name = \"postgres\"\npassword = \"x\"\npassword_file = \"/f\"\n",
+            1,
+        ));
+        assert!(e.contains("password_file only"), "{e}");
+        // The deprecated key still parses.
+        let old = parse(&LOCAL.replacen(
+            "name = \"postgres\"\n",
+            "name = \"postgres\"\npassword = \"pw\"\n",
+            1,
+        ))
+        .unwrap();
+        assert_eq!(
+            old.user("postgres").unwrap().password.as_deref(),
+            Some("pw")
         );
         let e = err(&LOCAL.replacen("rpc_port = 6451\n", "", 1));
         assert!(
@@ -1167,7 +1220,5 @@ mod tests {
             e.contains("rpc_port") && e.contains("already used by cn2"),
             "{e}"
         );
-        let e = err(&LOCAL.replacen("password = \"postgres\"", "password = \"\"", 1));
-        assert!(e.contains("user[0] (postgres).password"), "{e}");
     }
 }

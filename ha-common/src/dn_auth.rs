@@ -60,6 +60,12 @@ pub enum DnAuthError {
     },
     #[error("DN password files: OS user {user:?}: {problem}")]
     OsUser { user: String, problem: String },
+    #[error("password file {path} of CN user {user:?} ([[user]] password_file): {problem}")]
+    UserFile {
+        path: PathBuf,
+        user: String,
+        problem: String,
+    },
     #[error("DN password files: {path}: {source}")]
     Io {
         path: PathBuf,
@@ -118,6 +124,43 @@ impl PasswordFiles {
     }
 }
 
+/// The password file of CN user `user` (`[[user]] password_file`, default
+/// `<dn_auth.dir>/user_<name>.password`).
+pub fn user_password_file(cfg: &ClusterConfig, user: &crate::config::User) -> PathBuf {
+    user.password_file
+        .clone()
+        .unwrap_or_else(|| dir(cfg).join(format!("user_{}.password", user.name)))
+}
+
+/// CN user `user`'s password: the deprecated clear `password` if the config has one,
+/// else the first line of its password file.
+pub fn user_password(
+    cfg: &ClusterConfig,
+    user: &crate::config::User,
+) -> Result<String, DnAuthError> {
+    if let Some(p) = &user.password {
+        return Ok(p.clone());
+    }
+    let path = user_password_file(cfg, user);
+    let err = |problem: String| DnAuthError::UserFile {
+        path: path.clone(),
+        user: user.name.clone(),
+        problem,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        err(if e.kind() == std::io::ErrorKind::NotFound {
+            "missing (`cm_ctl local up` or `cm_ctl cert init --config <file>` makes it; copy it to every CN host)".to_owned()
+        } else {
+            e.to_string()
+        })
+    })?;
+    let pw = text.lines().next().unwrap_or("").trim().to_owned();
+    if pw.is_empty() {
+        return Err(err("empty".to_owned()));
+    }
+    Ok(pw)
+}
+
 fn read_password_at(path: &Path, role: DnRole) -> Result<String, DnAuthError> {
     let path = path.to_owned();
     let err = |problem: String| DnAuthError::File {
@@ -147,8 +190,17 @@ fn read_password_at(path: &Path, role: DnRole) -> Result<String, DnAuthError> {
 pub fn init_password_files(cfg: &ClusterConfig) -> Result<Vec<PathBuf>, DnAuthError> {
     let (uid, gid) = os_user_ids(&cfg.cluster.os_user)?;
     let mut made = Vec::new();
-    for role in DnRole::ALL {
-        let path = password_file(cfg, role);
+    // The DN roles', then each CN user's that has no (deprecated) clear password.
+    let files = DnRole::ALL
+        .into_iter()
+        .map(|role| password_file(cfg, role))
+        .chain(
+            cfg.users
+                .iter()
+                .filter(|u| u.password.is_none())
+                .map(|u| user_password_file(cfg, u)),
+        );
+    for path in files {
         if path.exists() {
             continue;
         }
@@ -176,6 +228,13 @@ pub fn init_password_files(cfg: &ClusterConfig) -> Result<Vec<PathBuf>, DnAuthEr
         made.push(path);
     }
     Ok(made)
+}
+
+/// Makes `path` belong to the OS user `os_user` with `mode` (only root can give a
+/// file away; a caller that is that user already owns it).
+pub fn give_to_os_user(path: &Path, os_user: &str, mode: u32) -> Result<(), DnAuthError> {
+    let (uid, gid) = os_user_ids(os_user)?;
+    set_owner_mode(path, uid, gid, mode)
 }
 
 fn os_user_ids(name: &str) -> Result<(u32, u32), DnAuthError> {
@@ -252,7 +311,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = cfg(dir.path());
         let made = init_password_files(&cfg).unwrap();
-        assert_eq!(made.len(), 3);
+        assert_eq!(
+            made.len(),
+            4,
+            "three DN roles and local.toml's CN user: {made:?}"
+        );
+        let user = cfg.user("postgres").unwrap();
+        let up = user_password_file(&cfg, user);
+        assert_eq!(up, dir.path().join("secrets/user_postgres.password"));
+        assert_eq!(
+            std::fs::metadata(&up).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(user_password(&cfg, user).unwrap().len(), 32);
         let p = password_file(&cfg, DnRole::Replication);
         assert_eq!(p, dir.path().join("secrets/mpp_replication.password"));
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;

@@ -14,6 +14,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
@@ -29,16 +30,21 @@ pub enum CertRole {
     Gtm,
     Cn,
     Replicator,
+    /// `dn_replicator restore-wal`, run by PostgreSQL as the OS user (a standby's
+    /// `restore_command`): may only read WAL from a secondary. Its key is the OS
+    /// user's (`give_restore_identity`), the only key that user can read.
+    Restore,
 }
 
 impl CertRole {
-    pub const ALL: [CertRole; 6] = [
+    pub const ALL: [CertRole; 7] = [
         CertRole::Operator,
         CertRole::Agent,
         CertRole::CmServer,
         CertRole::Gtm,
         CertRole::Cn,
         CertRole::Replicator,
+        CertRole::Restore,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +55,7 @@ impl CertRole {
             CertRole::Gtm => "gtm",
             CertRole::Cn => "cn",
             CertRole::Replicator => "replicator",
+            CertRole::Restore => "restore",
         }
     }
 
@@ -146,6 +153,11 @@ impl TlsMaterial {
             .domain_name(target.server_name())
     }
 
+    /// `client_config` whose handshake gives up after `timeout`.
+    pub fn client_config_timeout(&self, target: CertRole, timeout: Duration) -> ClientTlsConfig {
+        self.client_config(target).timeout(timeout)
+    }
+
     /// Server side: present this role's certificate and require a client certificate
     /// signed by the cluster CA.
     pub fn server_config(&self) -> ServerTlsConfig {
@@ -208,8 +220,17 @@ pub fn enabled() -> bool {
 
 /// A channel endpoint to a `target` server at `url` (`http://host:port` or
 /// `host:port`), with this process's TLS when it is on.
-pub fn endpoint(url: &str, target: CertRole) -> Result<Endpoint, tonic::transport::Error> {
-    endpoint_with(process_material().as_deref(), url, target)
+///
+/// `connect_timeout` bounds the TCP connect and, with TLS, the handshake as well
+/// (each): a peer that accepts but never answers (a SIGSTOPped GTM primary, whose
+/// kernel still completes TCP handshakes) fails the connection like an unreachable
+/// one, so a client following a failover moves on to the other endpoint.
+pub fn endpoint(
+    url: &str,
+    target: CertRole,
+    connect_timeout: Duration,
+) -> Result<Endpoint, tonic::transport::Error> {
+    endpoint_with(process_material().as_deref(), url, target, connect_timeout)
 }
 
 /// `endpoint` with explicit material (tests; `None` = plaintext).
@@ -217,17 +238,18 @@ pub fn endpoint_with(
     material: Option<&TlsMaterial>,
     url: &str,
     target: CertRole,
+    connect_timeout: Duration,
 ) -> Result<Endpoint, tonic::transport::Error> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
         .unwrap_or(url);
-    match material {
-        None => Endpoint::from_shared(format!("http://{rest}")),
-        Some(m) => {
-            Endpoint::from_shared(format!("https://{rest}"))?.tls_config(m.client_config(target))
-        }
-    }
+    let ep = match material {
+        None => Endpoint::from_shared(format!("http://{rest}"))?,
+        Some(m) => Endpoint::from_shared(format!("https://{rest}"))?
+            .tls_config(m.client_config_timeout(target, connect_timeout))?,
+    };
+    Ok(ep.connect_timeout(connect_timeout))
 }
 
 /// A server builder with this process's TLS when it is on.
@@ -280,6 +302,44 @@ pub fn require_role<T>(
             names(allowed)
         ))),
     }
+}
+
+/// An interceptor for every service but the secondary's `ReadWal`: refuses the
+/// `restore` certificate (the OS user's, whose only business is reading WAL from a
+/// secondary), so a stolen restore key orders nothing, reads no state and takes no
+/// GXIDs. With TLS off it lets everything through, like `require_role`.
+#[allow(clippy::result_large_err)]
+pub fn deny_restore(request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    if !enabled() {
+        return Ok(request);
+    }
+    let role = request
+        .peer_certs()
+        .and_then(|certs| certs.first().and_then(|c| role_of_certificate(c)));
+    if role == Some(CertRole::Restore) {
+        return Err(tonic::Status::permission_denied(
+            "a restore certificate may only read WAL from a DN secondary",
+        ));
+    }
+    Ok(request)
+}
+
+/// Hands `restore.crt` and `restore.key` in `dir` to the OS user (mode 0644 and 0600):
+/// PostgreSQL runs `dn_replicator restore-wal` as that user, which may read no other
+/// key. `cm_ctl cert init` and `cm_ctl local up` call it after `init_dir`.
+pub fn give_restore_identity(dir: &Path, os_user: &str) -> Result<(), TlsError> {
+    let role = CertRole::Restore;
+    for (file, mode) in [
+        (format!("{role}.crt"), 0o644),
+        (format!("{role}.key"), 0o600),
+    ] {
+        let path = dir.join(file);
+        crate::dn_auth::give_to_os_user(&path, os_user, mode).map_err(|e| TlsError::Write {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    Ok(())
 }
 
 fn names(roles: &[CertRole]) -> String {
@@ -554,6 +614,37 @@ mod tests {
         std::fs::write(dir.path().join("ca.crt"), "hello").unwrap();
         let err = TlsMaterial::load_dir(dir.path(), CertRole::Gtm).unwrap_err();
         assert!(err.to_string().contains("not a PEM file"), "{err}");
+    }
+
+    /// A peer that accepts TCP but never answers the TLS handshake (a SIGSTOPped
+    /// server: its kernel still completes the TCP handshake) fails a connect within
+    /// the connect timeout, as an unreachable one does.
+    #[tokio::test]
+    async fn a_handshake_with_a_silent_peer_is_bounded_by_the_connect_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path(), "t", None, &opts()).unwrap();
+        let m = TlsMaterial::load_dir(dir.path(), CertRole::Operator).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts and holds the connections, never writes a byte.
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                conns.push(c);
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let ep = endpoint_with(Some(&m), &addr.to_string(), CertRole::Gtm, timeout).unwrap();
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), ep.connect()).await;
+        let elapsed = started.elapsed();
+        held.abort();
+        let r = r.expect("the connect must give up by itself, not hang");
+        assert!(r.is_err(), "a silent peer cannot complete a handshake");
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "gave up after {elapsed:?}, connect timeout {timeout:?}"
+        );
     }
 
     fn pem_to_der(pem: &str) -> Vec<u8> {

@@ -93,10 +93,33 @@ pub async fn connect_at(
     connect_with(address, port, &user, Some(&password), timeout).await
 }
 
-/// Connects to a CN on loopback as `postgres` with the password of configs/local.toml
-/// (`[[user]]`); connecting is bounded by `timeout`.
+/// The first CN user's password file of the cluster this test process wrote last
+/// ([`write_config`]; configs/local.toml's `[[user]] postgres`).
+static CN_USER_PASSWORD_FILE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The `(user, password)` tests log in to CNs with: configs/local.toml's `postgres`
+/// user and the password from its file (made by [`prepare_dn_passwords`]).
+pub fn cn_login() -> Result<(String, String)> {
+    let file = CN_USER_PASSWORD_FILE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .context(
+            "no test cluster config written yet (write_config) to take the CN password from",
+        )?;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("CN user password file {}", file.display()))?;
+    Ok((
+        "postgres".to_owned(),
+        text.lines().next().unwrap_or("").trim().to_owned(),
+    ))
+}
+
+/// Connects to a CN on loopback as `postgres` with its password (see [`cn_login`]);
+/// connecting is bounded by `timeout`.
 pub async fn connect_cn(port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
-    connect_with("127.0.0.1", port, "postgres", Some("postgres"), timeout).await
+    let (user, password) = cn_login()?;
+    connect_with("127.0.0.1", port, &user, Some(&password), timeout).await
 }
 
 /// Connects to `address:port` as `user` (with `password` if given), bounded by `timeout`.
@@ -172,7 +195,7 @@ pub fn pgbench_run(port: u16, args: &[&str]) -> Result<(bool, String)> {
     let out = Command::new("pgbench")
         .args(args)
         .arg(&conn)
-        .env("PGPASSWORD", "postgres")
+        .env("PGPASSWORD", cn_login()?.1)
         .output()
         .context("running pgbench")?;
     let text = format!(
@@ -228,8 +251,7 @@ pub fn local_config_text(port_base: u16, base_dir: &Path) -> String {
         } else if trimmed == "enabled = true" || trimmed == "enabled = false" {
             // local.toml's only `enabled` key is `[tls]`'s.
             // Test clusters run plaintext unless a test asks for TLS (`with_tls`):
-            // in-process clients of older tests and `dn_replicator restore-wal` (no
-            // certificate yet) speak plaintext.
+            // in-process clients of older tests speak plaintext.
             out.push_str(TLS_OFF_LINE);
             out.push('\n');
         } else if trimmed.starts_with("# dir = ") {
@@ -294,6 +316,13 @@ pub fn prepare_dn_passwords(cfg: &ha_common::ClusterConfig) {
         .lock()
         .unwrap_or_else(|p| p.into_inner()) =
         Some(dn_auth::password_file(cfg, dn_auth::DnRole::Admin));
+    *CN_USER_PASSWORD_FILE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = cfg
+        .users
+        .iter()
+        .find(|u| u.name == "postgres")
+        .map(|u| dn_auth::user_password_file(cfg, u));
 }
 
 /// Certificates for `cfg` when it has TLS on (made once per tls dir), and this
@@ -312,6 +341,8 @@ pub fn prepare_tls(cfg: &ha_common::ClusterConfig) {
             &tls::IssueOptions::for_config(cfg),
         )
         .expect("make the test cluster's certificates");
+        tls::give_restore_identity(&dir, &cfg.cluster.os_user)
+            .expect("give the restore certificate to the OS user");
     }
     tls::init(cfg, tls::CertRole::Operator).expect("load the operator certificate");
 }

@@ -335,10 +335,13 @@ pub async fn probe_commit(m: &Member, id: i64, timeout: Duration) -> Option<(Ins
 pub async fn take_gxid(address: &str, port: u16) -> Option<u64> {
     use ha_common::proto::gtm::gtm_client::GtmClient;
     use ha_common::proto::gtm::NextGxidRequest;
-    let ep = ha_common::tls::endpoint(&format!("{address}:{port}"), ha_common::tls::CertRole::Gtm)
-        .ok()?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(1));
+    let ep = ha_common::tls::endpoint(
+        &format!("{address}:{port}"),
+        ha_common::tls::CertRole::Gtm,
+        Duration::from_millis(500),
+    )
+    .ok()?
+    .timeout(Duration::from_secs(1));
     let channel = ep.connect().await.ok()?;
     let r = GtmClient::new(channel)
         .next_gxid(NextGxidRequest { count: 1 })

@@ -80,8 +80,10 @@ async fn cluster_local_up_replicates_and_local_down_leaves_nothing() -> Result<(
             (Some("normal"), Some(u64::from(c.port(cn))), Some(true)),
             "{m}"
         );
+        let user = c.cfg.user("postgres").context("local.toml's CN user")?;
         let line = format!(
-            "coordinator {cn}: psql \"host=127.0.0.1 port={} user=postgres\"",
+            "coordinator {cn}: PGPASSWORD=$(cat {}) psql \"host=127.0.0.1 port={} user=postgres dbname=postgres\"",
+            ha_common::dn_auth::user_password_file(&c.cfg, user).display(),
             c.port(cn)
         );
         assert!(out.stdout.contains(&line), "{line} not in {}", out.stdout);

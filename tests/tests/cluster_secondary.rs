@@ -2,7 +2,8 @@
 //! - the standby stopped: commits go on through the secondary (status says it
 //!   streams); the standby back: it catches up, the secondary goes idle, holds nothing;
 //! - the standby stopped, commits, then the primary and its host's agent killed: the
-//!   standby started again fetches the missing WAL from the secondary, is promoted
+//!   standby started again fetches the missing WAL from the secondary (restore_command,
+//!   with TLS on: the OS user's `restore` certificate), is promoted
 //!   only then, and holds every acknowledged row; the secondary becomes the new
 //!   primary's synchronous partner;
 //! - host loss with the standby in sync: the first commit on the promoted standby
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use failover_support::*;
-use mpp_ha_tests::{connect, kill9, pid_alive, status_member, wait_for, LocalCluster};
+use mpp_ha_tests::{connect, kill9, pid_alive, status_member, wait_for, with_tls, LocalCluster};
 
 const CONNECT: Duration = Duration::from_secs(5);
 
@@ -85,7 +86,10 @@ fn wal_files(c: &LocalCluster, secondary: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secondary_carries_commits_while_the_standby_is_away_and_serves_its_catch_up() -> Result<()>
 {
-    let c = LocalCluster::new("cluster-secondary", 10000);
+    // TLS on (the product default): the standby's restore_command reads WAL from the
+    // secondary with the OS user's `restore` certificate.
+    let c = LocalCluster::with_config_edit("cluster-secondary", 10000, with_tls);
+    assert!(c.cfg.tls.enabled);
     c.up(180)?;
     let (p1, p2) = (c.port("dn1_h1"), c.port("dn1_h2"));
     create_table(p1).await?;

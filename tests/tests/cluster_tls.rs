@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::{ClusterStatusRequest, FailoverRequest, RenewGtmLeaseRequest};
 use ha_common::tls::{self, Ca, CertRole, IssueOptions, TlsMaterial};
@@ -84,10 +84,15 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
     // ...and nobody else may renew it: an agent certificate is refused by role.
     let agent = TlsMaterial::load(&c.cfg, CertRole::Agent)?.expect("tls is on");
     for ep in c.cfg.cm_server_endpoints() {
-        let ch = tls::endpoint_with(Some(&agent), &ep, CertRole::CmServer)?
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await?;
+        let ch = tls::endpoint_with(
+            Some(&agent),
+            &ep,
+            CertRole::CmServer,
+            Duration::from_secs(5),
+        )?
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
         let r = CmServerClient::new(ch)
             .renew_gtm_lease(RenewGtmLeaseRequest {
                 instance: "gtm1".into(),
@@ -153,15 +158,58 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
         out.stdout
     );
     eprintln!("plaintext cm_ctl failover: {}", out.stderr.trim());
+    // Refused at the handshake, and it says so (not a bare "transport error").
+    let err = out.stderr.to_lowercase();
+    assert!(
+        err.contains("tls") || err.contains("handshake") || err.contains("certificate"),
+        "the refusal names TLS: {}",
+        out.stderr.trim()
+    );
+
+    // The restore certificate (restore_command's, the OS user's): its key is that
+    // user's alone, and it is good for reading WAL from a secondary only.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.join("restore.key"))?;
+        let os_uid = nix::unistd::User::from_name(&c.cfg.cluster.os_user)?
+            .map(|u| u.uid.as_raw())
+            .context("the OS user exists")?;
+        assert_eq!(meta.uid(), os_uid, "restore.key belongs to the OS user");
+        assert_eq!(meta.mode() & 0o777, 0o600, "restore.key is private");
+    }
+    let restore = TlsMaterial::load_dir(&dir, CertRole::Restore)?;
+    for ep in c.cfg.cm_server_endpoints() {
+        let ch = tls::endpoint_with(
+            Some(&restore),
+            &ep,
+            CertRole::CmServer,
+            Duration::from_secs(5),
+        )?
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+        match CmServerClient::new(ch)
+            .get_cluster_status(ClusterStatusRequest {})
+            .await
+        {
+            Err(s) if s.code() == tonic::Code::PermissionDenied => {}
+            other => bail!("{ep}: a restore certificate reading the status: {other:?}"),
+        }
+    }
 
     // An agent certificate (valid, cluster CA) ordering a failover: refused by role.
     let agent = TlsMaterial::load(&c.cfg, CertRole::Agent)?.expect("tls is on");
     let mut refused = 0;
     for ep in c.cfg.cm_server_endpoints() {
-        let ch = tls::endpoint_with(Some(&agent), &ep, CertRole::CmServer)?
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await?;
+        let ch = tls::endpoint_with(
+            Some(&agent),
+            &ep,
+            CertRole::CmServer,
+            Duration::from_secs(5),
+        )?
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
         let r = CmServerClient::new(ch)
             .failover(FailoverRequest {
                 instance: "dn1_h2".into(),

@@ -18,7 +18,7 @@ async fn cn_client(port: u16) -> Result<tokio_postgres::Client> {
     cfg.host("127.0.0.1")
         .port(port)
         .user("postgres")
-        .password("postgres")
+        .password(mpp_ha_tests::cn_login()?.1)
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(5));
     let (client, conn) =
@@ -111,7 +111,7 @@ fn psql(port: u16, script: &str, dir: &Path) -> Result<String> {
             "-f",
         ])
         .arg(&path)
-        .env("PGPASSWORD", "postgres")
+        .env("PGPASSWORD", mpp_ha_tests::cn_login()?.1)
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
@@ -153,7 +153,7 @@ async fn reported_client(
     cfg.host("127.0.0.1")
         .port(port)
         .user("postgres")
-        .password("postgres")
+        .password(mpp_ha_tests::cn_login()?.1)
         .dbname("postgres");
     let (client, mut conn) = cfg.connect(tokio_postgres::NoTls).await?;
     let (tx, rx) = tokio::sync::watch::channel(None);

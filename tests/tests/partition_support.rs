@@ -35,10 +35,9 @@ pub async fn ask_cms(address: &str, port: u16) -> CmsAnswer {
     let ep = match ha_common::tls::endpoint(
         &format!("{address}:{port}"),
         ha_common::tls::CertRole::CmServer,
+        Duration::from_millis(500),
     ) {
-        Ok(ep) => ep
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(1)),
+        Ok(ep) => ep.timeout(Duration::from_secs(1)),
         Err(e) => return CmsAnswer::Unreachable(e.to_string()),
     };
     let channel = match ep.connect().await {

@@ -55,6 +55,7 @@ async fn replicator(port: u16) -> Result<Client> {
                 match ha_common::tls::endpoint(
                     &format!("127.0.0.1:{port}"),
                     ha_common::tls::CertRole::Replicator,
+                    std::time::Duration::from_secs(2),
                 ) {
                     Ok(ep) => ep.connect().await.ok().map(ReplicatorClient::new),
                     Err(_) => None,

@@ -41,7 +41,7 @@ pub fn config_text(hosts: usize, port_base: u16, base_dir: &Path) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "[cluster]\nname = \"scale{hosts}\"\nbase_dir = {:?}\nos_user = \"postgres\"\n",
+        "[cluster]\nname = \"scale{hosts}\"\nbase_dir = {:?}\nos_user = \"postgres\"\n[tls]\nenabled = false\n",
         base_dir.display().to_string()
     );
     for i in 0..hosts {

@@ -82,6 +82,8 @@ fn cert_init(
     };
     let opts = tls::IssueOptions::for_config(cfg);
     tls::init_dir(&dir, &cfg.cluster.name, ca, &opts).map_err(ha_common::ConfigError::from)?;
+    // A standby's restore_command runs as the OS user: the `restore` key is that user's.
+    tls::give_restore_identity(&dir, &cfg.cluster.os_user).map_err(ha_common::ConfigError::from)?;
     println!(
         "certificates for {} written to {} (roles: {})",
         cfg.cluster.name,

@@ -169,10 +169,24 @@ fn dn_psql_line(cfg: &ClusterConfig, group: &str, name: &str, address: &str, por
     )
 }
 
-/// How to connect to a CN: psql as the config's first `[[user]]`.
+/// How to connect to a CN: psql as the config's first `[[user]]`, the password from
+/// its file.
 fn cn_psql_line(cfg: &ClusterConfig, name: &str, address: &str, port: u32) -> String {
-    let user = cfg.users.first().map_or("postgres", |u| u.name.as_str());
-    format!("  coordinator {name}: psql \"host={address} port={port} user={user}\"")
+    let Some(u) = cfg.users.first() else {
+        return format!("  coordinator {name}: psql \"host={address} port={port}\"");
+    };
+    let pw = if u.password.is_some() {
+        String::new()
+    } else {
+        format!(
+            "PGPASSWORD=$(cat {}) ",
+            ha_common::dn_auth::user_password_file(cfg, u).display()
+        )
+    };
+    format!(
+        "  coordinator {name}: {pw}psql \"host={address} port={port} user={} dbname=postgres\"",
+        u.name
+    )
 }
 
 /// Waits until the primary CMServer answers; fails early, with its log, if the
