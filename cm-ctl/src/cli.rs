@@ -160,6 +160,16 @@ impl Cli {
             // restore_command runs as the OS user: its certificate is that user's.
             ha_common::tls::give_restore_identity(&cfg.tls_dir(), &cfg.cluster.os_user)
                 .map_err(ha_common::ConfigError::from)?;
+        } else if first_local_up && cfg.tls.enabled {
+            // A local cluster made before the `restore` role: issue it from its CA.
+            let opts = ha_common::tls::IssueOptions::for_config(&cfg);
+            let role = ha_common::tls::CertRole::Restore;
+            if ha_common::tls::add_missing_role(&cfg.tls_dir(), role, &opts)
+                .map_err(ha_common::ConfigError::from)?
+            {
+                ha_common::tls::give_restore_identity(&cfg.tls_dir(), &cfg.cluster.os_user)
+                    .map_err(ha_common::ConfigError::from)?;
+            }
         }
         if first_local_up {
             // The DN roles' passwords, made once (never replaced: the data dirs'
@@ -171,5 +181,59 @@ impl Cli {
                 .map_err(ha_common::ConfigError::from)?;
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// `local up` on a cluster with no certificates yet (local.toml: TLS on) makes the
+    /// CA, one certificate per role and the password files before it starts anything;
+    /// the restore key and the password files belong to the OS user alone.
+    #[test]
+    fn first_local_up_makes_the_certificates_and_password_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        let mut text = include_str!("../../configs/local.toml").replace(
+            "base_dir = \"/tmp/mpp-ha\"",
+            &format!("base_dir = {:?}", base.display().to_string()),
+        );
+        // As root the files go to local.toml's `postgres`; otherwise to ourselves.
+        let euid = nix::unistd::geteuid();
+        if !euid.is_root() {
+            let me = nix::unistd::User::from_uid(euid).unwrap().unwrap().name;
+            text = text.replace("os_user = \"postgres\"", &format!("os_user = {me:?}"));
+        }
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, text).unwrap();
+        let cli = Cli::parse_from([
+            "cm_ctl",
+            "--config",
+            config.to_str().unwrap(),
+            "local",
+            "up",
+        ]);
+        let cfg = cli.load_config_and_tls().unwrap();
+        assert!(cfg.tls.enabled, "local.toml runs TLS");
+        let tls = cfg.tls_dir();
+        for role in ha_common::tls::CertRole::ALL {
+            assert!(tls.join(format!("{role}.crt")).exists(), "{role}.crt");
+        }
+        let os_uid = nix::unistd::User::from_name(&cfg.cluster.os_user)
+            .unwrap()
+            .unwrap()
+            .uid
+            .as_raw();
+        let key = std::fs::metadata(tls.join("restore.key")).unwrap();
+        assert_eq!((key.uid(), key.mode() & 0o777), (os_uid, 0o600));
+        let user = cfg.user("postgres").unwrap();
+        let pw = ha_common::dn_auth::user_password_file(&cfg, user);
+        let meta = std::fs::metadata(&pw).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (os_uid, 0o600));
+        // The CN user's password is in the file, not in the config.
+        assert!(ha_common::dn_auth::user_password(&cfg, user).unwrap().len() >= 16);
+        assert_eq!(user.password, None);
     }
 }

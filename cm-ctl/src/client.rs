@@ -125,8 +125,12 @@ async fn try_one(endpoint: &str) -> Result<CmServerClient<Channel>, String> {
 /// A plaintext client on a TLS port sees only an HTTP/2 protocol error (the server
 /// drops it at the handshake): say so, and what to do.
 fn plaintext_hint(message: String) -> String {
-    let h2 = message.contains("h2 protocol error") || message.contains("http2 error");
-    if ha_common::tls::enabled() || !h2 {
+    // The server closes the connection at the handshake: the client sees an HTTP/2
+    // error, or a bare "transport error" when that happens while connecting.
+    let dropped = message.contains("h2 protocol error")
+        || message.contains("http2 error")
+        || message == "transport error";
+    if ha_common::tls::enabled() || !dropped {
         return message;
     }
     format!(

@@ -44,9 +44,17 @@ pub fn restore_wal(
         let ep =
             ha_common::tls::endpoint_with(material.as_ref(), from, CertRole::Replicator, timeout)
                 .with_context(|| format!("bad --from {from:?}"))?;
-        let Ok(ch) = ep.connect().await else {
-            // Unreachable secondary: not available, not an error worth a log line.
-            return Ok(ExitCode::from(1));
+        let ch = match ep.connect().await {
+            Ok(ch) => ch,
+            Err(e) => {
+                // Unreachable secondary: not available, not an error worth a log line.
+                // A refused certificate is a misconfiguration: one line in PostgreSQL's log.
+                let detail = format!("{e:?}");
+                if detail.contains("ertificate") || detail.contains("Tls") {
+                    eprintln!("dn_replicator restore-wal: TLS with {from}: {detail}");
+                }
+                return Ok(ExitCode::from(1));
+            }
         };
         let mut c = ReplicatorClient::new(ch);
         let mut s = match c

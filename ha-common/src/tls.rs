@@ -506,6 +506,25 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
+/// Issues `role`'s certificate into a complete `dir` that lacks it (one made before
+/// the role existed), signed by the dir's own CA (`ca.key` must be there). Returns
+/// whether it made one; a dir whose CA key is elsewhere is left alone.
+pub fn add_missing_role(dir: &Path, role: CertRole, opts: &IssueOptions) -> Result<bool, TlsError> {
+    let (crt, key, ca_key) = (
+        dir.join(format!("{role}.crt")),
+        dir.join(format!("{role}.key")),
+        dir.join("ca.key"),
+    );
+    if crt.exists() || !ca_key.exists() {
+        return Ok(false);
+    }
+    let ca = Ca::from_files(&dir.join("ca.crt"), &ca_key)?;
+    let (cert, private) = ca.issue(role, opts)?;
+    write(&key, &private, true)?;
+    write(&crt, &cert, false)?;
+    Ok(true)
+}
+
 /// Makes `dir` hold a CA (`ca` if given, else a new one) and one certificate per role.
 /// Refuses a dir that already holds a `ca.crt` (never overwrites a cluster's CA).
 pub fn init_dir(
@@ -578,6 +597,16 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("ca.crt")).unwrap(), before);
         let m = TlsMaterial::load_dir(dir.path(), CertRole::Agent).unwrap();
         assert_eq!(m.role, CertRole::Agent);
+        // A dir made before a role existed gets it from its own CA, once.
+        assert!(!add_missing_role(dir.path(), CertRole::Restore, &opts()).unwrap());
+        std::fs::remove_file(dir.path().join("restore.crt")).unwrap();
+        assert!(add_missing_role(dir.path(), CertRole::Restore, &opts()).unwrap());
+        let pem = std::fs::read_to_string(dir.path().join("restore.crt")).unwrap();
+        assert_eq!(
+            role_of_certificate(&pem_to_der(&pem)),
+            Some(CertRole::Restore)
+        );
+        TlsMaterial::load_dir(dir.path(), CertRole::Restore).unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("agent.key"))
             .unwrap()

@@ -77,6 +77,21 @@ fn cm_ctl_ok(c: &LocalCluster, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Whether a daemon or instance log of the cluster (`<base_dir>/*.log`,
+/// `<base_dir>/*/*.log`) has `text`.
+fn logs_contain(c: &LocalCluster, text: &str) -> bool {
+    let files = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let top = files(c.base_dir());
+    top.iter()
+        .chain(top.iter().flat_map(|d| files(d)).collect::<Vec<_>>().iter())
+        .filter(|p| p.extension().and_then(|x| x.to_str()) == Some("log"))
+        .any(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(text)))
+}
+
 fn wal_files(c: &LocalCluster, secondary: &str) -> usize {
     std::fs::read_dir(c.base_dir().join(secondary).join("wal"))
         .map(|d| d.count())
@@ -169,6 +184,11 @@ async fn secondary_carries_commits_while_the_standby_is_away_and_serves_its_catc
         count(p2).await?,
         2000,
         "every acknowledged row on the promoted standby"
+    );
+    // ...which it read from the secondary with its restore certificate (TLS on).
+    assert!(
+        logs_contain(&c, "serving WAL for catch-up"),
+        "the secondary served WAL to the standby's restore_command"
     );
     // The new primary's synchronous partner is the secondary (the old primary is gone):
     // a commit returns with two copies.
