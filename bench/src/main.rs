@@ -17,8 +17,10 @@
 //! and rejoin the old primary.
 //!
 //! Then it measures the client-visible write outage of `cm_ctl switchover` there and
-//! back. Prints medians and ranges. Never a timed test: run it by hand:
-//! `cargo build --release --workspace --bins && target/release/failover_bench --runs 10`.
+//! back. Prints medians and ranges. With `--tls both` (the default) each profile runs
+//! twice, on a cluster with `[tls] enabled = false` and one with TLS on (the product
+//! default), and the medians are compared (TLS on / off). Never a timed test: run it by
+//! hand: `cargo build --release --workspace --bins && target/release/failover_bench --runs 10`.
 
 use std::time::{Duration, Instant};
 
@@ -35,9 +37,40 @@ struct Args {
     /// Only the given profile: "default" or "tuned".
     #[arg(long)]
     profile: Option<String>,
-    /// First port of the benchmark clusters (each profile uses 1000 ports from here).
+    /// First port of the benchmark clusters (each profile and TLS mode uses 1000 ports
+    /// from here).
     #[arg(long, default_value_t = 29000)]
     port_base: u16,
+    /// Mutual TLS on the clusters' gRPC links: "off", "on", or "both" (each profile
+    /// measured both ways, then compared).
+    #[arg(long, default_value = "both", value_parser = ["off", "on", "both"])]
+    tls: String,
+}
+
+/// The figures of one profile run (each a list of durations).
+#[derive(Default)]
+struct Figures {
+    writable: Vec<Duration>,
+    durable: Vec<Duration>,
+    frozen: Vec<Duration>,
+    outages: Vec<Duration>,
+}
+
+impl Figures {
+    fn rows(&self) -> [(&'static str, &Vec<Duration>); 4] {
+        [
+            ("host loss: kill -> new primary commits", &self.writable),
+            ("host loss: kill -> two-copy commit", &self.durable),
+            ("hung primary: SIGSTOP -> new primary commits", &self.frozen),
+            ("switchover: write outage", &self.outages),
+        ]
+    }
+}
+
+fn median(v: &[Duration]) -> Option<Duration> {
+    let mut v = v.to_vec();
+    v.sort();
+    v.get(v.len() / 2).copied()
 }
 
 /// A named `[timing]` section.
@@ -306,13 +339,21 @@ fn summary(label: &str, mut v: Vec<Duration>) -> String {
     )
 }
 
-async fn profile(p: &Profile, runs: usize, port_base: u16) -> Result<()> {
-    let cluster = LocalCluster::with_config_edit(&format!("bench-{}", p.name), port_base, |t| {
-        match p.timing {
-            Some(timing) => with_timing(t, timing),
-            None => t,
-        }
-    });
+async fn profile(p: &Profile, tls: bool, runs: usize, port_base: u16) -> Result<Figures> {
+    let mode = if tls { "tls" } else { "plain" };
+    let cluster =
+        LocalCluster::with_config_edit(&format!("bench-{}-{mode}", p.name), port_base, |t| {
+            // The harness writes TLS off; `with_tls` turns it on (certificates made
+            // before the cluster starts, as `cm_ctl local up` does).
+            let t = if tls { mpp_ha_tests::with_tls(t) } else { t };
+            match p.timing {
+                Some(timing) => with_timing(t, timing),
+                None => t,
+            }
+        });
+    if cluster.cfg.tls.enabled != tls {
+        bail!("the cluster's [tls] enabled is not {tls}");
+    }
     cluster.up(180)?;
     let (mut writable, mut durable) = (Vec::new(), Vec::new());
     for i in 0..runs {
@@ -354,39 +395,88 @@ async fn profile(p: &Profile, runs: usize, port_base: u16) -> Result<()> {
             Err(e) => println!("  [{}] switchover failed: {e:#}", p.name),
         }
     }
-    println!("profile {}:", p.name);
+    println!(
+        "profile {} (TLS {}):",
+        p.name,
+        if tls { "on" } else { "off" }
+    );
     println!(
         "{}",
-        summary("  host loss: kill -> new primary commits", writable)
+        summary("  host loss: kill -> new primary commits", writable.clone())
     );
     println!(
         "{}",
         summary(
             "  host loss: kill -> two-copy commit (host still down; the secondary is the partner)",
-            durable
+            durable.clone()
         )
     );
     println!(
         "{}",
-        summary("  hung primary: SIGSTOP -> new primary commits", frozen)
+        summary(
+            "  hung primary: SIGSTOP -> new primary commits",
+            frozen.clone()
+        )
     );
-    println!("{}", summary("  switchover: write outage", outages));
-    Ok(())
+    println!("{}", summary("  switchover: write outage", outages.clone()));
+    Ok(Figures {
+        writable,
+        durable,
+        frozen,
+        outages,
+    })
+}
+
+/// Medians with TLS off and on, and their ratio (on / off).
+fn compare(name: &str, off: &Figures, on: &Figures) {
+    println!("profile {name}: TLS on vs off (medians)");
+    let ms = |d: Option<Duration>| {
+        d.map_or("     -".to_owned(), |d| {
+            format!("{:>6.0}", d.as_secs_f64() * 1000.0)
+        })
+    };
+    for ((label, a), (_, b)) in off.rows().into_iter().zip(on.rows()) {
+        let (ma, mb) = (median(a), median(b));
+        let ratio = match (ma, mb) {
+            (Some(a), Some(b)) if !a.is_zero() => {
+                format!("{:.2}", b.as_secs_f64() / a.as_secs_f64())
+            }
+            _ => "-".to_owned(),
+        };
+        println!(
+            "  {label:<46} off {} ms   on {} ms   on/off {ratio}",
+            ms(ma),
+            ms(mb)
+        );
+    }
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let mut base = args.port_base;
+    let modes: &[bool] = match args.tls.as_str() {
+        "off" => &[false],
+        "on" => &[true],
+        _ => &[false, true],
+    };
     for p in PROFILES.iter() {
         if args.profile.as_deref().is_some_and(|n| n != p.name) {
             continue;
         }
-        if let Err(e) = profile(p, args.runs, base).await {
-            println!("profile {} failed: {e:#}", p.name);
+        let mut figures = Vec::new();
+        for &tls in modes {
+            match profile(p, tls, args.runs, base).await {
+                Ok(f) => figures.push(f),
+                Err(e) => println!("profile {} (TLS {tls}) failed: {e:#}", p.name),
+            }
+            base = base.saturating_add(1000);
         }
-        base = base.saturating_add(1000);
+        if let [off, on] = &figures[..] {
+            compare(p.name, off, on);
+        }
     }
+
     println!(
         "for scale (issue 4): Patroni with synchronous replication 25 s default, 10 s \
          most aggressive, no failover for a SIGSTOPped primary; pg_auto_failover 50 s"
