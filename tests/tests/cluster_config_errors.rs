@@ -99,3 +99,58 @@ fn cluster_cm_server_refuses_a_corrupt_state_file() {
     let out = run_bin("cm_server", &["--config", &path, "--node", "gtm1"]);
     assert_fails_naming(&out, &["\"gtm1\" is not a [[cm_server]]"], "wrong node");
 }
+
+/// With TLS on, a CMServer that accepts TCP but never answers (hung, SIGSTOPped: its
+/// kernel still completes the TCP handshake) does not hang cm_ctl in the TLS
+/// handshake: the connect timeout bounds it, and cm_ctl names both endpoints it tried.
+#[test]
+fn cluster_cm_ctl_gives_up_on_a_hung_cmserver_with_tls() {
+    use std::time::{Duration, Instant};
+    let dir = TestDir::new("cluster-hung-cmserver-tls");
+    let text = mpp_ha_tests::with_tls(local_config_text(PORT_BASE, &dir.path().join("cluster")))
+        .replacen(&format!("port = {}", PORT_BASE + 601), "port = 23802", 1)
+        .replacen(&format!("port = {}", PORT_BASE + 602), "port = 23803", 1);
+    // Makes the cluster's certificates, as `cm_ctl local up` does.
+    let path = mpp_ha_tests::write_config(&dir, &text);
+    // Two "hung CMServers": accept, hold, never write.
+    for port in [23802u16, 23803] {
+        let l = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind a hung CMServer");
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = l.accept() {
+                held.push(c);
+            }
+        });
+    }
+    let started = Instant::now();
+    let mut child = std::process::Command::new(mpp_ha_tests::bin("cm_ctl"))
+        .args(["status", "--config", &path.display().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cm_ctl");
+    let deadline = started + Duration::from_secs(30);
+    while child.try_wait().expect("wait for cm_ctl").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cm_ctl status hung on CMServers that never answer the TLS handshake");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = started.elapsed();
+    let out = child.wait_with_output().expect("cm_ctl output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "status must fail: {stderr}");
+    for n in ["no primary CMServer", "127.0.0.1:23802", "127.0.0.1:23803"] {
+        assert!(stderr.contains(n), "the error names {n:?}: {stderr}");
+    }
+    assert!(
+        took < Duration::from_secs(15),
+        "gave up after {took:?}, a few connect timeouts expected"
+    );
+    eprintln!(
+        "cm_ctl gave up on two hung CMServers in {took:?}: {}",
+        stderr.trim()
+    );
+}

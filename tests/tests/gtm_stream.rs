@@ -3,6 +3,8 @@
 //! the standby is promoted every waiting caller is served by it, none gets an error,
 //! no GXID is handed out twice, and nothing after the promotion is at or below what
 //! the hung primary handed out. Resumed, the old primary serves this client nothing.
+//! With TLS on, a client that starts while the primary hangs finds the promoted
+//! standby: its TLS handshake with the hung primary gives up like a TCP connect.
 
 #[path = "gtm_support.rs"]
 mod gtm_support;
@@ -172,6 +174,55 @@ async fn stream_callers_survive_a_hung_primary_without_errors() -> Result<()> {
         allocs.len(),
         caught.len(),
         (promoted - hung).as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+/// With TLS on, a GTM primary that hangs (SIGSTOP: its kernel still accepts TCP
+/// connections, nobody answers the TLS handshake) does not hold up a client that
+/// starts afterwards: the handshake is bounded by the connect timeout, so the client
+/// moves on to the promoted standby and gets GXIDs well within its failover timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_a_new_client_passes_a_hung_primary() -> Result<()> {
+    let mut pair = Pair::with_edit("gtm_stream_tls", 33000, 500, 1000, mpp_ha_tests::with_tls);
+    ensure!(pair.cfg.tls.enabled, "the pair runs TLS");
+    let probe = pair.client().await;
+    pair.start_both(&probe).await?;
+    let gtm1 = pair.pid("gtm1").expect("gtm1 started");
+    signal(gtm1, Signal::SIGSTOP);
+    let s = probe.promote_with(&pair.endpoint("gtm2"), 0, true).await?;
+    ensure!(s.term == 1, "promoted to term {}", s.term);
+
+    // gtm1 first in the list: the new client must get past it.
+    let started = Instant::now();
+    let client = gtm::GtmClient::connect_with(
+        pair.cfg.gtm_endpoints(),
+        gtm::ClientOptions {
+            rpc_timeout: Duration::from_secs(30),
+            failover_timeout: Duration::from_secs(30),
+            ..gtm::ClientOptions::default()
+        },
+    )
+    .await?;
+    let range = tokio::time::timeout(Duration::from_secs(40), client.next_gxid(1)).await;
+    let took = started.elapsed();
+    signal(gtm1, Signal::SIGCONT);
+    let range =
+        range.map_err(|_| anyhow::anyhow!("no GXID within 40 s: stuck on the hung primary"))??;
+    ensure!(
+        range.start >= s.boundary,
+        "{range:?} below the promoted standby's boundary {}",
+        s.boundary
+    );
+    // Bounded by a few connect timeouts (500 ms each), far below the 30 s RPC and
+    // failover timeouts an unbounded handshake would run into.
+    ensure!(
+        took < Duration::from_secs(10),
+        "the first GXID took {took:?}: the handshake with the hung primary was not bounded"
+    );
+    eprintln!(
+        "first GXID from the promoted standby {:.0} ms after connecting",
+        took.as_secs_f64() * 1000.0
     );
     Ok(())
 }

@@ -25,8 +25,19 @@ pub struct Pair {
 impl Pair {
     /// Writes the test config with a small block size and sync timeout, starts nothing.
     pub fn new(name: &str, port_base: u16, block_size: u64, sync_timeout_ms: u64) -> Pair {
+        Self::with_edit(name, port_base, block_size, sync_timeout_ms, |t| t)
+    }
+
+    /// `new` with the config text edited by `edit` (e.g. `mpp_ha_tests::with_tls`).
+    pub fn with_edit(
+        name: &str,
+        port_base: u16,
+        block_size: u64,
+        sync_timeout_ms: u64,
+        edit: impl FnOnce(String) -> String,
+    ) -> Pair {
         let dir = TestDir::new(name);
-        let text = local_config_text(port_base, dir.path())
+        let text = edit(local_config_text(port_base, dir.path()))
             .replace("block_size = 2000", &format!("block_size = {block_size}"))
             .replace(
                 "sync_timeout_ms = 3000",
