@@ -3,15 +3,10 @@
 //! that come back as rows of PostgreSQL text.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::Duration;
 
-use futures::FutureExt;
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{CancelToken, Client, Connection, NoTls, SimpleQueryMessage, Socket};
+use tokio_postgres::{CancelToken, Client, NoTls, SimpleQueryMessage};
 
 use crate::cancel::InFlight;
 use crate::merge::Row;
@@ -110,23 +105,10 @@ pub struct Answer {
     pub count: u64,
 }
 
-/// The I/O half of a DN connection (tokio-postgres' `Connection`). It is not `Sync`;
-/// the mutex makes `DnConn` `Sync` (sessions are shared across awaits) and costs
-/// nothing: it is only reached through `&mut` (`get_mut`).
-type Io = Mutex<Pin<Box<Connection<Socket, NoTlsStream>>>>;
-
-fn io_mut(io: &mut Io) -> &mut Pin<Box<Connection<Socket, NoTlsStream>>> {
-    io.get_mut().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A DN connection checked out of the pool.
 pub struct DnConn {
     pub group: usize,
-    client: Client,
-    /// The connection's I/O half, polled by the task running a statement on it (see
-    /// [`DnConn::drive`]): no hop to a task of its own and back per statement. None
-    /// once it ended, or once it was handed to a task of its own ([`DnConn::detached`]).
-    io: Option<Io>,
+    pub client: Client,
     endpoint: (String, u16),
     /// Session settings were applied: RESET ALL before it goes back to the pool.
     pub dirty: bool,
@@ -138,64 +120,10 @@ pub struct DnConn {
     pub watch: Option<Arc<InFlight>>,
 }
 
-/// Runs `work` (a request on the client half) while polling the connection's I/O half
-/// in the same task, until `work` is done. The I/O half is polled between two polls of
-/// `work`, so a reply it reads is taken up in the same pass. If the connection ends
-/// (closed by the DN, or an error), the I/O half is dropped and `work` gets the
-/// client's "connection closed" error.
-async fn drive<T>(io: &mut Option<Io>, work: impl Future<Output = T>) -> T {
-    let mut work = std::pin::pin!(work);
-    futures::future::poll_fn(|cx| {
-        if let Poll::Ready(t) = work.as_mut().poll(cx) {
-            return Poll::Ready(t);
-        }
-        if let Some(c) = io.as_mut() {
-            if io_mut(c).as_mut().poll(cx).is_ready() {
-                *io = None;
-            }
-        }
-        work.as_mut().poll(cx)
-    })
-    .await
-}
-
 impl DnConn {
-    /// Whether the connection ended. Reads what the DN sent while the connection sat
-    /// idle (without waiting): a closed socket or a FATAL ends it here.
-    pub fn is_closed(&mut self) -> bool {
-        if let Some(c) = self.io.as_mut() {
-            if io_mut(c).as_mut().now_or_never().is_some() {
-                self.io = None;
-            }
-        }
-        // Dropping the I/O half closes the client half.
-        self.client.is_closed()
-    }
-
-    /// The client half, with the I/O half moved to a task of its own: for work that
-    /// outlives one call (a COPY's sink is fed across many client messages).
-    pub fn detached(&mut self) -> &Client {
-        if let Some(io) = self.io.take() {
-            let io = io.into_inner().unwrap_or_else(|p| p.into_inner());
-            tokio::spawn(async move {
-                let _ = io.await;
-            });
-        }
-        &self.client
-    }
-
-    /// Prepares `sql` on the DN (parameter and result types).
-    pub async fn prepare_typed(
-        &mut self,
-        sql: &str,
-        types: &[tokio_postgres::types::Type],
-    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-        drive(&mut self.io, self.client.prepare_typed(sql, types)).await
-    }
-
     pub async fn run(&mut self, group_name: &str, sql: &str) -> Result<Answer, DnError> {
         let _running = self.watch.as_ref().map(|w| w.enter(self.token.clone()));
-        match drive(&mut self.io, self.client.simple_query(sql)).await {
+        match self.client.simple_query(sql).await {
             Ok(msgs) => Ok(answer(msgs)),
             Err(e) => {
                 // A FATAL from the DN (57P01/57P02) ends its backend: never pool it.
@@ -278,8 +206,8 @@ impl Pool {
         {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let list = idle.entry(group).or_default();
-            while let Some(mut c) = list.pop() {
-                if c.endpoint == endpoint && !c.is_closed() {
+            while let Some(c) = list.pop() {
+                if c.endpoint == endpoint && !c.client.is_closed() {
                     return Ok(c);
                 }
             }
@@ -322,11 +250,13 @@ impl Pool {
                 ))
             }
         };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
         Ok(DnConn {
             group,
             token: Arc::new(client.cancel_token()),
             client,
-            io: Some(Mutex::new(Box::pin(conn))),
             endpoint,
             dirty: false,
             broken: false,
@@ -337,14 +267,11 @@ impl Pool {
     /// Returns a connection that is outside any transaction.
     pub async fn put(&self, mut c: DnConn) {
         c.watch = None;
-        if c.broken || c.is_closed() {
+        if c.broken || c.client.is_closed() {
             return;
         }
         if c.dirty {
-            if drive(&mut c.io, c.client.simple_query("RESET ALL"))
-                .await
-                .is_err()
-            {
+            if c.client.simple_query("RESET ALL").await.is_err() {
                 return;
             }
             c.dirty = false;

@@ -327,8 +327,8 @@ impl Node {
         };
         let described = async {
             let target = self.target(0).ok()?;
-            let mut c = self.pool.get(0, &target).await.ok()?;
-            let r = c.prepare_typed(&text, given).await;
+            let c = self.pool.get(0, &target).await.ok()?;
+            let r = c.client.prepare_typed(&text, given).await;
             self.pool.put(c).await;
             let stmt = r.ok()?;
             let fields = stmt

@@ -673,11 +673,9 @@ impl Session {
         };
         for &g in &groups {
             txn.wrote.insert(g);
-            let Some(c) = txn.conns.get_mut(&g) else {
-                continue;
-            };
+            let Some(c) = txn.conns.get(&g) else { continue };
             let sink = c
-                .detached()
+                .client
                 .copy_in::<_, Bytes>(sql)
                 .await
                 .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
