@@ -242,7 +242,11 @@ fn cpu_per_query(cluster: &LocalCluster, cn1: u16, args: &Args) -> Result<()> {
                     let n: f64 = f.next()?.trim().parse().ok()?;
                     let event = f.nth(1)?;
                     let short = event.rsplit("sys_enter_").next().unwrap_or(event);
-                    let short = if short.ends_with("sys_enter") { "all" } else { short };
+                    let short = if short.ends_with("sys_enter") {
+                        "all"
+                    } else {
+                        short
+                    };
                     Some(format!("{short} {:.2}", n / total as f64))
                 })
                 .collect();
