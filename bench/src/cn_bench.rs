@@ -56,7 +56,21 @@ struct Args {
     /// this directory (`<mode>.perf.data`), to see where the CN spends its time.
     #[arg(long)]
     perf_dir: Option<PathBuf>,
+    /// Also count cn1's system calls per query in each CPU-per-query run (`perf stat`
+    /// on the syscall tracepoints): a repeatable figure, unlike CPU time on a busy host.
+    #[arg(long)]
+    syscalls: bool,
 }
+
+/// The syscalls `--syscalls` counts (all of them, then the ones of the hot path).
+const SYSCALL_EVENTS: [&str; 6] = [
+    "raw_syscalls:sys_enter",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_recvfrom",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_futex",
+    "syscalls:sys_enter_write",
+];
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -171,6 +185,24 @@ fn cpu_per_query(cluster: &LocalCluster, cn1: u16, args: &Args) -> Result<()> {
             }
             None => None,
         };
+        let stat_file = std::env::temp_dir().join(format!("cn_bench.{pid}.{label}.stat"));
+        let stat = if args.syscalls {
+            let mut c = Command::new("perf");
+            c.args(["stat", "-x", ",", "-p"]).arg(pid.to_string());
+            for e in SYSCALL_EVENTS {
+                c.args(["-e", e]);
+            }
+            c.arg("-o")
+                .arg(&stat_file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            let child = c.spawn().context("start perf stat")?;
+            // perf attaches before it counts; give it a moment.
+            std::thread::sleep(Duration::from_millis(300));
+            Some(child)
+        } else {
+            None
+        };
         let before = mpp_ha_tests::cpu_seconds(pid).ok_or_else(|| anyhow!("cn1 ({pid}) gone"))?;
         let t = Instant::now();
         let t_arg = per_client.to_string();
@@ -184,7 +216,7 @@ fn cpu_per_query(cluster: &LocalCluster, cn1: u16, args: &Args) -> Result<()> {
         )?;
         let wall = t.elapsed();
         let after = mpp_ha_tests::cpu_seconds(pid).ok_or_else(|| anyhow!("cn1 ({pid}) gone"))?;
-        if let Some(mut p) = perf {
+        for mut p in stat.into_iter().chain(perf) {
             // perf writes its file on SIGINT.
             if let Ok(raw) = i32::try_from(p.id()) {
                 let _ = nix::sys::signal::kill(
@@ -200,6 +232,26 @@ fn cpu_per_query(cluster: &LocalCluster, cn1: u16, args: &Args) -> Result<()> {
             after - before,
             wall.as_secs_f64()
         );
+        if args.syscalls {
+            let text = std::fs::read_to_string(&stat_file).unwrap_or_default();
+            let _ = std::fs::remove_file(&stat_file);
+            let per_query: Vec<String> = text
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split(',');
+                    let n: f64 = f.next()?.trim().parse().ok()?;
+                    let event = f.nth(1)?;
+                    let short = event.rsplit("sys_enter_").next().unwrap_or(event);
+                    let short = if short.ends_with("sys_enter") {
+                        "all"
+                    } else {
+                        short
+                    };
+                    Some(format!("{short} {:.2}", n / total as f64))
+                })
+                .collect();
+            println!("      syscalls per query: {}", per_query.join(", "));
+        }
     }
     Ok(())
 }

@@ -11,23 +11,31 @@ use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{Sink, SinkExt};
+use futures::{Sink, SinkExt, StreamExt};
 use pgwire::api::auth::sasl::scram::ScramAuth;
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
 use pgwire::api::auth::{DefaultServerParameterProvider, StartupHandler};
 use pgwire::api::cancel::CancelHandler;
 use pgwire::api::copy::CopyHandler;
-use pgwire::api::portal::{Format, Portal};
-use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::portal::{Format, Portal, PortalExecutionState};
+use pgwire::api::query::{send_execution_response, ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{
-    CopyResponse, DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag,
+    CopyResponse, DataRowEncoder, DescribeResponse, FieldFormat, FieldInfo, QueryResponse,
+    Response, Tag,
 };
-use pgwire::api::stmt::QueryParser;
-use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::api::stmt::{QueryParser, StoredStatement};
+use pgwire::api::store::{Entry, PortalStore};
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, PgWireConnectionState, PgWireServerHandlers, Type, DEFAULT_NAME,
+};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
-use pgwire::messages::data::DataRow;
+use pgwire::messages::data::{DataRow, NoData, ParameterDescription, RowDescription};
+use pgwire::messages::extendedquery::{
+    Bind, BindComplete, Close, CloseComplete, Describe, Execute, Parse, ParseComplete,
+    PortalSuspended, TARGET_TYPE_BYTE_PORTAL, TARGET_TYPE_BYTE_STATEMENT,
+};
 use pgwire::messages::response::CommandComplete;
+use pgwire::messages::response::EmptyQueryResponse;
 use pgwire::messages::startup::{ParameterStatus, SecretKey};
 use pgwire::messages::PgWireBackendMessage;
 use tokio::sync::Mutex;
@@ -1064,6 +1072,265 @@ impl ExtendedQueryHandler for Session {
 
     fn query_parser(&self) -> Arc<CnParser> {
         self.parser.clone()
+    }
+
+    // The handlers below are pgwire's defaults with `feed` where those `send`: like a
+    // PostgreSQL backend, the CN writes the replies of an extended-protocol round trip
+    // once, at Sync (or Flush), instead of one `sendto` per ParseComplete, BindComplete,
+    // RowDescription and CommandComplete (each also woke the client for a partial read).
+
+    async fn on_parse<C>(&self, client: &mut C, message: Parse) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = CnStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match StoredStatement::parse(client, &message, self.parser.clone()).await? {
+            Some(stmt) => client.portal_store().put_statement(Arc::new(stmt)),
+            None => {
+                let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+                client.portal_store().put_empty_statement(name)
+            }
+        }
+        client
+            .feed(PgWireBackendMessage::ParseComplete(ParseComplete::new()))
+            .await?;
+        Ok(())
+    }
+
+    async fn on_bind<C>(&self, client: &mut C, message: Bind) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = CnStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statement_name = message.statement_name.as_deref().unwrap_or(DEFAULT_NAME);
+        match client.portal_store().get_statement(statement_name) {
+            Some(Entry::Value(statement)) => {
+                let portal = Portal::try_new(&message, statement)?;
+                client.portal_store().put_portal(Arc::new(portal));
+            }
+            Some(Entry::Empty) => {
+                if !message.parameters.is_empty() {
+                    return Err(user_error(
+                        "08P01",
+                        format!(
+                            "bind message supplies {} parameters, but prepared statement {:?} requires 0",
+                            message.parameters.len(),
+                            statement_name
+                        ),
+                    ));
+                }
+                let portal_name = message.portal_name.as_deref().unwrap_or(DEFAULT_NAME);
+                client.portal_store().put_empty_portal(portal_name);
+            }
+            None => return Err(PgWireError::StatementNotFound(statement_name.to_owned())),
+        }
+        client
+            .feed(PgWireBackendMessage::BindComplete(BindComplete::new()))
+            .await?;
+        Ok(())
+    }
+
+    async fn on_describe<C>(&self, client: &mut C, message: Describe) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = CnStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        let (params, fields): (Option<Vec<Type>>, Option<Vec<FieldInfo>>) =
+            match message.target_type {
+                TARGET_TYPE_BYTE_STATEMENT => match client.portal_store().get_statement(name) {
+                    Some(Entry::Value(stmt)) => {
+                        let d = self.do_describe_statement(client, &stmt).await?;
+                        let params = d.parameters().map(|p| p.to_vec());
+                        (params, (!d.is_no_data()).then(|| d.fields().to_vec()))
+                    }
+                    Some(Entry::Empty) => (Some(Vec::new()), None),
+                    None => return Err(PgWireError::StatementNotFound(name.to_owned())),
+                },
+                TARGET_TYPE_BYTE_PORTAL => match client.portal_store().get_portal(name) {
+                    Some(Entry::Value(portal)) => {
+                        let d = self.do_describe_portal(client, &portal).await?;
+                        (None, (!d.is_no_data()).then(|| d.fields().to_vec()))
+                    }
+                    Some(Entry::Empty) => (None, None),
+                    None => return Err(PgWireError::PortalNotFound(name.to_owned())),
+                },
+                other => return Err(PgWireError::InvalidTargetType(other)),
+            };
+        if let Some(params) = params {
+            client
+                .feed(PgWireBackendMessage::ParameterDescription(
+                    ParameterDescription::new(params.iter().map(|t| t.oid()).collect()),
+                ))
+                .await?;
+        }
+        match fields {
+            Some(fields) => {
+                client
+                    .feed(PgWireBackendMessage::RowDescription(RowDescription::new(
+                        fields.iter().map(Into::into).collect(),
+                    )))
+                    .await?
+            }
+            None => {
+                client
+                    .feed(PgWireBackendMessage::NoData(NoData::new()))
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_execute<C>(&self, client: &mut C, message: Execute) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = CnStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            return Err(PgWireError::NotReadyForQuery);
+        }
+        let mut transaction_status = client.transaction_status();
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        let portal_name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        let max_rows = usize::try_from(message.max_rows.max(0)).unwrap_or(0);
+        let portal = match client.portal_store().get_portal(portal_name) {
+            Some(Entry::Value(portal)) => portal,
+            Some(Entry::Empty) => {
+                client
+                    .feed(PgWireBackendMessage::EmptyQueryResponse(
+                        EmptyQueryResponse::new(),
+                    ))
+                    .await?;
+                client.set_state(PgWireConnectionState::ReadyForQuery);
+                return Ok(());
+            }
+            None => return Err(PgWireError::PortalNotFound(portal_name.to_owned())),
+        };
+        let initial = matches!(*portal.state().lock().await, PortalExecutionState::Initial);
+        let needs_fetch = if initial {
+            let handle = client
+                .session_extensions()
+                .get::<Arc<pgwire::api::ConnectionHandle>>();
+            let resp = match handle {
+                Some(h) => {
+                    let cancel_rx = h.start_query().await;
+                    let query =
+                        ExtendedQueryHandler::do_query(self, client, portal.as_ref(), max_rows);
+                    match futures::future::select(query, cancel_rx).await {
+                        futures::future::Either::Left((r, _)) => r,
+                        futures::future::Either::Right(_) => Err(PgWireError::QueryCanceled),
+                    }
+                }
+                None => {
+                    ExtendedQueryHandler::do_query(self, client, portal.as_ref(), max_rows).await
+                }
+            }?;
+            match resp {
+                Response::Query(results) => {
+                    portal.start(results).await;
+                    true
+                }
+                Response::EmptyQuery => {
+                    client
+                        .feed(PgWireBackendMessage::EmptyQueryResponse(
+                            EmptyQueryResponse::new(),
+                        ))
+                        .await?;
+                    false
+                }
+                Response::Execution(tag) => {
+                    send_execution_response(client, tag).await?;
+                    false
+                }
+                Response::TransactionStart(tag) => {
+                    send_execution_response(client, tag).await?;
+                    transaction_status = transaction_status.to_in_transaction_state();
+                    false
+                }
+                Response::TransactionEnd(tag) => {
+                    send_execution_response(client, tag).await?;
+                    transaction_status = transaction_status.to_idle_state();
+                    client.portal_store().rm_portal(DEFAULT_NAME);
+                    false
+                }
+                Response::Error(err) => {
+                    client
+                        .feed(PgWireBackendMessage::ErrorResponse((*err).into()))
+                        .await?;
+                    transaction_status = transaction_status.to_error_state();
+                    false
+                }
+                Response::CopyIn(result) => {
+                    client.set_state(PgWireConnectionState::CopyInProgress(true));
+                    pgwire::api::copy::send_copy_in_response(client, result).await?;
+                    false
+                }
+                Response::CopyOut(result) => {
+                    pgwire::api::copy::send_copy_out_response(client, result).await?;
+                    false
+                }
+                Response::CopyBoth(result) => {
+                    client.set_state(PgWireConnectionState::CopyInProgress(true));
+                    pgwire::api::copy::send_copy_both_response(client, result).await?;
+                    false
+                }
+            }
+        } else {
+            // Suspended or finished: the rest of the rows.
+            true
+        };
+        if needs_fetch {
+            let fetched = portal.fetch(max_rows).await?;
+            let mut response = fetched.response;
+            let command_tag = response.command_tag().to_owned();
+            let mut row_count = 0;
+            while let Some(row) = response.data_rows().next().await {
+                client.feed(PgWireBackendMessage::DataRow(row?)).await?;
+                row_count += 1;
+            }
+            if fetched.suspended {
+                client
+                    .feed(PgWireBackendMessage::PortalSuspended(PortalSuspended::new()))
+                    .await?;
+            } else {
+                let tag = Tag::new(&command_tag).with_rows(row_count);
+                client
+                    .feed(PgWireBackendMessage::CommandComplete(tag.into()))
+                    .await?;
+            }
+        }
+        if !matches!(client.state(), PgWireConnectionState::CopyInProgress(_)) {
+            client.set_state(PgWireConnectionState::ReadyForQuery);
+            client.set_transaction_status(transaction_status);
+        }
+        Ok(())
+    }
+
+    async fn on_close<C>(&self, client: &mut C, message: Close) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = CnStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        match message.target_type {
+            TARGET_TYPE_BYTE_STATEMENT => client.portal_store().rm_statement(name),
+            TARGET_TYPE_BYTE_PORTAL => client.portal_store().rm_portal(name),
+            _ => {}
+        }
+        client
+            .feed(PgWireBackendMessage::CloseComplete(CloseComplete::new()))
+            .await?;
+        Ok(())
     }
 
     async fn do_query<C>(

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mpp_ha_tests::{connect, kill9, pgbench, wait_for, LocalCluster};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
 use tokio_postgres::SimpleQueryMessage;
 
 const PORT_BASE: u16 = 14000;
@@ -171,6 +173,126 @@ async fn reported_client(
         }
     });
     Ok((client, rx))
+}
+
+/// Reads backend messages from `sock` until `stop` matches one; returns them all.
+async fn read_until(
+    sock: &mut tokio::net::TcpStream,
+    buf: &mut bytes::BytesMut,
+    stop: impl Fn(&backend::Message) -> bool,
+) -> Result<Vec<backend::Message>> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        while let Some(m) = backend::Message::parse(buf)? {
+            let done = stop(&m);
+            out.push(m);
+            if done {
+                return Ok(out);
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, sock.read_buf(buf))
+            .await
+            .context("no reply from the CN within 10 s")??;
+        if n == 0 {
+            bail!("the CN closed the connection");
+        }
+    }
+}
+
+fn kind(m: &backend::Message) -> &'static str {
+    match m {
+        backend::Message::ParseComplete => "ParseComplete",
+        backend::Message::BindComplete => "BindComplete",
+        backend::Message::DataRow(_) => "DataRow",
+        backend::Message::CommandComplete(_) => "CommandComplete",
+        backend::Message::ReadyForQuery(_) => "ReadyForQuery",
+        backend::Message::ErrorResponse(_) => "ErrorResponse",
+        _ => "other",
+    }
+}
+
+/// The CN writes an extended-protocol round trip's replies at Flush or Sync (as
+/// PostgreSQL does), not per message: a client that sends Flush gets everything so far
+/// without ReadyForQuery, and Sync then ends the round trip.
+async fn flush_and_sync(port: u16) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut out = bytes::BytesMut::new();
+    let mut buf = bytes::BytesMut::new();
+    frontend::startup_message([("user", "postgres"), ("database", "postgres")], &mut out)?;
+    sock.write_all(&out.split()).await?;
+    let mut scram = ScramSha256::new(b"postgres", ChannelBinding::unsupported());
+    loop {
+        let msgs = read_until(&mut sock, &mut buf, |m| {
+            !matches!(m, backend::Message::ParameterStatus(_))
+        })
+        .await?;
+        match msgs.last() {
+            Some(backend::Message::AuthenticationSasl(_)) => {
+                frontend::sasl_initial_response("SCRAM-SHA-256", scram.message(), &mut out)?
+            }
+            Some(backend::Message::AuthenticationSaslContinue(b)) => {
+                scram.update(b.data())?;
+                frontend::sasl_response(scram.message(), &mut out)?;
+            }
+            Some(backend::Message::AuthenticationSaslFinal(b)) => scram.finish(b.data())?,
+            Some(backend::Message::ReadyForQuery(_)) => break,
+            Some(backend::Message::ErrorResponse(_)) => bail!("startup refused"),
+            _ => {}
+        }
+        if !out.is_empty() {
+            sock.write_all(&out.split()).await?;
+        }
+    }
+    frontend::parse("", "select $1::int + 1", [], &mut out)?;
+    frontend::bind(
+        "",
+        "",
+        [0],
+        ["41"],
+        |v, b| {
+            b.extend_from_slice(v.as_bytes());
+            Ok(postgres_protocol::IsNull::No)
+        },
+        [0],
+        &mut out,
+    )
+    .map_err(|_| anyhow::anyhow!("bind message"))?;
+    frontend::execute("", 0, &mut out)?;
+    frontend::flush(&mut out);
+    sock.write_all(&out.split()).await?;
+    let msgs = read_until(&mut sock, &mut buf, |m| {
+        matches!(
+            m,
+            backend::Message::CommandComplete(_) | backend::Message::ErrorResponse(_)
+        )
+    })
+    .await?;
+    let kinds: Vec<&str> = msgs.iter().map(kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ParseComplete",
+            "BindComplete",
+            "DataRow",
+            "CommandComplete"
+        ],
+        "replies to Parse/Bind/Execute/Flush"
+    );
+    if let Some(backend::Message::DataRow(row)) = msgs.get(2) {
+        // One column: its length (2), then "42".
+        assert_eq!(row.buffer(), b"\0\0\0\x0242", "the row of select 41 + 1");
+    }
+    frontend::sync(&mut out);
+    sock.write_all(&out.split()).await?;
+    let msgs = read_until(&mut sock, &mut buf, |m| {
+        matches!(m, backend::Message::ReadyForQuery(_))
+    })
+    .await?;
+    assert_eq!(msgs.iter().map(kind).collect::<Vec<_>>(), ["ReadyForQuery"]);
+    Ok(())
 }
 
 fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
@@ -406,6 +528,7 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
     // 3b. Protocol: savepoints on every group a transaction touches, a cancel request
     //     reaches the DN backend, ParameterStatus follows SET, the DN's own errors.
     protocol_checks(cn1_port, &client).await?;
+    flush_and_sync(cn1_port).await?;
 
     // 4. Differential: the same rows in one plain PostgreSQL (a database of its own on
     //    a DN primary, which is a stock PostgreSQL 15).
