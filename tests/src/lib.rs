@@ -666,10 +666,12 @@ impl LocalCluster {
         }
         let out = self.cm_ctl(&args);
         if !out.success {
+            // Its error line first: callers that keep only the first lines of
+            // this message (the nemesis report) keep the reason.
             bail!(
-                "cm_ctl local up failed:\n{}\n{}\n{}",
+                "cm_ctl local up failed: {}\n{}\n{}",
+                out.stderr.trim(),
                 out.stdout,
-                out.stderr,
                 self.logs()
             );
         }

@@ -221,9 +221,13 @@ async fn flush_and_sync(port: u16) -> Result<()> {
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let mut out = bytes::BytesMut::new();
     let mut buf = bytes::BytesMut::new();
-    frontend::startup_message([("user", "postgres"), ("database", "postgres")], &mut out)?;
+    let (user, password) = mpp_ha_tests::cn_login()?;
+    frontend::startup_message(
+        [("user", user.as_str()), ("database", "postgres")],
+        &mut out,
+    )?;
     sock.write_all(&out.split()).await?;
-    let mut scram = ScramSha256::new(b"postgres", ChannelBinding::unsupported());
+    let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
     loop {
         let msgs = read_until(&mut sock, &mut buf, |m| {
             !matches!(m, backend::Message::ParameterStatus(_))
