@@ -67,6 +67,28 @@ pub struct ReportVerdict {
     pub lease_request_id: u64,
 }
 
+/// Gives up an election won but not yet acted on when `take_office` is dropped
+/// before it finished (see there): back to follower, campaigning again after a
+/// back-off. A term persisted by a dropped persist is harmless: the next election
+/// takes a higher one.
+struct Unfinished<'a> {
+    pair: &'a Pair,
+    term: u64,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::warn!(
+                term = self.term,
+                "taking office was interrupted (the report carrying it was dropped): campaigning again"
+            );
+            lock(&self.pair.election).persist_failed(self.term, Instant::now());
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -249,6 +271,25 @@ impl Pair {
     /// that was down while the other one decided things must not act on its old
     /// state), persist the term in the state file, then act.
     async fn take_office(
+        &self,
+        term: u64,
+        state: &tokio::sync::Mutex<ClusterState>,
+        file: &StateFile,
+    ) {
+        // Taking office runs inside an agent's Report call: when the agent gives up on
+        // that call (its own timeout, under load) the future is dropped at an await.
+        // Without this guard the election stayed `Elected` for good, neither primary
+        // nor campaigning again: the pair had no primary until a restart.
+        let mut unfinished = Unfinished {
+            pair: self,
+            term,
+            armed: true,
+        };
+        self.take_office_inner(term, state, file).await;
+        unfinished.armed = false;
+    }
+
+    async fn take_office_inner(
         &self,
         term: u64,
         state: &tokio::sync::Mutex<ClusterState>,
@@ -511,5 +552,64 @@ impl Pair {
                 last_push = Some(Instant::now());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ha_common::proto::cm::LeaseGrant;
+
+    /// cms1 of local.toml with cms2 at `peer_port`.
+    fn config(peer_port: u16) -> ClusterConfig {
+        let text = include_str!("../../configs/local.toml")
+            .replace("port = 7002", &format!("port = {peer_port}"));
+        ClusterConfig::parse(&text, std::path::Path::new("local.toml")).expect("config parses")
+    }
+
+    fn grant(term: u64, request_id: u64) -> LeaseGrant {
+        LeaseGrant {
+            holder: "cms1".into(),
+            term,
+            remaining_ms: 3000,
+            request_id,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_take_office_campaigns_again_instead_of_staying_elected() {
+        // cms2 accepts connections and never answers: the probe before taking office
+        // waits its whole RPC timeout, and the report carrying the win is dropped first.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let cfg = config(silent.local_addr().expect("addr").port());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = StateFile::in_dir(dir.path());
+        let state = tokio::sync::Mutex::new(ClusterState::initial(&cfg));
+        let pair = Pair::new(&cfg, "cms1", Term(1));
+
+        pair.on_report("h1", None, 1, &state, &file).await;
+        let v = pair.on_report("h2", None, 1, &state, &file).await;
+        assert_eq!(
+            v.lease_request_term, 2,
+            "a candidate in term 2 asks for leases"
+        );
+        pair.on_report("h1", Some(&grant(2, v.lease_request_id)), 2, &state, &file)
+            .await;
+        let g = grant(2, v.lease_request_id);
+        let won = pair.on_report("h2", Some(&g), 2, &state, &file);
+        let dropped = tokio::time::timeout(Duration::from_millis(50), won).await;
+        assert!(
+            dropped.is_err(),
+            "the report was dropped while taking office"
+        );
+
+        assert!(
+            matches!(pair.role(), Role::Follower { .. }),
+            "after an interrupted take-office the election campaigns again, it is {:?}",
+            pair.role()
+        );
+        assert!(!pair.is_primary());
+        assert_eq!(state.lock().await.term, Term(1), "nothing acted on");
+        drop(silent);
     }
 }
