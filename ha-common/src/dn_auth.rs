@@ -142,43 +142,43 @@ pub fn user_password(
         return Ok(p.clone());
     }
     let path = user_password_file(cfg, user);
-    let err = |problem: String| DnAuthError::UserFile {
+    first_line(
+        &path,
+        "missing (`cm_ctl local up` or `cm_ctl cert init --config <file>` makes it; copy it to every CN host)",
+    )
+    .map_err(|problem| DnAuthError::UserFile {
         path: path.clone(),
         user: user.name.clone(),
         problem,
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        err(if e.kind() == std::io::ErrorKind::NotFound {
-            "missing (`cm_ctl local up` or `cm_ctl cert init --config <file>` makes it; copy it to every CN host)".to_owned()
-        } else {
-            e.to_string()
-        })
-    })?;
-    let pw = text.lines().next().unwrap_or("").trim().to_owned();
-    if pw.is_empty() {
-        return Err(err("empty".to_owned()));
-    }
-    Ok(pw)
+    })
 }
 
 fn read_password_at(path: &Path, role: DnRole) -> Result<String, DnAuthError> {
-    let path = path.to_owned();
-    let err = |problem: String| DnAuthError::File {
-        path: path.clone(),
+    first_line(
+        path,
+        "missing (run `cm_ctl cert init --config <file>` once and copy the files to every host; `cm_ctl local up` makes them for a local cluster)",
+    )
+    .map_err(|problem| DnAuthError::File {
+        path: path.to_owned(),
         key: role.key(),
         role: role.name(),
         problem,
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        err(if e.kind() == std::io::ErrorKind::NotFound {
-            "missing (run `cm_ctl cert init --config <file>` once and copy the files to every host; `cm_ctl local up` makes them for a local cluster)".to_owned()
+    })
+}
+
+/// A password file's password (its first line, trimmed), or what is wrong with the
+/// file: `missing` when it does not exist, the I/O error, or "empty".
+fn first_line(path: &Path, missing: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            missing.to_owned()
         } else {
             e.to_string()
-        })
+        }
     })?;
     let pw = text.lines().next().unwrap_or("").trim().to_owned();
     if pw.is_empty() {
-        return Err(err("empty".to_owned()));
+        return Err("empty".to_owned());
     }
     Ok(pw)
 }
