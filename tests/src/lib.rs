@@ -62,19 +62,24 @@ static DN_ADMIN_PASSWORD_FILE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mu
 /// The `(user, password)` tests log in to DN ports with: the admin role and its
 /// password from the password file of the test's cluster.
 pub fn dn_login() -> Result<(String, String)> {
-    let file = DN_ADMIN_PASSWORD_FILE
+    Ok((
+        ha_common::dn_auth::DnRole::Admin.name().to_owned(),
+        password_from(&DN_ADMIN_PASSWORD_FILE, "DN admin")?,
+    ))
+}
+
+/// The first line of the password file recorded in `slot` by [`write_config`].
+fn password_from(slot: &std::sync::Mutex<Option<PathBuf>>, what: &str) -> Result<String> {
+    let file = slot
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
-        .context(
-            "no test cluster config written yet (write_config) to take the DN password from",
-        )?;
+        .with_context(|| {
+            format!("no test cluster config written yet (write_config) to take the {what} password from")
+        })?;
     let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("DN admin password file {}", file.display()))?;
-    Ok((
-        ha_common::dn_auth::DnRole::Admin.name().to_owned(),
-        text.lines().next().unwrap_or("").trim().to_owned(),
-    ))
+        .with_context(|| format!("{what} password file {}", file.display()))?;
+    Ok(text.lines().next().unwrap_or("").trim().to_owned())
 }
 
 /// Connects to a DN member on loopback as the admin role (see [`dn_login`]);
@@ -100,18 +105,9 @@ static CN_USER_PASSWORD_FILE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mut
 /// The `(user, password)` tests log in to CNs with: configs/local.toml's `postgres`
 /// user and the password from its file (made by [`prepare_dn_passwords`]).
 pub fn cn_login() -> Result<(String, String)> {
-    let file = CN_USER_PASSWORD_FILE
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .context(
-            "no test cluster config written yet (write_config) to take the CN password from",
-        )?;
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("CN user password file {}", file.display()))?;
     Ok((
         "postgres".to_owned(),
-        text.lines().next().unwrap_or("").trim().to_owned(),
+        password_from(&CN_USER_PASSWORD_FILE, "CN user")?,
     ))
 }
 

@@ -7,7 +7,7 @@ use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::{ClusterStatusRequest, FailoverRequest, RenewGtmLeaseRequest};
 use ha_common::tls::{self, Ca, CertRole, IssueOptions, TlsMaterial};
 use mpp_ha_tests::{status_member, with_tls, LocalCluster};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 const PORT_BASE: u16 = 39000;
 
@@ -47,6 +47,20 @@ async fn ask(c: &LocalCluster, tls: Option<ClientTlsConfig>) -> Result<(), Strin
     Err(last)
 }
 
+/// A client of the CMServer at `ep` that presents `material`'s certificate.
+async fn cm_server_as(material: &TlsMaterial, ep: &str) -> Result<CmServerClient<Channel>> {
+    let ch = tls::endpoint_with(
+        Some(material),
+        ep,
+        CertRole::CmServer,
+        Duration::from_secs(5),
+    )?
+    .timeout(Duration::from_secs(5))
+    .connect()
+    .await?;
+    Ok(CmServerClient::new(ch))
+}
+
 fn client_tls(ca: &str, identity: Option<(&str, &str)>) -> ClientTlsConfig {
     let mut t = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
@@ -84,16 +98,8 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
     // ...and nobody else may renew it: an agent certificate is refused by role.
     let agent = TlsMaterial::load(&c.cfg, CertRole::Agent)?.expect("tls is on");
     for ep in c.cfg.cm_server_endpoints() {
-        let ch = tls::endpoint_with(
-            Some(&agent),
-            &ep,
-            CertRole::CmServer,
-            Duration::from_secs(5),
-        )?
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-        let r = CmServerClient::new(ch)
+        let mut client = cm_server_as(&agent, &ep).await?;
+        let r = client
             .renew_gtm_lease(RenewGtmLeaseRequest {
                 instance: "gtm1".into(),
                 gtm_term: 0,
@@ -179,38 +185,18 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
     }
     let restore = TlsMaterial::load_dir(&dir, CertRole::Restore)?;
     for ep in c.cfg.cm_server_endpoints() {
-        let ch = tls::endpoint_with(
-            Some(&restore),
-            &ep,
-            CertRole::CmServer,
-            Duration::from_secs(5),
-        )?
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-        match CmServerClient::new(ch)
-            .get_cluster_status(ClusterStatusRequest {})
-            .await
-        {
+        let mut client = cm_server_as(&restore, &ep).await?;
+        match client.get_cluster_status(ClusterStatusRequest {}).await {
             Err(s) if s.code() == tonic::Code::PermissionDenied => {}
             other => bail!("{ep}: a restore certificate reading the status: {other:?}"),
         }
     }
 
     // An agent certificate (valid, cluster CA) ordering a failover: refused by role.
-    let agent = TlsMaterial::load(&c.cfg, CertRole::Agent)?.expect("tls is on");
     let mut refused = 0;
     for ep in c.cfg.cm_server_endpoints() {
-        let ch = tls::endpoint_with(
-            Some(&agent),
-            &ep,
-            CertRole::CmServer,
-            Duration::from_secs(5),
-        )?
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-        let r = CmServerClient::new(ch)
+        let mut client = cm_server_as(&agent, &ep).await?;
+        let r = client
             .failover(FailoverRequest {
                 instance: "dn1_h2".into(),
                 force: true,
