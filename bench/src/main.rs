@@ -324,17 +324,16 @@ async fn switchover_outage(cluster: &LocalCluster, target: &str) -> Result<Durat
     Ok(worst)
 }
 
-fn summary(label: &str, mut v: Vec<Duration>) -> String {
-    if v.is_empty() {
+fn summary(label: &str, v: &[Duration]) -> String {
+    let (Some(median), Some(min), Some(max)) = (median(v), v.iter().min(), v.iter().max()) else {
         return format!("{label:<44} (no successful run)");
-    }
-    v.sort();
+    };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     format!(
         "{label:<44} median {:>7.0} ms   min {:>7.0} ms   max {:>7.0} ms   (n={})",
-        ms(v[v.len() / 2]),
-        ms(v[0]),
-        ms(v[v.len() - 1]),
+        ms(median),
+        ms(*min),
+        ms(*max),
         v.len()
     )
 }
@@ -402,23 +401,20 @@ async fn profile(p: &Profile, tls: bool, runs: usize, port_base: u16) -> Result<
     );
     println!(
         "{}",
-        summary("  host loss: kill -> new primary commits", writable.clone())
+        summary("  host loss: kill -> new primary commits", &writable)
     );
     println!(
         "{}",
         summary(
             "  host loss: kill -> two-copy commit (host still down; the secondary is the partner)",
-            durable.clone()
+            &durable
         )
     );
     println!(
         "{}",
-        summary(
-            "  hung primary: SIGSTOP -> new primary commits",
-            frozen.clone()
-        )
+        summary("  hung primary: SIGSTOP -> new primary commits", &frozen)
     );
-    println!("{}", summary("  switchover: write outage", outages.clone()));
+    println!("{}", summary("  switchover: write outage", &outages));
     Ok(Figures {
         writable,
         durable,
