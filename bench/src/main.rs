@@ -16,8 +16,10 @@
 //! commits; then it resumes the frozen processes and waits for the cluster to demote
 //! and rejoin the old primary.
 //!
-//! Then it measures the client-visible write outage of `cm_ctl switchover` there and
-//! back. Prints medians and ranges. With `--tls both` (the default) each profile runs
+//! Then it measures the client-visible write outage of `cm_ctl switchover`
+//! (`--switchovers N`, alternating there and back). `--switchover-only --tls both` runs
+//! the TLS-off and TLS-on clusters side by side and alternates their switchovers, so a
+//! shared machine's changing load moves both figures alike. Prints medians and ranges. With `--tls both` (the default) each profile runs
 //! twice, on a cluster with `[tls] enabled = false` and one with TLS on (the product
 //! default), and the medians are compared (TLS on / off). Never a timed test: run it by
 //! hand: `cargo build --release --workspace --bins && target/release/failover_bench --runs 10`.
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use mpp_ha_tests::{connect, kill9, pid_alive, LocalCluster};
+use mpp_ha_tests::{connect_dn_as, kill9, pid_alive, LocalCluster};
 
 #[derive(Parser)]
 #[command(about = "Failover and switchover times of a real local cluster (prints figures)")]
@@ -45,6 +47,15 @@ struct Args {
     /// measured both ways, then compared).
     #[arg(long, default_value = "both", value_parser = ["off", "on", "both"])]
     tls: String,
+    /// Switchovers (there and back) per profile and TLS mode, each timed as the longest
+    /// gap between two acknowledged commits of a writer running through it.
+    #[arg(long, default_value_t = 4)]
+    switchovers: usize,
+    /// Only the switchover outage: with `--tls both` the TLS-off and TLS-on clusters run
+    /// side by side and their switchovers alternate, so that the machine's load moves
+    /// both figures alike (the fairest on/off comparison on a shared machine).
+    #[arg(long)]
+    switchover_only: bool,
 }
 
 /// The figures of one profile run (each a list of durations).
@@ -167,7 +178,12 @@ fn lose_host(cluster: &LocalCluster, host: &str) -> Result<Instant> {
 }
 
 /// Retries `INSERT` on `port` until it commits; returns when it did.
-async fn first_commit(port: u16, local: bool, deadline: Instant) -> Result<Instant> {
+async fn first_commit(
+    login: (String, String),
+    port: u16,
+    local: bool,
+    deadline: Instant,
+) -> Result<Instant> {
     let sql = if local {
         "SET synchronous_commit = local; INSERT INTO bench_t DEFAULT VALUES"
     } else {
@@ -177,7 +193,7 @@ async fn first_commit(port: u16, local: bool, deadline: Instant) -> Result<Insta
         if Instant::now() > deadline {
             bail!("no commit on port {port} before the deadline");
         }
-        if let Ok(client) = connect(port, CONNECT_TIMEOUT).await {
+        if let Ok(client) = connect_dn_as(&login, port, CONNECT_TIMEOUT).await {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Ok(Ok(())) = tokio::time::timeout(left, client.batch_execute(sql)).await {
                 return Ok(Instant::now());
@@ -210,7 +226,13 @@ async fn one_freeze(cluster: &LocalCluster) -> Result<Duration> {
     let family = postmaster_family(cluster, &primary)?;
     let t0 = Instant::now();
     signal_all(&family, nix::sys::signal::Signal::SIGSTOP);
-    let writable = first_commit(sport, true, t0 + Duration::from_secs(90)).await;
+    let writable = first_commit(
+        cluster.dn_login()?,
+        sport,
+        true,
+        t0 + Duration::from_secs(90),
+    )
+    .await;
     signal_all(&family, nix::sys::signal::Signal::SIGCONT);
     let writable = writable?;
     // The cluster repairs itself: the resumed old primary is demoted and rejoins.
@@ -248,7 +270,8 @@ async fn one_failover(cluster: &LocalCluster) -> Result<Run> {
     let (primary, standby) = dn1_layout(cluster)?;
     let pport = cluster.port(&primary);
     let sport = cluster.port(&standby);
-    connect(pport, CONNECT_TIMEOUT)
+    cluster
+        .connect_dn(pport, CONNECT_TIMEOUT)
         .await?
         .batch_execute("CREATE TABLE IF NOT EXISTS bench_t (id bigserial PRIMARY KEY)")
         .await?;
@@ -259,9 +282,10 @@ async fn one_failover(cluster: &LocalCluster) -> Result<Run> {
         .ok_or_else(|| anyhow!("{primary} not in config"))?;
     let t0 = lose_host(cluster, &host)?;
     let deadline = t0 + Duration::from_secs(90);
-    let writable = tokio::spawn(first_commit(sport, true, deadline));
+    let login = cluster.dn_login()?;
+    let writable = tokio::spawn(first_commit(login.clone(), sport, true, deadline));
     // The host stays down: the two copies are the new primary and the secondary.
-    let durable = first_commit(sport, false, deadline).await?;
+    let durable = first_commit(login, sport, false, deadline).await?;
     let writable = writable.await.context("writable probe")??;
     // The lost host comes back: its agent restarts, the old primary rejoins, and the
     // group is normal again (secondary idle) before the next run.
@@ -276,13 +300,70 @@ async fn one_failover(cluster: &LocalCluster) -> Result<Run> {
     })
 }
 
+/// Switches dn1 over to its standby; returns the write outage.
+async fn one_switchover(cluster: &LocalCluster) -> Result<Duration> {
+    let (primary, standby) = dn1_layout(cluster)?;
+    cluster
+        .connect_dn(cluster.port(&primary), CONNECT_TIMEOUT)
+        .await?
+        .batch_execute("CREATE TABLE IF NOT EXISTS bench_t (id bigserial PRIMARY KEY)")
+        .await?;
+    let d = switchover_outage(cluster, &standby).await?;
+    // The next one starts from a normal group (the old primary rejoined, synchronous).
+    wait_dn1_normal(cluster).await?;
+    Ok(d)
+}
+
+/// The switchover outage alone, with TLS off and on side by side: both clusters up at
+/// once, their switchovers alternating.
+async fn switchover_only(p: &Profile, switchovers: usize, port_base: u16) -> Result<()> {
+    let off = start(p, false, port_base)?;
+    let on = start(p, true, port_base.saturating_add(1000))?;
+    let mut figures = [Figures::default(), Figures::default()];
+    for i in 0..switchovers {
+        for (k, (cluster, tls)) in [(&off, "off"), (&on, "on")].into_iter().enumerate() {
+            match one_switchover(cluster).await {
+                Ok(d) => {
+                    println!(
+                        "  [{}] switchover {} (TLS {tls}): outage {:.0} ms",
+                        p.name,
+                        i + 1,
+                        d.as_secs_f64() * 1000.0
+                    );
+                    figures[k].outages.push(d);
+                }
+                Err(e) => println!(
+                    "  [{}] switchover {} (TLS {tls}) failed: {e:#}",
+                    p.name,
+                    i + 1
+                ),
+            }
+        }
+    }
+    for (f, tls) in figures.iter().zip(["off", "on"]) {
+        println!(
+            "{}",
+            summary(
+                &format!("  switchover: write outage (TLS {tls})"),
+                &f.outages
+            )
+        );
+    }
+    compare(p.name, &figures[0], &figures[1]);
+    Ok(())
+}
+
 /// Writes in a loop (reconnecting to whichever member takes writes) while `cm_ctl
-/// switchover` runs; returns the longest gap between two acknowledged commits.
+/// switchover` runs; returns the longest gap between two acknowledged commits, up to
+/// the writer's first commit after the switchover returned.
 async fn switchover_outage(cluster: &LocalCluster, target: &str) -> Result<Duration> {
     let ports = [cluster.port("dn1_h1"), cluster.port("dn1_h2")];
+    let login = cluster.dn_login()?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = {
         let stop = stop.clone();
+        let commits = commits.clone();
         tokio::spawn(async move {
             let mut last = Instant::now();
             let mut worst = Duration::ZERO;
@@ -290,7 +371,9 @@ async fn switchover_outage(cluster: &LocalCluster, target: &str) -> Result<Durat
             let mut client: Option<tokio_postgres::Client> = None;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if client.is_none() {
-                    client = connect(ports[i % 2], CONNECT_TIMEOUT).await.ok();
+                    client = connect_dn_as(&login, ports[i % 2], CONNECT_TIMEOUT)
+                        .await
+                        .ok();
                     i += 1;
                 }
                 if let Some(c) = &client {
@@ -304,6 +387,7 @@ async fn switchover_outage(cluster: &LocalCluster, target: &str) -> Result<Durat
                             let now = Instant::now();
                             worst = worst.max(now - last);
                             last = now;
+                            commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         _ => client = None,
                     }
@@ -314,12 +398,23 @@ async fn switchover_outage(cluster: &LocalCluster, target: &str) -> Result<Durat
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = cluster.cm_ctl(&["switchover", "--instance", target]);
-    // Let the writer find the new primary and commit once more.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The outage ends at the writer's first commit on the new primary: wait for a
+    // commit after the switchover returned (a fixed wait could stop the writer before
+    // it and hide the outage).
+    let seen = commits.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while commits.load(std::sync::atomic::Ordering::Relaxed) < seen + 2 && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resumed = commits.load(std::sync::atomic::Ordering::Relaxed) >= seen + 2;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let worst = writer.await?;
     if !out.success {
         bail!("switchover to {target} failed: {}", out.stderr.trim());
+    }
+    if !resumed {
+        bail!("no commit within 30 s after the switchover to {target}");
     }
     Ok(worst)
 }
@@ -338,7 +433,8 @@ fn summary(label: &str, v: &[Duration]) -> String {
     )
 }
 
-async fn profile(p: &Profile, tls: bool, runs: usize, port_base: u16) -> Result<Figures> {
+/// A profile's cluster, up, with TLS on or off.
+fn start(p: &Profile, tls: bool, port_base: u16) -> Result<LocalCluster> {
     let mode = if tls { "tls" } else { "plain" };
     let cluster =
         LocalCluster::with_config_edit(&format!("bench-{}-{mode}", p.name), port_base, |t| {
@@ -354,6 +450,17 @@ async fn profile(p: &Profile, tls: bool, runs: usize, port_base: u16) -> Result<
         bail!("the cluster's [tls] enabled is not {tls}");
     }
     cluster.up(180)?;
+    Ok(cluster)
+}
+
+async fn profile(
+    p: &Profile,
+    tls: bool,
+    runs: usize,
+    switchovers: usize,
+    port_base: u16,
+) -> Result<Figures> {
+    let cluster = start(p, tls, port_base)?;
     let (mut writable, mut durable) = (Vec::new(), Vec::new());
     for i in 0..runs {
         match one_failover(&cluster).await {
@@ -387,9 +494,8 @@ async fn profile(p: &Profile, tls: bool, runs: usize, port_base: u16) -> Result<
         }
     }
     let mut outages = Vec::new();
-    for _ in 0..2 {
-        let (_, standby) = dn1_layout(&cluster)?;
-        match switchover_outage(&cluster, &standby).await {
+    for _ in 0..switchovers {
+        match one_switchover(&cluster).await {
             Ok(d) => outages.push(d),
             Err(e) => println!("  [{}] switchover failed: {e:#}", p.name),
         }
@@ -432,6 +538,9 @@ fn compare(name: &str, off: &Figures, on: &Figures) {
         })
     };
     for ((label, a), (_, b)) in off.rows().into_iter().zip(on.rows()) {
+        if a.is_empty() && b.is_empty() {
+            continue; // not measured in this run (e.g. --switchover-only)
+        }
         let (ma, mb) = (median(a), median(b));
         let ratio = match (ma, mb) {
             (Some(a), Some(b)) if !a.is_zero() => {
@@ -460,9 +569,20 @@ async fn main() -> Result<()> {
         if args.profile.as_deref().is_some_and(|n| n != p.name) {
             continue;
         }
+        if args.switchover_only {
+            let both = modes.len() == 2;
+            if both {
+                if let Err(e) = switchover_only(p, args.switchovers, base).await {
+                    println!("profile {} (switchovers) failed: {e:#}", p.name);
+                }
+                base = base.saturating_add(2000);
+                continue;
+            }
+        }
+        let runs = if args.switchover_only { 0 } else { args.runs };
         let mut figures = Vec::new();
         for &tls in modes {
-            match profile(p, tls, args.runs, base).await {
+            match profile(p, tls, runs, args.switchovers, base).await {
                 Ok(f) => figures.push(f),
                 Err(e) => println!("profile {} (TLS {tls}) failed: {e:#}", p.name),
             }

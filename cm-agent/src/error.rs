@@ -35,6 +35,8 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Probe(String),
+    #[error("corrupt state file {path}: {why} (left as it is)")]
+    CorruptState { path: PathBuf, why: String },
     #[error("{path}: the PostgreSQL OS user (uid {uid}) cannot run it: {problem}")]
     NotRunnable {
         path: PathBuf,

@@ -12,8 +12,15 @@
 //!   a term);
 //! - the holder renews (same holder, term >= the lease's term) on every heartbeat;
 //!   each grant or renewal runs `cm_lease` from the moment the reply is processed;
-//! - a freshly started agent grants NOTHING for `cm_lease`: before it restarted it
-//!   may have granted a lease it has forgotten, which may still be running;
+//! - a freshly started agent grants nothing for `cm_lease`: before it restarted it
+//!   may have granted a lease it has forgotten, which may still be running. Except
+//!   to the last holder it ever granted, which it remembers on disk
+//!   ([`LeaseRecord`], saved before any grant is reported): every lease it granted
+//!   before the restart was that holder's, so renewing it at once gives nobody a
+//!   second lease, and an agent restart no longer costs the CMServer primary a vote
+//!   for `cm_lease` (which, with another host lost in that window, made it step down
+//!   and restart every failover timer). The record also keeps the highest term
+//!   granted, so "a term is granted to one holder only" holds across restarts;
 //! - up-to-date rule (Raft's): a request from a CMServer whose cluster state is older
 //!   than the newest state a primary showed this agent is refused, so a CMServer that
 //!   missed a decision cannot lead before it has fetched it.
@@ -23,7 +30,12 @@
 
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
+use ha_common::durable::{self, Envelope};
 use ha_common::proto::cm::LeaseGrant;
+
+use crate::error::AgentError;
 
 /// The lease currently granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,12 +57,71 @@ pub enum Decision {
     Refused(String),
 }
 
+/// What an agent keeps on disk about its grants: the last holder it granted and the
+/// highest term it granted. Saved before a grant is reported to any CMServer (a grant
+/// is only counted once reported), so the file always names the newest holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub holder: String,
+    pub granted_term: u64,
+}
+
+const RECORD_ENVELOPE: Envelope = Envelope {
+    magic: *b"MLSE",
+    version: 1,
+    what: "agent lease record",
+};
+
+impl LeaseRecord {
+    /// Reads `path`: None when there is none yet; an error naming the file when it is
+    /// unreadable or corrupt.
+    pub fn load(path: &Path) -> Result<Option<LeaseRecord>, AgentError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(AgentError::io("read", path, e)),
+        };
+        let corrupt = |why: String| AgentError::CorruptState {
+            path: path.to_owned(),
+            why,
+        };
+        let payload = RECORD_ENVELOPE.open(path, &bytes).map_err(|e| {
+            // The envelope's message starts with the path, which ours names already.
+            let text = e.to_string();
+            let prefix = format!("{}: ", path.display());
+            corrupt(text.strip_prefix(&prefix).unwrap_or(&text).to_owned())
+        })?;
+        let (term, holder) = payload
+            .split_first_chunk::<8>()
+            .ok_or_else(|| corrupt("lease record shorter than its term".into()))?;
+        let holder =
+            std::str::from_utf8(holder).map_err(|_| corrupt("lease holder is not UTF-8".into()))?;
+        if holder.is_empty() {
+            return Err(corrupt("lease record names no holder".into()));
+        }
+        Ok(Some(LeaseRecord {
+            holder: holder.to_owned(),
+            granted_term: u64::from_le_bytes(*term),
+        }))
+    }
+
+    /// Replaces `path` crash-safely (temp file, fsync, rename, fsync the directory).
+    pub fn save(&self, path: &Path) -> Result<(), AgentError> {
+        let mut payload = self.granted_term.to_le_bytes().to_vec();
+        payload.extend_from_slice(self.holder.as_bytes());
+        durable::write_atomic(path, &RECORD_ENVELOPE.seal(&payload))
+            .map_err(|e| AgentError::io("write", path, e))
+    }
+}
+
 /// The agent's lease state.
 #[derive(Debug, Clone)]
 pub struct LeaseState {
     lease: Duration,
     grace_until: Instant,
     grant: Option<Grant>,
+    /// The record on disk (None: nothing saved yet).
+    saved: Option<LeaseRecord>,
     /// Highest term seen anywhere (replies, grants).
     highest: u64,
     /// Highest term granted to anybody (a term is granted to one holder only).
@@ -66,10 +137,44 @@ impl LeaseState {
             lease,
             grace_until: now + lease,
             grant: None,
+            saved: None,
             highest: 0,
             granted_term: 0,
             newest_version: 0,
         }
+    }
+
+    /// An agent restarted at `now` that finds `record` on disk: within its startup
+    /// grace it grants the record's holder only (a lapsed lease of that holder, as if
+    /// it had just expired), and never a term up to the record's to anyone else.
+    pub fn restored(now: Instant, lease: Duration, record: LeaseRecord) -> LeaseState {
+        let mut l = LeaseState::new(now, lease);
+        l.grant = Some(Grant {
+            holder: record.holder.clone(),
+            term: record.granted_term,
+            expires_at: now,
+            request_id: 0,
+        });
+        l.highest = record.granted_term;
+        l.granted_term = record.granted_term;
+        l.saved = Some(record);
+        l
+    }
+
+    /// The record that must be saved before the current grant may be reported (None
+    /// when the one on disk is current: renewals in the same term change nothing).
+    pub fn unsaved(&self) -> Option<LeaseRecord> {
+        let g = self.grant.as_ref()?;
+        let now = LeaseRecord {
+            holder: g.holder.clone(),
+            granted_term: self.granted_term,
+        };
+        (self.saved.as_ref() != Some(&now)).then_some(now)
+    }
+
+    /// Notes that `record` is on disk.
+    pub fn saved(&mut self, record: LeaseRecord) {
+        self.saved = Some(record);
     }
 
     /// Notes the state version of a primary's reply this agent applies.
@@ -135,7 +240,8 @@ impl LeaseState {
         if from.is_empty() || term == 0 {
             return Decision::Refused("empty request".into());
         }
-        if now < self.grace_until {
+        let last_holder = self.grant.as_ref().is_some_and(|g| g.holder == from);
+        if now < self.grace_until && !last_holder {
             return Decision::Refused(format!(
                 "agent started less than {:?} ago: it grants no lease yet",
                 self.lease
@@ -311,5 +417,91 @@ mod tests {
         let (mut l, t) = ready();
         assert_eq!(l.request("cms1", 2, 7, t), Decision::Granted);
         assert_eq!(l.request("cms1", 2, 7, t + LEASE), Decision::Granted);
+    }
+
+    fn record(holder: &str, term: u64) -> LeaseRecord {
+        LeaseRecord {
+            holder: holder.into(),
+            granted_term: term,
+        }
+    }
+
+    #[test]
+    fn a_restarted_agent_renews_its_last_holder_at_once_and_nobody_else() {
+        let t0 = Instant::now();
+        let mut l = LeaseState::restored(t0, LEASE, record("cms1", 4));
+        let d = l.request("cms2", 9, 1, t0);
+        assert!(
+            matches!(&d, Decision::Refused(m) if m.contains("grants no lease yet")),
+            "another CMServer waits for the grace: {d:?}"
+        );
+        assert!(
+            matches!(l.request("cms1", 3, 1, t0), Decision::Refused(_)),
+            "not in a term below the one it was granted"
+        );
+        assert_eq!(l.request("cms1", 4, 1, t0), Decision::Granted);
+        assert_eq!(l.current(t0).unwrap().holder, "cms1");
+        assert!(matches!(
+            l.request("cms2", 9, 1, t0 + LEASE - Duration::from_millis(1)),
+            Decision::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn a_term_granted_before_a_restart_is_not_granted_to_another_after_it() {
+        let t0 = Instant::now();
+        let mut l = LeaseState::restored(t0, LEASE, record("cms1", 4));
+        let after_grace = t0 + LEASE;
+        let d = l.request("cms2", 4, 1, after_grace);
+        assert!(
+            matches!(&d, Decision::Refused(m) if m.contains("already granted")),
+            "{d:?}"
+        );
+        assert_eq!(l.request("cms2", 5, 1, after_grace), Decision::Granted);
+    }
+
+    #[test]
+    fn a_grant_is_unsaved_until_saved_and_renewals_in_the_same_term_need_no_save() {
+        let (mut l, t) = ready();
+        assert_eq!(l.unsaved(), None, "nothing granted, nothing to save");
+        assert_eq!(l.request("cms1", 2, 7, t), Decision::Granted);
+        assert_eq!(l.unsaved(), Some(record("cms1", 2)));
+        l.saved(record("cms1", 2));
+        assert_eq!(l.unsaved(), None);
+        assert_eq!(l.request("cms1", 2, 7, t), Decision::Renewed);
+        assert_eq!(l.unsaved(), None, "a renewal changes nothing on disk");
+        assert_eq!(l.request("cms1", 3, 7, t), Decision::Renewed);
+        assert_eq!(
+            l.unsaved(),
+            Some(record("cms1", 3)),
+            "a higher term is saved"
+        );
+        l.saved(record("cms1", 3));
+        assert_eq!(l.request("cms2", 4, 7, t + LEASE), Decision::Granted);
+        assert_eq!(
+            l.unsaved(),
+            Some(record("cms2", 4)),
+            "a new holder is saved"
+        );
+    }
+
+    #[test]
+    fn the_record_survives_a_restart_and_a_corrupt_one_is_named_and_left_alone() {
+        let dir = std::env::temp_dir().join(format!("lease-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cm_agent-h1.lease");
+        assert_eq!(LeaseRecord::load(&path).unwrap(), None, "none yet");
+        record("cms2", 17).save(&path).unwrap();
+        assert_eq!(LeaseRecord::load(&path).unwrap(), Some(record("cms2", 17)));
+
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = LeaseRecord::load(&path).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("checksum"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "changes nothing");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

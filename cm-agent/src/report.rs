@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
 use crate::error::{AgentError, Result};
-use crate::lease::{Decision, LeaseState};
+use crate::lease::{Decision, LeaseRecord, LeaseState};
 use crate::supervisor::{Desired, Observation};
 
 /// How many finished orders are remembered (so that a resent order is not run twice).
@@ -134,6 +134,8 @@ pub struct Reporter {
     servers: Vec<(String, CmServerClient<Channel>)>,
     pub state: ReportState,
     pub lease: LeaseState,
+    /// Where the lease record is kept (see `lease.rs`: saved before a grant is reported).
+    lease_file: std::path::PathBuf,
     /// Set when this agent granted a new lease: report again at once, so that an
     /// election takes about one round trip instead of a heartbeat.
     prompt: bool,
@@ -147,9 +149,28 @@ pub struct Reporter {
     silent: Arc<Vec<AtomicBool>>,
 }
 
+/// The agent's lease record: one per host (several hosts' agents may share a base dir
+/// in a local cluster).
+pub fn lease_file(cfg: &ClusterConfig, host: &str) -> std::path::PathBuf {
+    cfg.cluster.base_dir.join(format!("cm_agent-{host}.lease"))
+}
+
 impl Reporter {
     pub fn new(cfg: &ClusterConfig, host: &str, timeout: Duration) -> Result<Reporter> {
-        let lease = LeaseState::new(Instant::now(), cfg.timing.cm_lease());
+        let lease_file = lease_file(cfg, host);
+        let lease = match LeaseRecord::load(&lease_file) {
+            Ok(Some(record)) => {
+                tracing::info!(holder = %record.holder, term = record.granted_term,
+                    "lease record found: the last holder may renew at once");
+                LeaseState::restored(Instant::now(), cfg.timing.cm_lease(), record)
+            }
+            Ok(None) => LeaseState::new(Instant::now(), cfg.timing.cm_lease()),
+            // The safe default: the startup grace for everybody, as with no record.
+            Err(e) => {
+                tracing::warn!("{e}; granting no lease for cm_lease after start");
+                LeaseState::new(Instant::now(), cfg.timing.cm_lease())
+            }
+        };
         let mut servers = Vec::new();
         for ep in cfg.cm_server_endpoints() {
             let channel =
@@ -165,6 +186,7 @@ impl Reporter {
             servers,
             state: ReportState::default(),
             lease,
+            lease_file,
             prompt: false,
             next_report: None,
             silent,
@@ -205,6 +227,17 @@ impl Reporter {
             self.state.finished(o);
         }
         let now = Instant::now();
+        // A grant is on disk before any CMServer can count it (see `lease.rs`).
+        if let Some(record) = self.lease.unsaved() {
+            match record.save(&self.lease_file) {
+                Ok(()) => self.lease.saved(record),
+                Err(e) => tracing::error!("{e}: the lease grant is not reported until it is saved"),
+            }
+        }
+        let lease = match self.lease.unsaved() {
+            None => self.lease.to_proto(now),
+            Some(_) => Default::default(),
+        };
         let report = AgentReport {
             host: self.host.clone(),
             term: self.state.term.0.max(self.lease.highest()),
@@ -213,7 +246,7 @@ impl Reporter {
                 .map(|h| h.report.borrow().to_send(now))
                 .collect(),
             outcomes: self.state.pending.clone(),
-            lease: Some(self.lease.to_proto(now)),
+            lease: Some(lease),
             state_version: self.lease.newest_version(),
         };
         let was_silent: Vec<bool> = self

@@ -77,7 +77,12 @@ fn password_from(slot: &std::sync::Mutex<Option<PathBuf>>, what: &str) -> Result
         .with_context(|| {
             format!("no test cluster config written yet (write_config) to take the {what} password from")
         })?;
-    let text = std::fs::read_to_string(&file)
+    password_in(&file, what)
+}
+
+/// The first line of password file `file`.
+fn password_in(file: &Path, what: &str) -> Result<String> {
+    let text = std::fs::read_to_string(file)
         .with_context(|| format!("{what} password file {}", file.display()))?;
     Ok(text.lines().next().unwrap_or("").trim().to_owned())
 }
@@ -96,6 +101,15 @@ pub async fn connect_at(
 ) -> Result<tokio_postgres::Client> {
     let (user, password) = dn_login()?;
     connect_with(address, port, &user, Some(&password), timeout).await
+}
+
+/// Connects to a DN member on loopback with `login` (from [`LocalCluster::dn_login`]).
+pub async fn connect_dn_as(
+    login: &(String, String),
+    port: u16,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client> {
+    connect_with("127.0.0.1", port, &login.0, Some(&login.1), timeout).await
 }
 
 /// The first CN user's password file of the cluster this test process wrote last
@@ -573,6 +587,23 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
+    /// Connects to a DN member of this cluster on loopback as the admin role, with this
+    /// cluster's password (a process running several clusters side by side cannot use
+    /// [`connect`], which takes the password of the cluster written last).
+    pub async fn connect_dn(&self, port: u16, timeout: Duration) -> Result<tokio_postgres::Client> {
+        connect_dn_as(&self.dn_login()?, port, timeout).await
+    }
+
+    /// This cluster's DN admin login (role, password), for [`connect_dn_as`] from tasks
+    /// that do not borrow the cluster.
+    pub fn dn_login(&self) -> Result<(String, String)> {
+        use ha_common::dn_auth::{password_file, DnRole};
+        Ok((
+            DnRole::Admin.name().to_owned(),
+            password_in(&password_file(&self.cfg, DnRole::Admin), "DN admin")?,
+        ))
+    }
+
     /// Writes the local.toml layout with ports from `port_base`; starts nothing.
     pub fn new(name: &str, port_base: u16) -> LocalCluster {
         Self::with_config_edit(name, port_base, |text| text)
