@@ -8,6 +8,10 @@
 //!     CN / plain (goal for `-S`: ≥ 0.8; the anchor is PgDog at ≈ 0.93× PgBouncer).
 //!     The plain server has no synchronous standby: TPC-B there commits one copy,
 //!     through the CN every commit waits for its group's synchronous standby.
+//!   * The same pgbench runs through PgBouncer (transaction pooling) in front of the
+//!     plain PostgreSQL when `pgbouncer` is installed (`apt install pgbouncer`): what a
+//!     minimal proxy costs on this machine, the yardstick the CN's ratio is read
+//!     against (PgBouncer 1.18 cannot run `-M prepared` in transaction pooling).
 //!   * DDL latency through the CN's two-phase commit (CREATE TABLE + DROP TABLE, each
 //!     on every DN primary and every CN of the DDL set): p50 / p99, beside the same
 //!     statements on the plain server.
@@ -49,6 +53,9 @@ struct Args {
     /// Transactions per pgbench mode for the CN's CPU per query (0: skip that part).
     #[arg(long, default_value_t = 20000)]
     cpu_transactions: u32,
+    /// PgBouncer binary for the proxy yardstick ("none" skips it).
+    #[arg(long, default_value = "/usr/sbin/pgbouncer")]
+    pgbouncer: String,
     /// Only the CPU-per-query part (no TPS, DDL or failover runs).
     #[arg(long)]
     cpu_only: bool,
@@ -99,6 +106,13 @@ async fn main() -> Result<()> {
         return Ok(());
     }
 
+    let bouncer = match PgBouncer::start(&cluster.dir, &args.pgbouncer, &plain, args.clients) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("PgBouncer yardstick skipped: {e:#}");
+            None
+        }
+    };
     let threads = args.clients.min(2).to_string();
     let clients = args.clients.to_string();
     let secs = args.seconds.to_string();
@@ -118,12 +132,24 @@ async fn main() -> Result<()> {
         ("TPC-B (default)", vec![]),
     ] {
         let p = run(plain.port, &extra)?;
+        let b = match &bouncer {
+            Some(b) if !extra.contains(&"prepared") => Some(run(b.port, &extra)?),
+            _ => None,
+        };
         let c = run(cn1, &extra)?;
+        let proxy = b.map_or(String::new(), |b| {
+            format!(
+                "   pgbouncer {b:>9.1} tps ({:.2} of plain; cn1 / pgbouncer {:.2})",
+                b / p,
+                c / b
+            )
+        });
         println!(
-            "  {label:<18} plain {p:>9.1} tps   through cn1 {c:>9.1} tps   ratio {:.2}",
+            "  {label:<18} plain {p:>9.1} tps   through cn1 {c:>9.1} tps   ratio {:.2}{proxy}",
             c / p
         );
     }
+    drop(bouncer);
 
     let (cn_p50, cn_p99) = ddl_latency(cn1, args.ddl).await?;
     let (pg_p50, pg_p99) = ddl_latency(plain.port, args.ddl).await?;
@@ -445,6 +471,78 @@ impl Drop for PlainPg {
             ],
             true,
         );
+    }
+}
+
+/// PgBouncer in front of the plain PostgreSQL (transaction pooling, as the CN pools).
+struct PgBouncer {
+    port: u16,
+    pid_file: PathBuf,
+}
+
+impl PgBouncer {
+    /// Started as the PostgreSQL OS user (it refuses root); None when `binary` is
+    /// "none".
+    fn start(dir: &TestDir, binary: &str, plain: &PlainPg, clients: u32) -> Result<Option<Self>> {
+        if binary == "none" {
+            return Ok(None);
+        }
+        if !Path::new(binary).exists() {
+            bail!("{binary} not found (apt install pgbouncer, or --pgbouncer PATH)");
+        }
+        let root = dir.path().join("pgbouncer");
+        std::fs::create_dir_all(&root)?;
+        let port = plain.port + 1;
+        let pid_file = root.join("pgbouncer.pid");
+        let users = root.join("userlist.txt");
+        std::fs::write(&users, "\"postgres\" \"\"\n")?;
+        let ini = root.join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\npostgres = host=127.0.0.1 port={plain} dbname=postgres\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                 unix_socket_dir =\nauth_type = trust\nauth_file = {users}\n\
+                 pool_mode = transaction\nmax_client_conn = 200\ndefault_pool_size = {pool}\n\
+                 logfile = {log}\npidfile = {pid}\n",
+                plain = plain.port,
+                users = users.display(),
+                pool = clients.max(1),
+                log = root.join("pgbouncer.log").display(),
+                pid = pid_file.display(),
+            ),
+        )?;
+        as_postgres(
+            &["chown", "-R", "postgres", &root.display().to_string()],
+            false,
+        )?;
+        as_postgres(&[binary, "-d", &ini.display().to_string()], true)?;
+        let b = PgBouncer { port, pid_file };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("pgbouncer did not listen on {port} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Some(b))
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        // Stopped by the pid it wrote (the process this bench started).
+        if let Some(pid) = ha_common::process::read_pid_file(&self.pid_file) {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pid_alive(pid.as_raw() as u32) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if pid_alive(pid.as_raw() as u32) {
+                kill9(pid.as_raw() as u32);
+            }
+        }
     }
 }
 
