@@ -35,8 +35,6 @@ const ORDER_QUEUE: usize = 16;
 pub fn load(opts: &AgentOptions) -> Result<(Arc<ClusterConfig>, PathBuf, OsUser)> {
     let config_path = std::path::absolute(&opts.config).unwrap_or_else(|_| opts.config.clone());
     let cfg = ClusterConfig::load(&config_path)?.with_base_dir(opts.base_dir.clone());
-    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Agent)
-        .map_err(ha_common::ConfigError::from)?;
     if cfg.host(&opts.node).is_none() {
         return Err(AgentError::UnknownHost {
             config: config_path,
@@ -49,6 +47,9 @@ pub fn load(opts: &AgentOptions) -> Result<(Arc<ClusterConfig>, PathBuf, OsUser)
                 .join(", "),
         });
     }
+    // The agent's node is its host: it presents that host's certificate.
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Agent, Some(&opts.node))
+        .map_err(ha_common::ConfigError::from)?;
     let os_user = OsUser::resolve(&cfg.cluster.os_user)?;
     Ok((Arc::new(cfg), config_path, os_user))
 }

@@ -90,7 +90,7 @@ impl PgSettings {
             sync_standbys: sync_standby_order(group, instance),
             restore_command: upstream
                 .as_ref()
-                .and_then(|_| restore_from_secondary(cfg, group)),
+                .and_then(|_| restore_from_secondary(cfg, group, &me.host)),
             upstream,
             replication_timeout_ms: u64::try_from(cfg.timing.dn_failover_timeout().as_millis())
                 .unwrap_or(u64::MAX),
@@ -119,8 +119,9 @@ pub fn sync_standby_order(group: &DnGroup, me: &str) -> Vec<String> {
 /// The program of a standby's `restore_command`.
 const RESTORE_TOOL: &str = "dn_replicator";
 
-/// `dn_replicator restore-wal` from the group's secondary, if it has one.
-pub fn restore_from_secondary(cfg: &ClusterConfig, group: &DnGroup) -> Option<String> {
+/// `dn_replicator restore-wal` from the group's secondary, if it has one, for a
+/// member on `host`.
+pub fn restore_from_secondary(cfg: &ClusterConfig, group: &DnGroup, host: &str) -> Option<String> {
     let sec = group
         .members
         .iter()
@@ -128,9 +129,9 @@ pub fn restore_from_secondary(cfg: &ClusterConfig, group: &DnGroup) -> Option<St
     // `|| exit 1`: a missing binary (shell status 127) or any failure must read as "not
     // available" to recovery, which treats 127 and above as fatal. The copy in
     // `<base_dir>/bin` (see [`os_tools`]): the OS user may not reach `bin_dir`.
-    // With TLS on it presents the `restore` certificate, the OS user's own.
+    // With TLS on it presents its host's `restore` certificate, the OS user's own.
     let tls = if cfg.tls.enabled {
-        format!(" --tls-dir {}", cfg.tls_dir().display())
+        format!(" --tls-dir {} --host {host}", cfg.tls_dir().display())
     } else {
         String::new()
     };
@@ -1242,7 +1243,7 @@ mod tests {
         assert!(text.contains("port = 6502"), "{text}");
         assert!(
             text.contains(&format!(
-                "dn_replicator restore-wal --from 127.0.0.1:6503 --tls-dir {} %f %p || exit 1'",
+                "dn_replicator restore-wal --from 127.0.0.1:6503 --tls-dir {} --host h2 %f %p || exit 1'",
                 cfg.tls_dir().display()
             )),
             "the standby fetches what it lacks from the secondary, with the restore certificate: {text}"

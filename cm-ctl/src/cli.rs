@@ -52,7 +52,7 @@ pub enum Command {
     /// Rebuilds the named standby from its primary over the data-unit build channel:
     /// incremental (only blocks that differ travel) when it has data, else a full copy.
     Build(BuildArgs),
-    /// The cluster CA and one certificate per role (mutual TLS on every gRPC link).
+    /// The cluster CA and one certificate per role and host (mutual TLS on every gRPC link).
     Cert {
         #[command(subcommand)]
         action: CertAction,
@@ -95,9 +95,13 @@ pub struct BuildArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CertAction {
-    /// Makes DIR hold ca.crt (+ ca.key) and <role>.crt/<role>.key for the roles operator,
-    /// agent, cmserver, gtm, cn and replicator, valid for the config's host addresses.
-    /// Refuses a DIR that already holds a ca.crt. Point `[tls] dir` at DIR.
+    /// Makes DIR hold ca.crt (+ ca.key), operator.crt/.key, and <role>@<host>.crt/.key
+    /// for each role on each host of the config that runs it (agent, cmserver, gtm, cn,
+    /// replicator, restore), each valid for its host's address only. On a DIR that
+    /// already holds a ca.crt it issues only the missing files, signed by that CA
+    /// (DIR's ca.key, or --ca-cert/--ca-key), and never rewrites one: run it again
+    /// after adding a host, or to upgrade a DIR of host-less <role>.crt files.
+    /// Point `[tls] dir` at DIR.
     Init {
         /// Where to write; default: the config's tls.dir (<base_dir>/tls).
         #[arg(long)]
@@ -153,22 +157,21 @@ impl Cli {
                 action: LocalAction::Up { .. }
             }
         );
-        if first_local_up && cfg.tls.enabled && !cfg.tls_dir().join("ca.crt").exists() {
-            let opts = ha_common::tls::IssueOptions::for_config(&cfg);
-            ha_common::tls::init_dir(&cfg.tls_dir(), &cfg.cluster.name, None, &opts)
-                .map_err(ha_common::ConfigError::from)?;
-            // restore_command runs as the OS user: its certificate is that user's.
-            ha_common::tls::give_restore_identity(&cfg.tls_dir(), &cfg.cluster.os_user)
-                .map_err(ha_common::ConfigError::from)?;
-        } else if first_local_up && cfg.tls.enabled {
-            // A local cluster made before the `restore` role: issue it from its CA.
-            let opts = ha_common::tls::IssueOptions::for_config(&cfg);
-            let role = ha_common::tls::CertRole::Restore;
-            if ha_common::tls::add_missing_role(&cfg.tls_dir(), role, &opts)
-                .map_err(ha_common::ConfigError::from)?
-            {
-                ha_common::tls::give_restore_identity(&cfg.tls_dir(), &cfg.cluster.os_user)
+        if first_local_up && cfg.tls.enabled {
+            // The CA and every certificate on the first start; later, what a cluster
+            // made before certificates named hosts (or before a role existed) lacks,
+            // from its own CA. A dir whose CA key is elsewhere is left as it is: its
+            // daemons fall back to the host-less certificates it holds.
+            let dir = cfg.tls_dir();
+            let has_ca_key = dir.join("ca.key").exists();
+            if !dir.join("ca.crt").exists() || has_ca_key {
+                let issued = ha_common::tls::init_dir(&dir, &cfg, None)
                     .map_err(ha_common::ConfigError::from)?;
+                if !issued.made.is_empty() {
+                    // restore_command runs as the OS user: its certificates are that user's.
+                    ha_common::tls::give_restore_identity(&dir, &cfg.cluster.os_user)
+                        .map_err(ha_common::ConfigError::from)?;
+                }
             }
         }
         if first_local_up {
@@ -177,7 +180,7 @@ impl Cli {
             ha_common::dn_auth::init_password_files(&cfg)?;
         }
         if !matches!(self.command, Command::Cert { .. }) {
-            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator, None)
                 .map_err(ha_common::ConfigError::from)?;
         }
         Ok(cfg)
@@ -190,8 +193,8 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     /// `local up` on a cluster with no certificates yet (local.toml: TLS on) makes the
-    /// CA, one certificate per role and the password files before it starts anything;
-    /// the restore key and the password files belong to the OS user alone.
+    /// CA, one certificate per role and host and the password files before it starts
+    /// anything; the restore keys and the password files belong to the OS user alone.
     #[test]
     fn first_local_up_makes_the_certificates_and_password_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -218,15 +221,16 @@ mod tests {
         let cfg = cli.load_config_and_tls().unwrap();
         assert!(cfg.tls.enabled, "local.toml runs TLS");
         let tls = cfg.tls_dir();
-        for role in ha_common::tls::CertRole::ALL {
-            assert!(tls.join(format!("{role}.crt")).exists(), "{role}.crt");
+        for name in ha_common::tls::CertName::for_config(&cfg) {
+            assert!(name.crt(&tls).exists(), "{name}.crt");
         }
+        assert!(tls.join("agent@h3.crt").exists() && tls.join("operator.crt").exists());
         let os_uid = nix::unistd::User::from_name(&cfg.cluster.os_user)
             .unwrap()
             .unwrap()
             .uid
             .as_raw();
-        let key = std::fs::metadata(tls.join("restore.key")).unwrap();
+        let key = std::fs::metadata(tls.join("restore@h1.key")).unwrap();
         assert_eq!((key.uid(), key.mode() & 0o777), (os_uid, 0o600));
         let user = cfg.user("postgres").unwrap();
         let pw = ha_common::dn_auth::user_password_file(&cfg, user);

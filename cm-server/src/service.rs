@@ -209,7 +209,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[tonic::async_trait]
 impl CmServer for CmService {
     async fn report(&self, request: Request<AgentReport>) -> Result<Response<ReportReply>, Status> {
-        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Agent])?;
+        // An agent reports (and takes the orders and assignments) for its own host
+        // only: a certificate issued for another host is refused.
+        ha_common::tls::require_role_on_host(
+            &request,
+            &[ha_common::tls::CertRole::Agent],
+            &request.get_ref().host,
+        )?;
         let sh = &self.shared;
         let report = request.into_inner();
         let host = report.host.clone();

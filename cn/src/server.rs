@@ -52,8 +52,6 @@ pub async fn serve(
     if let Some(b) = base_dir {
         cfg.cluster.base_dir = b;
     }
-    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Cn)
-        .map_err(ha_common::ConfigError::from)?;
     let me = match cfg.find(name) {
         Some(r) if r.kind == InstanceKind::Coordinator => r.instance.clone(),
         _ => {
@@ -63,6 +61,8 @@ pub async fn serve(
             })
         }
     };
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Cn, Some(&me.host))
+        .map_err(ha_common::ConfigError::from)?;
     let state_dir = cfg.cluster.base_dir.join(name);
     std::fs::create_dir_all(&state_dir).map_err(|source| ServeError::StateDir {
         path: state_dir.clone(),

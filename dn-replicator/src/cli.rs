@@ -22,18 +22,19 @@ pub fn serve(config: &Path, node: &str, base_dir: Option<&Path>) -> anyhow::Resu
 
 /// `dn_replicator restore-wal`: PostgreSQL's restore_command contract: exit 0 with
 /// the file written, non-zero when it is not available (recovery then tries its other
-/// sources). With `tls_dir`, it presents that dir's `restore` certificate, the one
-/// the OS user PostgreSQL runs as may read.
+/// sources). With `tls_dir`, it presents that dir's `restore` certificate of `host`
+/// (or the host-less one), the one the OS user PostgreSQL runs as may read.
 pub fn restore_wal(
     from: &str,
     file: &str,
     path: &Path,
     tls_dir: Option<&Path>,
+    host: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     use ha_common::tls::{CertRole, TlsMaterial};
     // A certificate we cannot read is an error (logged by PostgreSQL), not "not available".
     let material = tls_dir
-        .map(|d| TlsMaterial::load_dir(d, CertRole::Restore))
+        .map(|d| TlsMaterial::load_dir_for(d, CertRole::Restore, host))
         .transpose()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

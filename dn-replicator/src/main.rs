@@ -46,9 +46,14 @@ enum Command {
         /// Where to write it (%p).
         path: PathBuf,
         /// The cluster's TLS dir: connect with its `restore` certificate (ca.crt,
-        /// restore.crt, restore.key: the OS user's). Without it, plaintext.
+        /// restore@<host>.crt and .key: the OS user's). Without it, plaintext.
         #[arg(long)]
         tls_dir: Option<PathBuf>,
+        /// The host this runs on: present `restore@<host>.crt` from the TLS dir
+        /// (`restore.crt` when that is absent, as in a dir made before certificates
+        /// named hosts).
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Serve one build of a standby from this host's primary (8 KiB data units and the
     /// WAL from the backup's start); exits when the build is complete.
@@ -72,7 +77,14 @@ fn main() -> std::process::ExitCode {
             file,
             path,
             tls_dir,
-        } => dn_replicator::cli::restore_wal(&from, &file, &path, tls_dir.as_deref()),
+            host,
+        } => dn_replicator::cli::restore_wal(
+            &from,
+            &file,
+            &path,
+            tls_dir.as_deref(),
+            host.as_deref(),
+        ),
         Command::BuildSource(a) => {
             ha_common::logging::init("dn_replicator");
             build_cli::build_source(a).map(|()| std::process::ExitCode::SUCCESS)

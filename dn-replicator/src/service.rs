@@ -202,8 +202,6 @@ pub async fn serve(
     base_dir: Option<PathBuf>,
 ) -> Result<(), ServeError> {
     let cfg = ClusterConfig::load(config)?.with_base_dir(base_dir);
-    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Replicator)
-        .map_err(ha_common::ConfigError::from)?;
     let me = cfg
         .find(node)
         .filter(|r| r.kind == InstanceKind::DnMember && r.instance.role() == Some(Role::Secondary))
@@ -213,6 +211,8 @@ pub async fn serve(
         })?
         .instance
         .clone();
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Replicator, Some(&me.host))
+        .map_err(ha_common::ConfigError::from)?;
     let dir = cfg.instance_dir(&me.name);
     let password_file =
         ha_common::dn_auth::password_file(&cfg, ha_common::dn_auth::DnRole::Replication);

@@ -265,7 +265,7 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::Next { config, count } => {
             let cfg = ClusterConfig::load(&config)?;
-            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator, None)
                 .map_err(ha_common::ConfigError::from)?;
             let client = client_for(&cfg).await?;
             let range = client.next_gxid_unary(count).await?;
@@ -285,7 +285,7 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
             force,
         } => {
             let cfg = ClusterConfig::load(&config)?;
-            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator, None)
                 .map_err(ha_common::ConfigError::from)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
             check_unmanaged_promote(&cfg, &node, force)?;
@@ -308,7 +308,7 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::Demote { config, node, term } => {
             let cfg = ClusterConfig::load(&config)?;
-            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator, None)
                 .map_err(ha_common::ConfigError::from)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
             let client = client_for(&cfg).await?;
@@ -322,7 +322,7 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::RunAlone { config, node, off } => {
             let cfg = ClusterConfig::load(&config)?;
-            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator, None)
                 .map_err(ha_common::ConfigError::from)?;
             let endpoint = gtm_endpoint(&cfg, &node)?;
             let client = client_for(&cfg).await?;
@@ -332,7 +332,7 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
         }
         Command::Status { config, node } => {
             let cfg = ClusterConfig::load(&config)?;
-            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator, None)
                 .map_err(ha_common::ConfigError::from)?;
             let client = client_for(&cfg).await?;
             if let Some(node) = node {
@@ -369,7 +369,7 @@ async fn run_async(cli: Cli) -> Result<(), CliError> {
                 )));
             }
             let cfg = ClusterConfig::load(&config)?;
-            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator)
+            ha_common::tls::init(&cfg, ha_common::tls::CertRole::Operator, None)
                 .map_err(ha_common::ConfigError::from)?;
             for clients in clients {
                 let report = bench::run(

@@ -344,8 +344,6 @@ async fn serve_metrics(node: &Arc<Node>, endpoint: Option<String>) {
 
 pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let cfg = ClusterConfig::load(&opts.config)?.with_base_dir(opts.base_dir.clone());
-    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Gtm)
-        .map_err(ha_common::ConfigError::from)?;
     let Some(me) = cfg.gtm.instances.iter().find(|i| i.name == opts.node) else {
         return Err(ServeError::UnknownNode {
             config: opts.config.clone(),
@@ -359,6 +357,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                 .join(", "),
         });
     };
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::Gtm, Some(&me.host))
+        .map_err(ha_common::ConfigError::from)?;
     let peer = match cfg.gtm.instances.iter().find(|i| i.name != me.name) {
         Some(p) => {
             let ep = cfg.endpoint(p);

@@ -87,7 +87,8 @@ pub struct TlsSection {
     /// Every gRPC link uses mutual TLS with the cluster CA (default true).
     #[serde(default = "default_tls_enabled")]
     pub enabled: bool,
-    /// Holds `ca.crt` and `<role>.crt`/`<role>.key` per role; default `<base_dir>/tls`.
+    /// Holds `ca.crt`, `operator.crt`/`.key` and `<role>@<host>.crt`/`.key` per role and
+    /// host (`tls::CertName::for_config`); default `<base_dir>/tls`.
     #[serde(default)]
     pub dir: Option<PathBuf>,
 }

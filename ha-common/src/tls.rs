@@ -1,14 +1,21 @@
-//! Mutual TLS on every gRPC link: the cluster CA, one certificate per role, and the role a peer's certificate names.
+//! Mutual TLS on every gRPC link: the cluster CA, one certificate per role and host,
+//! and the role (and host) a peer's certificate names.
 //!
 //! Every certificate is signed by the cluster CA and names its role twice: in the
 //! subject (`OU=role=<role>`) for authorization, and as the DNS name `<role>.mpp-ha`
 //! that a client checks when it connects (a client of the CMServer refuses a server
-//! that does not hold a `cmserver` certificate). A process loads its own role's
-//! material once (`init`); every channel and server is then built here (`endpoint`,
-//! `server`), so no link can be plaintext while `[tls] enabled = true`.
+//! that does not hold a `cmserver` certificate). A daemon's certificate also names
+//! the host it was issued for (`OU=host=<host>`, SAN: that host's address only), so
+//! a CMServer can refuse an agent that speaks for another host (`require_role_on_host`).
+//! A process loads its own role's material once (`init`); every channel and server is
+//! then built here (`endpoint`, `server`), so no link can be plaintext while
+//! `[tls] enabled = true`.
 //!
 //! Files in `tls.dir` (default `<base_dir>/tls`): `ca.crt` (and `ca.key`, kept by the
-//! operator who issues), `<role>.crt` and `<role>.key` for each role.
+//! operator who issues), `operator.crt`/`.key` (host-less), and `<role>@<host>.crt`/
+//! `.key` for each role on each host that runs it (`CertName::for_config`). A dir made
+//! before certificates named hosts holds `<role>.crt`/`.key` instead; a daemon falls
+//! back to those when its `<role>@<host>` files are absent (`TlsMaterial::load_dir_for`).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -21,7 +28,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server,
 use crate::ClusterConfig;
 
 /// Which part of the cluster a certificate belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CertRole {
     /// `cm_ctl`: the only role whose orders a CMServer obeys.
     Operator,
@@ -93,10 +100,102 @@ pub enum TlsError {
     Issue(String),
 }
 
+/// The name of one certificate in a TLS dir: its role and, for a daemon's
+/// certificate, the host it was issued for. Files: `<role>.crt` (host-less: the
+/// operator's, or a legacy dir's) or `<role>@<host>.crt`, each with its `.key`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CertName {
+    pub role: CertRole,
+    pub host: Option<String>,
+}
+
+impl CertName {
+    pub fn new(role: CertRole, host: Option<&str>) -> CertName {
+        CertName {
+            role,
+            host: host.map(str::to_owned),
+        }
+    }
+
+    /// The file name without extension: `operator`, `agent@h1`.
+    pub fn stem(&self) -> String {
+        match &self.host {
+            None => self.role.as_str().to_owned(),
+            Some(h) => format!("{}@{h}", self.role),
+        }
+    }
+
+    pub fn crt(&self, dir: &Path) -> PathBuf {
+        dir.join(format!("{}.crt", self.stem()))
+    }
+
+    pub fn key(&self, dir: &Path) -> PathBuf {
+        dir.join(format!("{}.key", self.stem()))
+    }
+
+    /// Every certificate a cluster needs: the operator's (host-less), and one for each
+    /// role on each host that runs it: `agent` on every host, `cmserver`, `gtm` and
+    /// `cn` where the config places those instances, `replicator` where a DN
+    /// secondary runs (dn_replicator serve), and `restore` where a DN member that may
+    /// restore WAL from its group's secondary runs (a standby's restore_command).
+    pub fn for_config(cfg: &ClusterConfig) -> Vec<CertName> {
+        let mut out = std::collections::BTreeSet::new();
+        out.insert(CertName::new(CertRole::Operator, None));
+        for h in &cfg.hosts {
+            out.insert(CertName::new(CertRole::Agent, Some(&h.name)));
+        }
+        for (role, list) in [
+            (CertRole::CmServer, &cfg.cm_servers),
+            (CertRole::Gtm, &cfg.gtm.instances),
+            (CertRole::Cn, &cfg.cns),
+        ] {
+            for i in list {
+                out.insert(CertName::new(role, Some(&i.host)));
+            }
+        }
+        for g in &cfg.dn_groups {
+            let has_secondary = g
+                .members
+                .iter()
+                .any(|m| m.role() == Some(crate::config::Role::Secondary));
+            for m in &g.members {
+                if m.role() == Some(crate::config::Role::Secondary) {
+                    out.insert(CertName::new(CertRole::Replicator, Some(&m.host)));
+                } else if has_secondary {
+                    out.insert(CertName::new(CertRole::Restore, Some(&m.host)));
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+impl fmt::Display for CertName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.stem())
+    }
+}
+
+/// A host name becomes part of a file name and of a certificate subject: refuse one
+/// that could leave the TLS dir or is empty (the config does not restrict host names).
+fn check_host_name(host: &str) -> Result<(), TlsError> {
+    if host.is_empty() || host == "." || host == ".." || host.contains(['/', '\0']) {
+        return Err(TlsError::Issue(format!(
+            "host name {host:?} cannot name a certificate file"
+        )));
+    }
+    Ok(())
+}
+
 /// One role's CA, certificate and key, as PEM.
 #[derive(Clone)]
 pub struct TlsMaterial {
     pub role: CertRole,
+    /// The host the certificate names; `None` for an operator's or a legacy
+    /// (host-less) certificate.
+    pub host: Option<String>,
+    /// The certificate file it came from (for messages).
+    pub cert_path: PathBuf,
     ca: Vec<u8>,
     cert: Vec<u8>,
     key: Vec<u8>,
@@ -107,6 +206,8 @@ impl fmt::Debug for TlsMaterial {
         // Never print the key.
         f.debug_struct("TlsMaterial")
             .field("role", &self.role)
+            .field("host", &self.host)
+            .field("cert_path", &self.cert_path)
             .finish()
     }
 }
@@ -126,22 +227,60 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 impl TlsMaterial {
-    /// `role`'s material from `dir` (`ca.crt`, `<role>.crt`, `<role>.key`).
+    /// `role`'s host-less material from `dir` (`ca.crt`, `<role>.crt`, `<role>.key`):
+    /// the operator's, or any role's in a dir made before certificates named hosts.
     pub fn load_dir(dir: &Path, role: CertRole) -> Result<TlsMaterial, TlsError> {
+        Self::load_name(dir, &CertName::new(role, None))
+    }
+
+    /// `role`'s material for `host` from `dir`: `<role>@<host>.crt` and `.key`, or,
+    /// when that certificate is absent, the host-less `<role>.crt` (a dir made before
+    /// certificates named hosts keeps working). Logs which file it loaded.
+    pub fn load_dir_for(
+        dir: &Path,
+        role: CertRole,
+        host: Option<&str>,
+    ) -> Result<TlsMaterial, TlsError> {
+        let own = CertName::new(role, host);
+        let name = if host.is_some() && !own.crt(dir).exists() {
+            let legacy = CertName::new(role, None);
+            tracing::info!(
+                wanted = %own.crt(dir).display(),
+                loaded = %legacy.crt(dir).display(),
+                "TLS: no certificate for this host; using the host-less {role} certificate (run `cm_ctl cert init` to issue one per host)"
+            );
+            legacy
+        } else {
+            own
+        };
+        let m = Self::load_name(dir, &name)?;
+        tracing::info!(file = %m.cert_path.display(), "TLS: loaded certificate");
+        Ok(m)
+    }
+
+    fn load_name(dir: &Path, name: &CertName) -> Result<TlsMaterial, TlsError> {
+        let cert_path = name.crt(dir);
         Ok(TlsMaterial {
-            role,
+            role: name.role,
+            host: name.host.clone(),
             ca: read(&dir.join("ca.crt"))?,
-            cert: read(&dir.join(format!("{role}.crt")))?,
-            key: read(&dir.join(format!("{role}.key")))?,
+            cert: read(&cert_path)?,
+            key: read(&name.key(dir))?,
+            cert_path,
         })
     }
 
-    /// `role`'s material from the config's `tls.dir`; `None` when `[tls]` is off.
-    pub fn load(cfg: &ClusterConfig, role: CertRole) -> Result<Option<TlsMaterial>, TlsError> {
+    /// `role`'s material (for `host`, see `load_dir_for`) from the config's `tls.dir`;
+    /// `None` when `[tls]` is off.
+    pub fn load(
+        cfg: &ClusterConfig,
+        role: CertRole,
+        host: Option<&str>,
+    ) -> Result<Option<TlsMaterial>, TlsError> {
         if !cfg.tls.enabled {
             return Ok(None);
         }
-        Self::load_dir(&cfg.tls_dir(), role).map(Some)
+        Self::load_dir_for(&cfg.tls_dir(), role, host).map(Some)
     }
 
     /// Client side: trust only the cluster CA, present this role's certificate, and
@@ -176,13 +315,14 @@ fn process() -> Loaded {
     PROCESS.read().map(|g| g.clone()).unwrap_or(None)
 }
 
-/// Loads this process's material (`role`) from the config and checks that the
-/// certificate and key make a usable TLS configuration. Each binary calls it once
-/// after loading its config (a test process again for each cluster it makes).
-pub fn init(cfg: &ClusterConfig, role: CertRole) -> Result<(), TlsError> {
-    let loaded = match TlsMaterial::load(cfg, role)? {
+/// Loads this process's material (`role` on `host`; `None` for host-less roles: the
+/// operator) from the config and checks that the certificate and key make a usable
+/// TLS configuration. Each binary calls it once after loading its config (a test
+/// process again for each cluster it makes).
+pub fn init(cfg: &ClusterConfig, role: CertRole, host: Option<&str>) -> Result<(), TlsError> {
+    let loaded = match TlsMaterial::load(cfg, role, host)? {
         None => None,
-        Some(m) => Some(m.checked(&cfg.tls_dir())?),
+        Some(m) => Some(m.checked()?),
     };
     if let Ok(mut g) = PROCESS.write() {
         *g = loaded.map(|(m, s)| (Arc::new(m), s));
@@ -193,9 +333,9 @@ pub fn init(cfg: &ClusterConfig, role: CertRole) -> Result<(), TlsError> {
 impl TlsMaterial {
     /// Builds the server and a client configuration once, so that a bad certificate or
     /// key is reported at start and not at the first connection.
-    pub fn checked(self, dir: &Path) -> Result<(TlsMaterial, Server), TlsError> {
+    pub fn checked(self) -> Result<(TlsMaterial, Server), TlsError> {
         let bad = |e: tonic::transport::Error| TlsError::Invalid {
-            path: dir.join(format!("{}.crt", self.role)),
+            path: self.cert_path.clone(),
             problem: crate::message::one_line(&format!("{e}: {e:?}")),
         };
         let server = Server::builder()
@@ -260,21 +400,64 @@ pub fn server() -> Server {
     }
 }
 
-/// The role named by a certificate (DER): its subject's `OU=role=<role>`.
-pub fn role_of_certificate(der: &[u8]) -> Option<CertRole> {
+/// What a peer's certificate says it is: its role, and the host it was issued for
+/// (`None`: an operator's or a legacy host-less certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub role: CertRole,
+    pub host: Option<String>,
+}
+
+/// The role and host named by a certificate (DER): its subject's `OU=role=<role>`
+/// and `OU=host=<host>`.
+pub fn identity_of_certificate(der: &[u8]) -> Option<PeerIdentity> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    for ou in subject.iter_organizational_unit() {
-        if let Some(role) = ou
-            .as_str()
-            .ok()
-            .and_then(|s| s.strip_prefix("role="))
-            .and_then(CertRole::parse)
-        {
-            return Some(role);
+    let (mut role, mut host) = (None, None);
+    for ou in cert.subject().iter_organizational_unit() {
+        let Ok(text) = ou.as_str() else { continue };
+        if let Some(r) = text.strip_prefix("role=").and_then(CertRole::parse) {
+            role.get_or_insert(r);
+        } else if let Some(h) = text.strip_prefix("host=") {
+            host.get_or_insert_with(|| h.to_owned());
         }
     }
-    None
+    Some(PeerIdentity { role: role?, host })
+}
+
+/// The role named by a certificate (DER): its subject's `OU=role=<role>`.
+pub fn role_of_certificate(der: &[u8]) -> Option<CertRole> {
+    identity_of_certificate(der).map(|i| i.role)
+}
+
+/// The identity in the certificate a request's peer presented.
+fn peer_identity<T>(request: &tonic::Request<T>) -> Option<PeerIdentity> {
+    request
+        .peer_certs()
+        .and_then(|certs| certs.first().and_then(|c| identity_of_certificate(c)))
+}
+
+/// Refuses a request whose peer certificate names none of `allowed`; returns the
+/// peer's identity (`None`: TLS off, nothing to check).
+#[allow(clippy::result_large_err)]
+fn authorize<T>(
+    request: &tonic::Request<T>,
+    allowed: &[CertRole],
+) -> Result<Option<PeerIdentity>, tonic::Status> {
+    if !enabled() {
+        return Ok(None);
+    }
+    match peer_identity(request) {
+        Some(peer) if allowed.contains(&peer.role) => Ok(Some(peer)),
+        Some(peer) => Err(tonic::Status::permission_denied(format!(
+            "a {} certificate may not call this; it needs a {} certificate",
+            peer.role,
+            names(allowed)
+        ))),
+        None => Err(tonic::Status::unauthenticated(format!(
+            "no client certificate naming a role; this needs a {} certificate",
+            names(allowed)
+        ))),
+    }
 }
 
 /// Refuses a request whose peer certificate names none of `allowed` (a CMServer
@@ -285,22 +468,38 @@ pub fn require_role<T>(
     request: &tonic::Request<T>,
     allowed: &[CertRole],
 ) -> Result<(), tonic::Status> {
-    if !enabled() {
-        return Ok(());
-    }
-    let role = request
-        .peer_certs()
-        .and_then(|certs| certs.first().and_then(|c| role_of_certificate(c)));
-    match role {
-        Some(r) if allowed.contains(&r) => Ok(()),
-        Some(r) => Err(tonic::Status::permission_denied(format!(
-            "a {r} certificate may not call this; it needs a {} certificate",
-            names(allowed)
-        ))),
-        None => Err(tonic::Status::unauthenticated(format!(
-            "no client certificate naming a role; this needs a {} certificate",
-            names(allowed)
-        ))),
+    authorize(request, allowed).map(|_| ())
+}
+
+/// `require_role`, and the request speaks for `host` (an agent's report names its
+/// host): a certificate issued for another host is refused (PermissionDenied naming
+/// both) and logged, so one host's agent key cannot report, or take orders, for
+/// another host. A host-less certificate (a dir made before certificates named hosts)
+/// is accepted, as `require_role` would.
+#[allow(clippy::result_large_err)]
+pub fn require_role_on_host<T>(
+    request: &tonic::Request<T>,
+    allowed: &[CertRole],
+    host: &str,
+) -> Result<(), tonic::Status> {
+    match authorize(request, allowed)? {
+        Some(PeerIdentity {
+            role,
+            host: Some(cert_host),
+        }) if cert_host != host => {
+            let remote = request
+                .remote_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "?".into());
+            tracing::warn!(
+                %role, certificate_host = %cert_host, claimed_host = %host, %remote,
+                "refused: a certificate of one host speaking for another"
+            );
+            Err(tonic::Status::permission_denied(format!(
+                "the {role} certificate of host {cert_host:?} may not speak for host {host:?}"
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -313,10 +512,7 @@ pub fn deny_restore(request: tonic::Request<()>) -> Result<tonic::Request<()>, t
     if !enabled() {
         return Ok(request);
     }
-    let role = request
-        .peer_certs()
-        .and_then(|certs| certs.first().and_then(|c| role_of_certificate(c)));
-    if role == Some(CertRole::Restore) {
+    if peer_identity(&request).map(|p| p.role) == Some(CertRole::Restore) {
         return Err(tonic::Status::permission_denied(
             "a restore certificate may only read WAL from a DN secondary",
         ));
@@ -324,16 +520,33 @@ pub fn deny_restore(request: tonic::Request<()>) -> Result<tonic::Request<()>, t
     Ok(request)
 }
 
-/// Hands `restore.crt` and `restore.key` in `dir` to the OS user (mode 0644 and 0600):
-/// PostgreSQL runs `dn_replicator restore-wal` as that user, which may read no other
-/// key. `cm_ctl cert init` and `cm_ctl local up` call it after `init_dir`.
+/// Hands the `restore` certificates in `dir` (`restore.crt`/`.key` of a legacy dir,
+/// `restore@<host>.crt`/`.key`) to the OS user (mode 0644 and 0600): PostgreSQL runs
+/// `dn_replicator restore-wal` as that user, which may read no other key.
+/// `cm_ctl cert init` and `cm_ctl local up` call it after `init_dir`.
 pub fn give_restore_identity(dir: &Path, os_user: &str) -> Result<(), TlsError> {
-    let role = CertRole::Restore;
-    for (file, mode) in [
-        (format!("{role}.crt"), 0o644),
-        (format!("{role}.key"), 0o600),
-    ] {
-        let path = dir.join(file);
+    let entries = std::fs::read_dir(dir).map_err(|source| TlsError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let role = CertRole::Restore.as_str();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let (Some(stem), Some(ext)) = (
+            path.file_stem().and_then(|s| s.to_str()),
+            path.extension().and_then(|s| s.to_str()),
+        ) else {
+            continue;
+        };
+        let ours = stem == role || stem.strip_prefix(role).is_some_and(|r| r.starts_with('@'));
+        let mode = match ext {
+            "crt" => 0o644,
+            "key" => 0o600,
+            _ => continue,
+        };
+        if !ours {
+            continue;
+        }
         crate::dn_auth::give_to_os_user(&path, os_user, mode).map_err(|e| TlsError::Write {
             path: path.clone(),
             source: std::io::Error::other(e.to_string()),
@@ -350,11 +563,18 @@ fn names(roles: &[CertRole]) -> String {
         .join(" or ")
 }
 
-/// What `issue` makes: validity and the addresses server certificates answer on.
+/// What `issue` makes: validity, the host, and the addresses server certificates
+/// answer on.
 #[derive(Debug, Clone)]
 pub struct IssueOptions {
-    /// IP addresses put in every certificate (the cluster's host addresses).
+    /// IP addresses put in the certificate.
     pub addresses: Vec<IpAddr>,
+    /// DNS names put in the certificate besides `<role>.mpp-ha` (a host whose
+    /// configured address is a name).
+    pub dns_names: Vec<String>,
+    /// The host the certificate is for (`OU=host=<host>`); `None`: host-less (the
+    /// operator's, and every role's in a legacy dir).
+    pub host: Option<String>,
     /// Days from today the certificates are valid for.
     pub valid_days: i64,
     /// Days before today the validity starts (negative `valid_days` + this = expired).
@@ -362,7 +582,7 @@ pub struct IssueOptions {
 }
 
 impl IssueOptions {
-    /// Addresses of the config's hosts (plus loopback), valid ten years.
+    /// Host-less: addresses of the config's hosts (plus loopback), valid ten years.
     pub fn for_config(cfg: &ClusterConfig) -> IssueOptions {
         let mut addresses: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1])];
         for h in &cfg.hosts {
@@ -374,8 +594,25 @@ impl IssueOptions {
         }
         IssueOptions {
             addresses,
+            dns_names: Vec::new(),
+            host: None,
             valid_days: 3650,
             backdate_days: 1,
+        }
+    }
+
+    /// These options for one host: its name in the subject and its address (IP, or
+    /// DNS name) as the only address in the certificate.
+    pub fn for_host(&self, host: &crate::config::Host) -> IssueOptions {
+        let (addresses, dns_names) = match host.address.parse::<IpAddr>() {
+            Ok(ip) => (vec![ip], Vec::new()),
+            Err(_) => (Vec::new(), vec![host.address.clone()]),
+        };
+        IssueOptions {
+            addresses,
+            dns_names,
+            host: Some(host.name.clone()),
+            ..self.clone()
         }
     }
 }
@@ -386,6 +623,10 @@ pub struct Ca {
     key_pem: String,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
+
+/// id-at-organizationalUnitName (2.5.4.11). rcgen keeps one value per attribute type,
+/// so the host's OU is pushed under this custom type: the same OID in the certificate.
+const OU_OID: [u64; 4] = [2, 5, 4, 11];
 
 fn issue_err(e: rcgen::Error) -> TlsError {
     TlsError::Issue(e.to_string())
@@ -456,23 +697,43 @@ impl Ca {
         self.key_pem.clone()
     }
 
-    /// A certificate (PEM cert, PEM key) for `role`, signed by this CA.
+    /// A certificate (PEM cert, PEM key) for `role` (on `opts.host`), signed by this CA.
+    /// A host's certificate answers on `<role>.mpp-ha` (what clients verify) and that
+    /// host's address only; a host-less one also on `localhost` and every address in
+    /// `opts`.
     pub fn issue(&self, role: CertRole, opts: &IssueOptions) -> Result<(String, String), TlsError> {
-        let mut params =
-            rcgen::CertificateParams::new(vec![role.server_name(), "localhost".to_owned()])
-                .map_err(issue_err)?;
+        let mut names = vec![role.server_name()];
+        if opts.host.is_none() {
+            names.push("localhost".to_owned());
+        }
+        names.extend(opts.dns_names.iter().cloned());
+        let mut params = rcgen::CertificateParams::new(names).map_err(issue_err)?;
         for ip in &opts.addresses {
             params
                 .subject_alt_names
                 .push(rcgen::SanType::IpAddress(*ip));
         }
+        let common_name = match &opts.host {
+            None => role.server_name(),
+            Some(h) => {
+                check_host_name(h)?;
+                format!("{role}@{h}")
+            }
+        };
         params
             .distinguished_name
-            .push(rcgen::DnType::CommonName, role.server_name());
+            .push(rcgen::DnType::CommonName, common_name);
         params.distinguished_name.push(
             rcgen::DnType::OrganizationalUnitName,
             format!("role={role}"),
         );
+        if let Some(h) = &opts.host {
+            // A second OU: `identity_of_certificate` reads both.
+            params.distinguished_name.push(
+                rcgen::DnType::CustomDnType(OU_OID.to_vec()),
+                format!("host={h}"),
+            );
+        }
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -506,62 +767,104 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
-/// Issues `role`'s certificate into a complete `dir` that lacks it (one made before
-/// the role existed), signed by the dir's own CA (`ca.key` must be there). Returns
-/// whether it made one; a dir whose CA key is elsewhere is left alone.
-pub fn add_missing_role(dir: &Path, role: CertRole, opts: &IssueOptions) -> Result<bool, TlsError> {
-    let (crt, key, ca_key) = (
-        dir.join(format!("{role}.crt")),
-        dir.join(format!("{role}.key")),
-        dir.join("ca.key"),
-    );
-    if crt.exists() || !ca_key.exists() {
-        return Ok(false);
-    }
-    let ca = Ca::from_files(&dir.join("ca.crt"), &ca_key)?;
-    let (cert, private) = ca.issue(role, opts)?;
-    write(&key, &private, true)?;
-    write(&crt, &cert, false)?;
-    Ok(true)
+/// What `init_dir` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Issued {
+    /// Whether it made the dir's `ca.crt` (a new dir).
+    pub new_ca: bool,
+    /// The certificates it issued (`operator`, `agent@h1`, ...).
+    pub made: Vec<CertName>,
 }
 
-/// Makes `dir` hold a CA (`ca` if given, else a new one) and one certificate per role.
-/// Refuses a dir that already holds a `ca.crt` (never overwrites a cluster's CA).
-pub fn init_dir(
-    dir: &Path,
-    cluster: &str,
-    ca: Option<Ca>,
-    opts: &IssueOptions,
-) -> Result<(), TlsError> {
+/// Makes `dir` hold the cluster CA and every certificate `cfg` needs
+/// (`CertName::for_config`), issuing only what is missing: never overwrites a file.
+///
+/// A new dir gets a CA (`ca` if given, else a new one, whose key is kept as
+/// `ca.key`). A dir that has a `ca.crt` is topped up (a dir made before
+/// certificates named hosts, or before a host or instance was added) with
+/// certificates signed by that CA: `ca`, which must be the one in `ca.crt`, or the
+/// dir's own `ca.key`. With nothing missing it changes nothing and needs no CA key.
+pub fn init_dir(dir: &Path, cfg: &ClusterConfig, ca: Option<Ca>) -> Result<Issued, TlsError> {
+    let base = IssueOptions::for_config(cfg);
     let ca_path = dir.join("ca.crt");
-    if ca_path.exists() {
-        return Err(TlsError::Invalid {
-            path: ca_path,
-            problem: "already exists; remove the directory to make new certificates".into(),
-        });
+    let existing = ca_path.exists();
+    let wanted = CertName::for_config(cfg);
+    // Without a ca.crt the dir was never completed: whatever an interrupted run left
+    // was signed by a CA that is gone, so everything is issued afresh.
+    let missing: Vec<&CertName> = wanted
+        .iter()
+        .filter(|n| !existing || !n.crt(dir).exists())
+        .collect();
+    if existing && missing.is_empty() {
+        return Ok(Issued::default());
     }
+    let ca_key = dir.join("ca.key");
+    let (ca, own_ca) = match (ca, existing) {
+        (Some(ca), true) => {
+            let in_dir = pem_der(&read(&ca_path)?);
+            if in_dir.is_none() || in_dir != pem_der(ca.cert_pem.as_bytes()) {
+                return Err(TlsError::Invalid {
+                    path: ca_path,
+                    problem: "is not the CA given with --ca-cert; top up a dir with the CA that made it".into(),
+                });
+            }
+            (ca, false)
+        }
+        (None, true) if ca_key.exists() => (Ca::from_files(&ca_path, &ca_key)?, false),
+        (None, true) => {
+            return Err(TlsError::Invalid {
+                path: ca_path,
+                problem: format!(
+                    "missing {}; its CA key is not in the dir: pass the CA that signed it (--ca-cert, --ca-key)",
+                    missing
+                        .iter()
+                        .map(|n| format!("{n}.crt"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+        }
+        (Some(ca), false) => (ca, false),
+        (None, false) => (Ca::generate(&cfg.cluster.name, &base)?, true),
+    };
     std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
         path: dir.to_owned(),
         source,
     })?;
-    let (ca, own_ca) = match ca {
-        Some(ca) => (ca, false),
-        None => (Ca::generate(cluster, opts)?, true),
-    };
-    for role in CertRole::ALL {
-        let (cert, key) = ca.issue(role, opts)?;
-        write(&dir.join(format!("{role}.crt")), &cert, false)?;
-        write(&dir.join(format!("{role}.key")), &key, true)?;
+    for name in &missing {
+        let opts = match &name.host {
+            None => base.clone(),
+            Some(h) => match cfg.host(h) {
+                Some(host) => base.for_host(host),
+                None => continue,
+            },
+        };
+        let (cert, key) = ca.issue(name.role, &opts)?;
+        // The key first: a certificate's presence says its pair is complete.
+        write(&name.key(dir), &key, true)?;
+        write(&name.crt(dir), &cert, false)?;
     }
     if own_ca {
-        write(&dir.join("ca.key"), &ca.key_pem(), true)?;
+        write(&ca_key, &ca.key_pem(), true)?;
     }
-    // ca.crt last: its presence says the dir is complete.
-    write(&ca_path, &ca.cert_pem, false)?;
+    if !existing {
+        // ca.crt last: its presence says the dir was made.
+        write(&ca_path, &ca.cert_pem, false)?;
+    }
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(())
+    Ok(Issued {
+        new_ca: !existing,
+        made: missing.into_iter().cloned().collect(),
+    })
+}
+
+/// The DER inside a PEM file (to compare certificates whatever their line endings).
+fn pem_der(pem: &[u8]) -> Option<Vec<u8>> {
+    x509_parser::pem::parse_x509_pem(pem)
+        .ok()
+        .map(|(_, p)| p.contents)
 }
 
 #[cfg(test)]
@@ -571,6 +874,8 @@ mod tests {
     fn opts() -> IssueOptions {
         IssueOptions {
             addresses: vec![IpAddr::from([127, 0, 0, 1])],
+            dns_names: Vec::new(),
+            host: None,
             valid_days: 10,
             backdate_days: 1,
         }
@@ -587,32 +892,240 @@ mod tests {
         assert_eq!(role_of_certificate(b"garbage"), None);
     }
 
+    /// local.toml with the hosts on distinct addresses (h1 10.0.0.1, ...), its TLS dir
+    /// in `dir`.
+    fn cluster(dir: &Path) -> ClusterConfig {
+        let mut text = include_str!("../../configs/local.toml").to_owned();
+        for n in 1..=3 {
+            text = text.replacen(
+                "address = \"127.0.0.1\"",
+                &format!("address = \"10.0.0.{n}\""),
+                1,
+            );
+        }
+        let mut cfg = ClusterConfig::parse(&text, Path::new("local.toml")).unwrap();
+        cfg.tls.dir = Some(dir.to_owned());
+        cfg
+    }
+
+    /// Every file of `dir` and its bytes.
+    fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn ip_sans(pem: &[u8]) -> Vec<IpAddr> {
+        let der = pem_der(pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::IPAddress(b) if b.len() == 4 => {
+                    Some(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `cm_ctl cert init`: the CA, the operator's host-less certificate, and one
+    /// certificate per role and host whose subject names the host and whose only
+    /// address is that host's; no host-less daemon certificate that any host could use.
     #[test]
-    fn init_dir_refuses_to_overwrite_a_ca() {
+    fn init_dir_issues_one_certificate_per_role_and_host() {
         let dir = tempfile::tempdir().unwrap();
-        init_dir(dir.path(), "t", None, &opts()).unwrap();
-        let before = std::fs::read(dir.path().join("ca.crt")).unwrap();
-        let err = init_dir(dir.path(), "t", None, &opts()).unwrap_err();
-        assert!(err.to_string().contains("already exists"), "{err}");
-        assert_eq!(std::fs::read(dir.path().join("ca.crt")).unwrap(), before);
-        let m = TlsMaterial::load_dir(dir.path(), CertRole::Agent).unwrap();
-        assert_eq!(m.role, CertRole::Agent);
-        // A dir made before a role existed gets it from its own CA, once.
-        assert!(!add_missing_role(dir.path(), CertRole::Restore, &opts()).unwrap());
-        std::fs::remove_file(dir.path().join("restore.crt")).unwrap();
-        assert!(add_missing_role(dir.path(), CertRole::Restore, &opts()).unwrap());
-        let pem = std::fs::read_to_string(dir.path().join("restore.crt")).unwrap();
-        assert_eq!(
-            role_of_certificate(&pem_to_der(&pem)),
-            Some(CertRole::Restore)
+        let cfg = cluster(dir.path());
+        let issued = init_dir(dir.path(), &cfg, None).unwrap();
+        assert!(issued.new_ca);
+        let made: Vec<String> = issued.made.iter().map(|n| n.stem()).collect();
+        for stem in [
+            "operator",
+            "agent@h1",
+            "agent@h2",
+            "agent@h3",
+            "cmserver@h1",
+            "cmserver@h2",
+            "gtm@h1",
+            "gtm@h2",
+            "cn@h1",
+            "cn@h2",
+            // dn1's secondary is on h3, its primary and standby may restore WAL from it.
+            "replicator@h3",
+            "restore@h1",
+            "restore@h2",
+        ] {
+            assert!(made.contains(&stem.to_owned()), "{stem} in {made:?}");
+            assert!(
+                dir.path().join(format!("{stem}.key")).exists(),
+                "{stem}.key"
+            );
+        }
+        assert!(
+            !made.contains(&"cmserver@h3".to_owned()),
+            "no CMServer on h3"
         );
-        TlsMaterial::load_dir(dir.path(), CertRole::Restore).unwrap();
+        for legacy in ["agent", "cmserver", "gtm", "cn", "replicator", "restore"] {
+            assert!(
+                !dir.path().join(format!("{legacy}.crt")).exists(),
+                "{legacy}.crt"
+            );
+        }
+        let pem = std::fs::read(dir.path().join("agent@h2.crt")).unwrap();
+        assert_eq!(
+            identity_of_certificate(&pem_der(&pem).unwrap()),
+            Some(PeerIdentity {
+                role: CertRole::Agent,
+                host: Some("h2".into())
+            })
+        );
+        assert_eq!(
+            ip_sans(&pem),
+            vec![IpAddr::from([10, 0, 0, 2])],
+            "h2's address only"
+        );
+        let op = std::fs::read(dir.path().join("operator.crt")).unwrap();
+        assert_eq!(
+            identity_of_certificate(&pem_der(&op).unwrap()),
+            Some(PeerIdentity {
+                role: CertRole::Operator,
+                host: None
+            })
+        );
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("agent.key"))
+        let mode = std::fs::metadata(dir.path().join("agent@h1.key"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0, "keys are private");
+
+        // Again: nothing changes, the CA above all.
+        let before = snapshot(dir.path());
+        assert_eq!(init_dir(dir.path(), &cfg, None).unwrap(), Issued::default());
+        assert_eq!(snapshot(dir.path()), before);
+
+        // A lost certificate is issued again from the dir's CA, alone.
+        std::fs::remove_file(dir.path().join("agent@h3.crt")).unwrap();
+        let issued = init_dir(dir.path(), &cfg, None).unwrap();
+        assert_eq!(
+            issued.made,
+            vec![CertName::new(CertRole::Agent, Some("h3"))]
+        );
+        assert!(!issued.new_ca);
+        let after = snapshot(dir.path());
+        for (file, bytes) in &before {
+            if !file.starts_with("agent@h3.") {
+                assert_eq!(&after[file], bytes, "{file} was rewritten");
+            }
+        }
+        TlsMaterial::load_dir_for(dir.path(), CertRole::Agent, Some("h3")).unwrap();
+    }
+
+    /// A dir made before certificates named hosts (`<role>.crt` only): every daemon
+    /// still loads (the host-less file), and `init_dir` tops it up from its own CA
+    /// without touching the CA or the old files.
+    #[test]
+    fn a_legacy_dir_keeps_working_and_is_topped_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = cluster(dir.path());
+        let opts = IssueOptions::for_config(&cfg);
+        let ca = Ca::generate("t", &opts).unwrap();
+        for role in CertRole::ALL {
+            let (cert, key) = ca.issue(role, &opts).unwrap();
+            let name = CertName::new(role, None);
+            write(&name.crt(dir.path()), &cert, false).unwrap();
+            write(&name.key(dir.path()), &key, true).unwrap();
+        }
+        write(&dir.path().join("ca.key"), &ca.key_pem(), true).unwrap();
+        write(&dir.path().join("ca.crt"), &ca.cert_pem, false).unwrap();
+
+        let m = TlsMaterial::load_dir_for(dir.path(), CertRole::Agent, Some("h1")).unwrap();
+        assert_eq!((m.role, m.host.as_deref()), (CertRole::Agent, None));
+        assert!(m.cert_path.ends_with("agent.crt"), "{:?}", m.cert_path);
+        cfg.tls.enabled = true;
+        init(&cfg, CertRole::CmServer, Some("h1")).expect("a daemon starts on a legacy dir");
+
+        let before = snapshot(dir.path());
+        let issued = init_dir(dir.path(), &cfg, None).unwrap();
+        assert!(!issued.new_ca);
+        assert!(issued
+            .made
+            .contains(&CertName::new(CertRole::Agent, Some("h1"))));
+        assert!(!issued
+            .made
+            .contains(&CertName::new(CertRole::Operator, None)));
+        let after = snapshot(dir.path());
+        for (file, bytes) in &before {
+            assert_eq!(&after[file], bytes, "{file} was rewritten");
+        }
+        let m = TlsMaterial::load_dir_for(dir.path(), CertRole::Agent, Some("h1")).unwrap();
+        assert_eq!(m.host.as_deref(), Some("h1"));
+        assert!(m.cert_path.ends_with("agent@h1.crt"), "{:?}", m.cert_path);
+        if let Ok(mut g) = PROCESS.write() {
+            *g = None;
+        }
+    }
+
+    /// A run interrupted before `ca.crt` (the dir's "complete" mark) left certificates
+    /// of a CA that was never saved: the next run issues every one afresh.
+    #[test]
+    fn an_interrupted_init_is_redone_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cluster(dir.path());
+        std::fs::write(dir.path().join("agent@h1.crt"), "left over").unwrap();
+        let issued = init_dir(dir.path(), &cfg, None).unwrap();
+        assert!(issued.new_ca);
+        assert!(issued
+            .made
+            .contains(&CertName::new(CertRole::Agent, Some("h1"))));
+        TlsMaterial::load_dir_for(dir.path(), CertRole::Agent, Some("h1"))
+            .unwrap()
+            .checked()
+            .unwrap();
+    }
+
+    /// A dir whose CA key is kept elsewhere is topped up only with that CA; without
+    /// it, the error names what is missing and how to issue it.
+    #[test]
+    fn a_top_up_needs_the_dirs_own_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cluster(dir.path());
+        let ca = Ca::generate("t", &IssueOptions::for_config(&cfg)).unwrap();
+        let kept = tempfile::tempdir().unwrap();
+        let (ca_crt, ca_key) = (kept.path().join("ca.crt"), kept.path().join("ca.key"));
+        write(&ca_crt, &ca.cert_pem, false).unwrap();
+        write(&ca_key, &ca.key_pem(), true).unwrap();
+        init_dir(dir.path(), &cfg, Some(ca)).unwrap();
+        assert!(
+            !dir.path().join("ca.key").exists(),
+            "an existing CA's key stays where it was"
+        );
+        // Complete: nothing to do, no key needed.
+        assert_eq!(init_dir(dir.path(), &cfg, None).unwrap(), Issued::default());
+        std::fs::remove_file(dir.path().join("gtm@h2.crt")).unwrap();
+        let err = init_dir(dir.path(), &cfg, None).unwrap_err().to_string();
+        assert!(
+            err.contains("gtm@h2.crt") && err.contains("--ca-key"),
+            "{err}"
+        );
+        let other = Ca::generate("x", &IssueOptions::for_config(&cfg)).unwrap();
+        let err = init_dir(dir.path(), &cfg, Some(other))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not the CA"), "{err}");
+        assert!(!dir.path().join("gtm@h2.crt").exists());
+        let ca = Ca::from_files(&ca_crt, &ca_key).unwrap();
+        let issued = init_dir(dir.path(), &cfg, Some(ca)).unwrap();
+        assert_eq!(issued.made, vec![CertName::new(CertRole::Gtm, Some("h2"))]);
     }
 
     #[test]
@@ -624,7 +1137,8 @@ mod tests {
         let loaded =
             Ca::from_files(&dir.path().join("my.crt"), &dir.path().join("my.key")).unwrap();
         let out = dir.path().join("tls");
-        init_dir(&out, "t", Some(loaded), &opts()).unwrap();
+        let cfg = cluster(&out);
+        init_dir(&out, &cfg, Some(loaded)).unwrap();
         assert_eq!(
             std::fs::read_to_string(out.join("ca.crt")).unwrap(),
             ca.cert_pem
@@ -651,7 +1165,7 @@ mod tests {
     #[tokio::test]
     async fn a_handshake_with_a_silent_peer_is_bounded_by_the_connect_timeout() {
         let dir = tempfile::tempdir().unwrap();
-        init_dir(dir.path(), "t", None, &opts()).unwrap();
+        init_dir(dir.path(), &cluster(dir.path()), None).unwrap();
         let m = TlsMaterial::load_dir(dir.path(), CertRole::Operator).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -344,17 +344,11 @@ pub fn prepare_tls(cfg: &ha_common::ClusterConfig) {
     }
     let dir = cfg.tls_dir();
     if !dir.join("ca.crt").exists() {
-        tls::init_dir(
-            &dir,
-            &cfg.cluster.name,
-            None,
-            &tls::IssueOptions::for_config(cfg),
-        )
-        .expect("make the test cluster's certificates");
+        tls::init_dir(&dir, cfg, None).expect("make the test cluster's certificates");
         tls::give_restore_identity(&dir, &cfg.cluster.os_user)
             .expect("give the restore certificate to the OS user");
     }
-    tls::init(cfg, tls::CertRole::Operator).expect("load the operator certificate");
+    tls::init(cfg, tls::CertRole::Operator, None).expect("load the operator certificate");
 }
 
 /// A process started by a test. Dropping it kills it (SIGKILL, by its pid) and reaps it.

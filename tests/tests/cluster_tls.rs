@@ -1,10 +1,12 @@
-//! Mutual TLS on a running cluster: the cluster works with TLS on, and a client with no certificate, a certificate from another CA, an expired certificate, plaintext, or an agent certificate ordering a failover is refused without changing anything.
+//! Mutual TLS on a running cluster: the cluster works with TLS on, and a client with no certificate, a certificate from another CA, an expired certificate, plaintext, an agent certificate ordering a failover, or one host's agent certificate reporting for another host is refused without changing anything.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ha_common::proto::cm::cm_server_client::CmServerClient;
-use ha_common::proto::cm::{ClusterStatusRequest, FailoverRequest, RenewGtmLeaseRequest};
+use ha_common::proto::cm::{
+    AgentReport, ClusterStatusRequest, FailoverRequest, RenewGtmLeaseRequest,
+};
 use ha_common::tls::{self, Ca, CertRole, IssueOptions, TlsMaterial};
 use mpp_ha_tests::{status_member, with_tls, LocalCluster};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -96,7 +98,12 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
         bail!("no GXID with TLS on (GTM lease?): {}", out.stderr.trim());
     }
     // ...and nobody else may renew it: an agent certificate is refused by role.
-    let agent = TlsMaterial::load(&c.cfg, CertRole::Agent)?.expect("tls is on");
+    let agent = TlsMaterial::load(&c.cfg, CertRole::Agent, Some("h2"))?.expect("tls is on");
+    assert!(
+        agent.cert_path.ends_with("agent@h2.crt"),
+        "h2's own certificate: {:?}",
+        agent.cert_path
+    );
     for ep in c.cfg.cm_server_endpoints() {
         let mut client = cm_server_as(&agent, &ep).await?;
         let r = client
@@ -176,14 +183,14 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
     // user's alone, and it is good for reading WAL from a secondary only.
     {
         use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(dir.join("restore.key"))?;
+        let meta = std::fs::metadata(dir.join("restore@h1.key"))?;
         let os_uid = nix::unistd::User::from_name(&c.cfg.cluster.os_user)?
             .map(|u| u.uid.as_raw())
             .context("the OS user exists")?;
-        assert_eq!(meta.uid(), os_uid, "restore.key belongs to the OS user");
-        assert_eq!(meta.mode() & 0o777, 0o600, "restore.key is private");
+        assert_eq!(meta.uid(), os_uid, "restore@h1.key belongs to the OS user");
+        assert_eq!(meta.mode() & 0o777, 0o600, "restore@h1.key is private");
     }
-    let restore = TlsMaterial::load_dir(&dir, CertRole::Restore)?;
+    let restore = TlsMaterial::load_dir_for(&dir, CertRole::Restore, Some("h1"))?;
     for ep in c.cfg.cm_server_endpoints() {
         let mut client = cm_server_as(&restore, &ep).await?;
         match client.get_cluster_status(ClusterStatusRequest {}).await {
@@ -216,6 +223,73 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
         refused >= 1,
         "the primary CMServer refused the agent's order by role"
     );
+
+    // Each daemon presents its own host's certificate.
+    let log_of =
+        |node: &str| mpp_ha_tests::tail(&c.base_dir().join(node).join(format!("{node}.log")), 2000);
+    let cms1_log = log_of("cms1");
+    assert!(
+        cms1_log.contains("cmserver@h1.crt"),
+        "cms1 loads cmserver@h1.crt: {cms1_log}"
+    );
+
+    // h2's agent certificate reporting for h1 (a stolen key speaking for another
+    // host): refused by every CMServer, naming both hosts, before the report is read.
+    for ep in c.cfg.cm_server_endpoints() {
+        let mut client = cm_server_as(&agent, &ep).await?;
+        let r = client
+            .report(AgentReport {
+                host: "h1".into(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                let m = s.message();
+                assert!(m.contains("\"h2\"") && m.contains("\"h1\""), "{m}");
+            }
+            other => bail!("{ep}: h2's agent certificate reporting for h1: {other:?}"),
+        }
+    }
+    mpp_ha_tests::wait_for(
+        "the CMServer's log of the refusal",
+        Duration::from_secs(10),
+        || {
+            let logged = ["cms1", "cms2"]
+                .iter()
+                .all(|cms| log_of(cms).contains("speaking for another"));
+            async move { Ok(logged.then_some(())) }
+        },
+    )
+    .await?;
+
+    // A host-less (legacy) agent certificate of the cluster CA still gets through the
+    // certificate check: a dir made before certificates named hosts keeps working.
+    // It names an unknown host, so the report is refused after the check and changes
+    // nothing.
+    let (cert, key) = ca.issue(CertRole::Agent, &opts)?;
+    let legacy_dir = c.dir.path().join("legacy-tls");
+    std::fs::create_dir_all(&legacy_dir)?;
+    std::fs::copy(dir.join("ca.crt"), legacy_dir.join("ca.crt"))?;
+    std::fs::write(legacy_dir.join("agent.crt"), cert)?;
+    std::fs::write(legacy_dir.join("agent.key"), key)?;
+    let legacy = TlsMaterial::load_dir_for(&legacy_dir, CertRole::Agent, Some("h1"))?;
+    assert_eq!(legacy.host, None, "fell back to agent.crt");
+    for ep in c.cfg.cm_server_endpoints() {
+        let mut client = cm_server_as(&legacy, &ep).await?;
+        match client
+            .report(AgentReport {
+                host: "no-such-host".into(),
+                ..Default::default()
+            })
+            .await
+        {
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                assert!(s.message().contains("no-such-host"), "{}", s.message())
+            }
+            other => bail!("{ep}: a legacy agent certificate: {other:?}"),
+        }
+    }
 
     // Nothing changed: same primary, same term.
     let after = snapshot(&c)?;

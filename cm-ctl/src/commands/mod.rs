@@ -65,7 +65,8 @@ fn print_done(reply: &ha_common::proto::cm::OperationReply, started: std::time::
     );
 }
 
-/// `cm_ctl cert init`: the CA (new, or the operator's own) and one certificate per role.
+/// `cm_ctl cert init`: the CA (new, or the operator's own) and one certificate per role
+/// and host; on an existing dir, the missing certificates only.
 fn cert_init(
     cfg: &ClusterConfig,
     out: Option<&std::path::Path>,
@@ -80,16 +81,31 @@ fn cert_init(
         }
         _ => None,
     };
-    let opts = tls::IssueOptions::for_config(cfg);
-    tls::init_dir(&dir, &cfg.cluster.name, ca, &opts).map_err(ha_common::ConfigError::from)?;
-    // A standby's restore_command runs as the OS user: the `restore` key is that user's.
+    let issued = tls::init_dir(&dir, cfg, ca).map_err(ha_common::ConfigError::from)?;
+    // A standby's restore_command runs as the OS user: the `restore` keys are that user's.
     tls::give_restore_identity(&dir, &cfg.cluster.os_user).map_err(ha_common::ConfigError::from)?;
-    println!(
-        "certificates for {} written to {} (roles: {})",
-        cfg.cluster.name,
-        dir.display(),
-        tls::CertRole::ALL.map(|r| r.as_str()).join(", ")
-    );
+    let made = issued
+        .made
+        .iter()
+        .map(|n| n.stem())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (issued.new_ca, issued.made.is_empty()) {
+        (true, _) => println!(
+            "certificates for {} written to {} (new CA; {made})",
+            cfg.cluster.name,
+            dir.display()
+        ),
+        (false, true) => println!(
+            "{} already holds every certificate of {}; nothing changed",
+            dir.display(),
+            cfg.cluster.name
+        ),
+        (false, false) => println!(
+            "{}: added {made} (signed by its existing CA; no file was rewritten)",
+            dir.display()
+        ),
+    }
     // The DN roles' passwords belong with the certificates: made once per cluster,
     // copied to every host with them.
     let made = ha_common::dn_auth::init_password_files(cfg)?;
