@@ -6,19 +6,23 @@
 # SIGKILLs the primary and times a `promote` order to the first GXID from the promoted
 # standby. Kills exactly the processes it started and removes its dir.
 #
-# Usage: bench/gtm.sh [seconds per run]    (build first: cargo build --release -p gtm)
+# Usage: bench/gtm.sh [seconds per run]    (build first: cargo build --release -p gtm -p cm-ctl;
+# the pair runs with mutual TLS, as configs/local.toml says, on certificates made by
+# `cm_ctl cert init` in the temporary dir)
 # Environment: CLIENTS (default 1,64,256), BLOCK_SIZE (gtm.block_size, default 2000),
 # IN_FLIGHT (messages in flight on the client's stream, default the client's).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 GTM=${GTM:-target/release/gtm}
+CM_CTL=${CM_CTL:-target/release/cm_ctl}
 DURATION=${1:-5}
 CLIENTS=${CLIENTS:-1,64,256}
 BLOCK_SIZE=${BLOCK_SIZE:-2000}
 IN_FLIGHT_ARG=()
 [ -n "${IN_FLIGHT:-}" ] && IN_FLIGHT_ARG=(--in-flight "$IN_FLIGHT")
 [ -x "$GTM" ] || { echo "bench/gtm.sh: $GTM not found: cargo build --release -p gtm" >&2; exit 1; }
+[ -x "$CM_CTL" ] || { echo "bench/gtm.sh: $CM_CTL not found: cargo build --release -p cm-ctl" >&2; exit 1; }
 
 DIR=$(mktemp -d /tmp/mpp-ha-bench-gtm.XXXXXX)
 PIDS=()
@@ -33,6 +37,8 @@ sed -e "s|^base_dir = .*|base_dir = \"$DIR\"|" \
     -e 's/^port = 7101$/port = 29101/' -e 's/^port = 7102$/port = 29102/' \
     -e "s/^block_size = 2000$/block_size = $BLOCK_SIZE/" \
     configs/local.toml > "$CONFIG"
+# TLS is on by default: the pair and the bench need the cluster's certificates.
+"$CM_CTL" cert init --config "$CONFIG" > /dev/null
 
 start() {
     "$GTM" serve --config "$CONFIG" --node "$1" >> "$DIR/$1.log" 2>&1 &
