@@ -36,16 +36,6 @@ async fn main() {
 
 async fn run(args: Args) -> Result<()> {
     let cfg = ClusterConfig::load(&args.config)?.with_base_dir(args.base_dir);
-    // Its own host's certificate. An unknown node loads none: `serve` refuses it,
-    // naming the config.
-    let host = cfg
-        .cm_servers
-        .iter()
-        .find(|s| s.name == args.node)
-        .map(|s| s.host.clone());
-    if host.is_some() {
-        ha_common::tls::init(&cfg, ha_common::tls::CertRole::CmServer, host.as_deref())?;
-    }
     cm_server::serve(cfg, &args.node).await?;
     Ok(())
 }

@@ -39,6 +39,8 @@ pub enum ServerError {
     NotACmServer { node: String, config: PathBuf },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Tls(#[from] ha_common::tls::TlsError),
     #[error("cannot create {path}: {source}")]
     Dir {
         path: PathBuf,
@@ -558,6 +560,9 @@ pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
             node: node.to_owned(),
             config: cfg.source.clone(),
         })?;
+    // Its own host's certificate (as every daemon loads its own, once its instance is
+    // known).
+    ha_common::tls::init(&cfg, ha_common::tls::CertRole::CmServer, Some(&me.host))?;
     let dir = cfg.instance_dir(node);
     std::fs::create_dir_all(&dir).map_err(|source| ServerError::Dir {
         path: dir.clone(),

@@ -539,14 +539,14 @@ pub fn give_restore_identity(dir: &Path, os_user: &str) -> Result<(), TlsError> 
             continue;
         };
         let ours = stem == role || stem.strip_prefix(role).is_some_and(|r| r.starts_with('@'));
+        if !ours {
+            continue;
+        }
         let mode = match ext {
             "crt" => 0o644,
             "key" => 0o600,
             _ => continue,
         };
-        if !ours {
-            continue;
-        }
         crate::dn_auth::give_to_os_user(&path, os_user, mode).map_err(|e| TlsError::Write {
             path: path.clone(),
             source: std::io::Error::other(e.to_string()),
@@ -886,7 +886,7 @@ mod tests {
         let ca = Ca::generate("t", &opts()).unwrap();
         for role in CertRole::ALL {
             let (pem, _) = ca.issue(role, &opts()).unwrap();
-            let der = pem_to_der(&pem);
+            let der = pem_der(pem.as_bytes()).unwrap();
             assert_eq!(role_of_certificate(&der), Some(role));
         }
         assert_eq!(role_of_certificate(b"garbage"), None);
@@ -1188,10 +1188,5 @@ mod tests {
             elapsed < Duration::from_secs(3),
             "gave up after {elapsed:?}, connect timeout {timeout:?}"
         );
-    }
-
-    fn pem_to_der(pem: &str) -> Vec<u8> {
-        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
-        p.contents
     }
 }

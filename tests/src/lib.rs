@@ -103,6 +103,29 @@ pub async fn connect_at(
     connect_with(address, port, &user, Some(&password), timeout).await
 }
 
+/// A client of the CMServer at `ep` presenting `material`'s certificate (a test's
+/// choice of role, host or validity), connecting within `connect_timeout` and giving
+/// each call `rpc_timeout`.
+pub async fn cm_server_as(
+    material: &ha_common::tls::TlsMaterial,
+    ep: &str,
+    connect_timeout: Duration,
+    rpc_timeout: Duration,
+) -> Result<ha_common::proto::cm::cm_server_client::CmServerClient<tonic::transport::Channel>> {
+    let ch = ha_common::tls::endpoint_with(
+        Some(material),
+        ep,
+        ha_common::tls::CertRole::CmServer,
+        connect_timeout,
+    )?
+    .timeout(rpc_timeout)
+    .connect()
+    .await?;
+    Ok(ha_common::proto::cm::cm_server_client::CmServerClient::new(
+        ch,
+    ))
+}
+
 /// Connects to a DN member on loopback with `login` (from [`LocalCluster::dn_login`]).
 pub async fn connect_dn_as(
     login: &(String, String),

@@ -7,7 +7,7 @@ use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::{
     AgentReport, ClusterStatusRequest, FailoverRequest, RenewGtmLeaseRequest,
 };
-use ha_common::tls::{self, Ca, CertRole, IssueOptions, TlsMaterial};
+use ha_common::tls::{Ca, CertRole, IssueOptions, TlsMaterial};
 use mpp_ha_tests::{status_member, with_tls, LocalCluster};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -51,16 +51,8 @@ async fn ask(c: &LocalCluster, tls: Option<ClientTlsConfig>) -> Result<(), Strin
 
 /// A client of the CMServer at `ep` that presents `material`'s certificate.
 async fn cm_server_as(material: &TlsMaterial, ep: &str) -> Result<CmServerClient<Channel>> {
-    let ch = tls::endpoint_with(
-        Some(material),
-        ep,
-        CertRole::CmServer,
-        Duration::from_secs(5),
-    )?
-    .timeout(Duration::from_secs(5))
-    .connect()
-    .await?;
-    Ok(CmServerClient::new(ch))
+    let t = Duration::from_secs(5);
+    mpp_ha_tests::cm_server_as(material, ep, t, t).await
 }
 
 fn client_tls(ca: &str, identity: Option<(&str, &str)>) -> ClientTlsConfig {

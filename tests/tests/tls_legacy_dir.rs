@@ -9,11 +9,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
-use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::AgentReport;
-use ha_common::tls::{self, Ca, CertRole, IssueOptions, TlsMaterial};
+use ha_common::tls::{Ca, CertRole, IssueOptions, TlsMaterial};
 use ha_common::ClusterConfig;
-use mpp_ha_tests::{bin, local_config_text, run_bin, tail, wait_for, with_tls, Proc, TestDir};
+use mpp_ha_tests::{
+    bin, cm_server_as, local_config_text, run_bin, tail, wait_for, with_tls, Proc, TestDir,
+};
 
 const PORT_BASE: u16 = 44000;
 
@@ -50,20 +51,13 @@ async fn answers(ep: &str, agent: &TlsMaterial, cms: &Proc, expect: tonic::Code)
         "the CMServer to answer over TLS",
         Duration::from_secs(30),
         || async {
-            let ch = match tls::endpoint_with(
-                Some(agent),
-                ep,
-                CertRole::CmServer,
-                Duration::from_secs(2),
-            )?
-            .timeout(Duration::from_secs(3))
-            .connect()
-            .await
-            {
-                Ok(ch) => ch,
+            let connected =
+                cm_server_as(agent, ep, Duration::from_secs(2), Duration::from_secs(3)).await;
+            let mut client = match connected {
+                Ok(c) => c,
                 Err(e) => bail!("connect: {e:?}; log: {}", cms.log_tail()),
             };
-            let r = CmServerClient::new(ch)
+            let r = client
                 .report(AgentReport {
                     host: "no-such-host".into(),
                     ..Default::default()
