@@ -158,18 +158,18 @@ pub fn lease_file(cfg: &ClusterConfig, host: &str) -> std::path::PathBuf {
 impl Reporter {
     pub fn new(cfg: &ClusterConfig, host: &str, timeout: Duration) -> Result<Reporter> {
         let lease_file = lease_file(cfg, host);
-        let lease = match LeaseRecord::load(&lease_file) {
-            Ok(Some(record)) => {
+        let record = LeaseRecord::load(&lease_file).unwrap_or_else(|e| {
+            // The safe default: the startup grace for everybody, as with no record.
+            tracing::warn!("{e}; granting no lease for cm_lease after start");
+            None
+        });
+        let lease = match record {
+            Some(record) => {
                 tracing::info!(holder = %record.holder, term = record.granted_term,
                     "lease record found: the last holder may renew at once");
                 LeaseState::restored(Instant::now(), cfg.timing.cm_lease(), record)
             }
-            Ok(None) => LeaseState::new(Instant::now(), cfg.timing.cm_lease()),
-            // The safe default: the startup grace for everybody, as with no record.
-            Err(e) => {
-                tracing::warn!("{e}; granting no lease for cm_lease after start");
-                LeaseState::new(Instant::now(), cfg.timing.cm_lease())
-            }
+            None => LeaseState::new(Instant::now(), cfg.timing.cm_lease()),
         };
         let mut servers = Vec::new();
         for ep in cfg.cm_server_endpoints() {
@@ -228,15 +228,18 @@ impl Reporter {
         }
         let now = Instant::now();
         // A grant is on disk before any CMServer can count it (see `lease.rs`).
-        if let Some(record) = self.lease.unsaved() {
-            match record.save(&self.lease_file) {
-                Ok(()) => self.lease.saved(record),
-                Err(e) => tracing::error!("{e}: the lease grant is not reported until it is saved"),
-            }
-        }
         let lease = match self.lease.unsaved() {
             None => self.lease.to_proto(now),
-            Some(_) => Default::default(),
+            Some(record) => match record.save(&self.lease_file) {
+                Ok(()) => {
+                    self.lease.saved(record);
+                    self.lease.to_proto(now)
+                }
+                Err(e) => {
+                    tracing::error!("{e}: the lease grant is not reported until it is saved");
+                    Default::default()
+                }
+            },
         };
         let report = AgentReport {
             host: self.host.clone(),
