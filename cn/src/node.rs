@@ -335,24 +335,20 @@ impl Node {
         };
         let described = async {
             let target = self.target(0).ok()?;
-            let c = self.pool.get(0, &target).await.ok()?;
-            let r = c.client.prepare_typed(&text, given).await;
+            let mut c = self.pool.get(0, &target).await.ok()?;
+            let oids: Vec<u32> = given.iter().map(Type::oid).collect();
+            let r = c.describe(&target.group, &text, &oids).await;
             self.pool.put(c).await;
-            let stmt = r.ok()?;
-            let fields = stmt
-                .columns()
+            let d = r.ok()?;
+            let fields = d
+                .columns
                 .iter()
-                .map(|col| {
-                    FieldInfo::new(
-                        col.name().to_owned(),
-                        None,
-                        None,
-                        col.type_().clone(),
-                        FieldFormat::Text,
-                    )
-                })
+                .map(|col| crate::dn::field_info(col, FieldFormat::Text))
                 .collect::<Vec<_>>();
-            Some((stmt.params().to_vec(), fields))
+            Some((
+                d.params.into_iter().map(crate::dn::pg_type).collect(),
+                fields,
+            ))
         }
         .await;
         match described {

@@ -10,7 +10,6 @@ use std::fmt::Debug;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::{Sink, SinkExt, StreamExt};
 use pgwire::api::auth::sasl::scram::ScramAuth;
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
@@ -39,10 +38,9 @@ use pgwire::messages::response::EmptyQueryResponse;
 use pgwire::messages::startup::{ParameterStatus, SecretKey};
 use pgwire::messages::PgWireBackendMessage;
 use tokio::sync::Mutex;
-use tokio_postgres::CopyInSink;
 
 use crate::cancel::{Canceller, InFlight};
-use crate::dn::{DnConn, DnError};
+use crate::dn::{Column, DnConn, DnError};
 use crate::merge::{self, Row};
 use crate::node::Node;
 use crate::router::{self, Merge, Plan, SavepointOp};
@@ -51,7 +49,7 @@ use crate::sql_text;
 /// What one statement produced.
 enum Outcome {
     Rows {
-        columns: Vec<String>,
+        columns: Vec<Column>,
         rows: Vec<Row>,
         tag: String,
     },
@@ -88,8 +86,9 @@ impl Txn {
     }
 }
 
+/// A COPY FROM STDIN in progress: it is open on the transaction's connection of each
+/// group in `groups`.
 struct CopyState {
-    sinks: BTreeMap<usize, std::pin::Pin<Box<CopyInSink<Bytes>>>>,
     buffers: BTreeMap<usize, Vec<u8>>,
     partial: Vec<u8>,
     dist: Option<(usize, crate::catalog::KeyKind)>,
@@ -526,7 +525,7 @@ impl Session {
                     .unwrap_or_default();
                 let parts: Vec<Vec<Row>> = answers.into_iter().map(|a| a.rows).collect();
                 if let Merge::Aggregate(a) = &merge {
-                    columns = a.names.clone();
+                    columns = merge::aggregate_columns(a, &columns);
                 }
                 let rows = merge::merge(&merge, parts);
                 Ok(rows_outcome(Some(columns), rows, "SELECT"))
@@ -667,22 +666,17 @@ impl Session {
         groups: Vec<usize>,
     ) -> Result<(), DnError> {
         self.enlist(st, &groups).await?;
-        let mut sinks = BTreeMap::new();
         let Some(txn) = st.txn.as_mut() else {
             return Err(DnError::new("XX000", "no transaction"));
         };
         for &g in &groups {
             txn.wrote.insert(g);
-            let Some(c) = txn.conns.get(&g) else { continue };
-            let sink = c
-                .client
-                .copy_in::<_, Bytes>(sql)
-                .await
-                .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
-            sinks.insert(g, Box::pin(sink));
+            let Some(c) = txn.conns.get_mut(&g) else {
+                continue;
+            };
+            c.copy_in(&self.group_name(g), sql).await?;
         }
         st.copy = Some(CopyState {
-            sinks,
             buffers: BTreeMap::new(),
             partial: Vec::new(),
             dist,
@@ -789,7 +783,7 @@ async fn cut_before_commit(e: DnError, before_commit: bool) -> DnError {
     e.not_committed(before_commit)
 }
 
-fn rows_outcome(columns: Option<Vec<String>>, rows: Vec<Row>, tag: &str) -> Outcome {
+fn rows_outcome(columns: Option<Vec<Column>>, rows: Vec<Row>, tag: &str) -> Outcome {
     match columns {
         Some(columns) => Outcome::Rows {
             tag: if tag == "SELECT" {
@@ -804,7 +798,7 @@ fn rows_outcome(columns: Option<Vec<String>>, rows: Vec<Row>, tag: &str) -> Outc
     }
 }
 
-fn write_outcome(tag: &str, count: u64, columns: Option<Vec<String>>, rows: Vec<Row>) -> Outcome {
+fn write_outcome(tag: &str, count: u64, columns: Option<Vec<Column>>, rows: Vec<Row>) -> Outcome {
     let tag = match tag {
         "INSERT" => format!("INSERT 0 {count}"),
         "TRUNCATE TABLE" => "TRUNCATE TABLE".into(),
@@ -884,9 +878,10 @@ fn to_response(o: Outcome, described: Option<(&[FieldInfo], &Format)>) -> Respon
                         )
                     })
                     .collect(),
+                // The simple protocol: the DN's own column types (text format).
                 _ => columns
                     .iter()
-                    .map(|c| FieldInfo::new(c.clone(), None, None, Type::TEXT, FieldFormat::Text))
+                    .map(|c| crate::dn::field_info(c, FieldFormat::Text))
                     .collect(),
             };
             let fields = Arc::new(fields);
@@ -1401,15 +1396,21 @@ impl ExtendedQueryHandler for Session {
 }
 
 impl Session {
-    async fn flush_copy(copy: &mut CopyState, min: usize) -> Result<(), DnError> {
+    /// Sends each group's buffered rows once there are at least `min` bytes of them.
+    async fn flush_copy(
+        &self,
+        copy: &mut CopyState,
+        txn: Option<&mut Txn>,
+        min: usize,
+    ) -> Result<(), DnError> {
+        let Some(txn) = txn else {
+            return Err(DnError::new("XX000", "COPY outside a transaction"));
+        };
         for (g, buf) in copy.buffers.iter_mut() {
             if buf.len() >= min && !buf.is_empty() {
-                if let Some(sink) = copy.sinks.get_mut(g) {
-                    let data = Bytes::from(std::mem::take(buf));
-                    sink.as_mut()
-                        .send(data)
-                        .await
-                        .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
+                if let Some(c) = txn.conns.get_mut(g) {
+                    c.copy_data(&self.group_name(*g), buf).await?;
+                    buf.clear();
                 }
             }
         }
@@ -1457,7 +1458,8 @@ impl CopyHandler for Session {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let mut st = self.state.lock().await;
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
         let Some(copy) = st.copy.as_mut() else {
             return Err(user_error("08P01", "CopyData outside COPY"));
         };
@@ -1465,9 +1467,9 @@ impl CopyHandler for Session {
             let catalog = self.node.catalog_read();
             Self::route_lines(&catalog, copy, &copy_data.data);
         }
-        if let Err(e) = Self::flush_copy(copy, 64 * 1024).await {
+        if let Err(e) = self.flush_copy(copy, st.txn.as_mut(), 64 * 1024).await {
             st.copy = None;
-            self.fail_txn(&mut st).await;
+            self.fail_txn(st).await;
             return Err(dn_error(e));
         }
         Ok(())
@@ -1494,15 +1496,15 @@ impl CopyHandler for Session {
                 let catalog = self.node.catalog_read().clone();
                 Self::route_lines(&catalog, &mut copy, &rest);
             }
-            Self::flush_copy(&mut copy, 0).await?;
+            self.flush_copy(&mut copy, st.txn.as_mut(), 0).await?;
             let mut counts = Vec::new();
-            for (g, sink) in copy.sinks.iter_mut() {
-                let n = sink
-                    .as_mut()
-                    .finish()
-                    .await
-                    .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
-                counts.push(n);
+            let Some(txn) = st.txn.as_mut() else {
+                return Err(DnError::new("XX000", "COPY outside a transaction"));
+            };
+            for g in &copy.groups {
+                if let Some(c) = txn.conns.get_mut(g) {
+                    counts.push(c.copy_finish(&self.group_name(*g)).await?);
+                }
             }
             Ok(if copy.dist.is_none() {
                 counts.first().copied().unwrap_or(0)
@@ -1544,7 +1546,7 @@ impl CopyHandler for Session {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let mut st = self.state.lock().await;
-        // Dropping the sinks aborts the DN COPYs; the transaction is rolled back.
+        // The DN COPYs are ended by CopyFail before the ROLLBACK (DnConn::run).
         st.copy = None;
         self.fail_txn(&mut st).await;
         user_error("57014", format!("COPY from stdin failed: {}", fail.message))
