@@ -114,6 +114,15 @@ pub struct Answer {
     pub count: u64,
 }
 
+/// A one-group statement of the extended protocol as the client sent it: its text with
+/// `$n`, the parameters' type OIDs (0: the DN infers) and values in text format.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub sql: String,
+    pub types: Vec<u32>,
+    pub values: Vec<Option<String>>,
+}
+
 /// A DN connection checked out of the pool.
 pub struct DnConn {
     pub group: usize,
@@ -133,6 +142,26 @@ impl DnConn {
     pub async fn run(&mut self, group_name: &str, sql: &str) -> Result<Answer, DnError> {
         let _running = self.watch.as_ref().map(|w| w.enter(self.cancel.clone()));
         let r = self.conn.simple_query(sql).await;
+        self.check(group_name, r).map(|r| Answer {
+            columns: r.columns,
+            rows: r.rows,
+            count: r.count,
+        })
+    }
+
+    /// Runs a statement with `$n` parameters as a named statement of the connection
+    /// (prepared on the DN once per connection and catalog version).
+    pub async fn run_prepared(
+        &mut self,
+        group_name: &str,
+        p: &Prepared,
+        epoch: u64,
+    ) -> Result<Answer, DnError> {
+        let _running = self.watch.as_ref().map(|w| w.enter(self.cancel.clone()));
+        let r = self
+            .conn
+            .execute_prepared(&p.sql, &p.types, &p.values, epoch)
+            .await;
         self.check(group_name, r).map(|r| Answer {
             columns: r.columns,
             rows: r.rows,

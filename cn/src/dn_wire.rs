@@ -11,6 +11,7 @@
 //! A request whose reply was not read to its end (its future was dropped, e.g. by a
 //! client's cancel) leaves the connection `busy`: it is never used again.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,7 +131,19 @@ pub struct WireConn {
     /// The connection broke or the DN ended the backend.
     closed: bool,
     cancel: Arc<CancelKey>,
+    /// Named statements prepared on this backend: text → name. The DN parses and
+    /// plans each once per connection instead of once per run.
+    prepared: HashMap<String, String>,
+    /// The catalog version the statements were prepared under (a DDL may change what
+    /// a text means, and the DN refuses a cached plan whose result type changed).
+    prepared_epoch: u64,
+    next_statement: u64,
+    /// The last reply had a ParseComplete.
+    parsed: bool,
 }
+
+/// Named statements kept per connection; past it they are deallocated and made anew.
+const MAX_PREPARED: usize = 256;
 
 impl WireConn {
     /// Connects, logs in (trust, cleartext, md5 or SCRAM-SHA-256) and waits for the
@@ -152,6 +165,10 @@ impl WireConn {
                 pid: 0,
                 secret: 0,
             }),
+            prepared: HashMap::new(),
+            prepared_epoch: 0,
+            next_statement: 0,
+            parsed: false,
         };
         frontend::startup_message(
             [
@@ -341,6 +358,75 @@ impl WireConn {
         }
     }
 
+    /// Runs `sql` (`$n` parameters, types `types`, 0: the DN infers) with `values` in
+    /// text format as a named statement of this connection: Parse the first time (under
+    /// catalog version `epoch`), then only Bind/Describe/Execute/Sync — one write and
+    /// one reply either way.
+    pub async fn execute_prepared(
+        &mut self,
+        sql: &str,
+        types: &[u32],
+        values: &[Option<String>],
+        epoch: u64,
+    ) -> Result<Reply, WireError> {
+        self.check_usable()?;
+        self.abort_copy().await?;
+        if !self.prepared.is_empty()
+            && (self.prepared_epoch != epoch
+                || self.prepared.len() >= MAX_PREPARED && !self.prepared.contains_key(sql))
+        {
+            self.simple_query("DEALLOCATE ALL").await?;
+            self.prepared.clear();
+        }
+        self.prepared_epoch = epoch;
+        let (name, new) = match self.prepared.get(sql) {
+            Some(n) => (n.clone(), false),
+            None => {
+                self.next_statement += 1;
+                (format!("mpp_cn_{}", self.next_statement), true)
+            }
+        };
+        if new {
+            frontend::parse(&name, sql, types.iter().copied(), &mut self.write)?;
+        }
+        frontend::bind(
+            "",
+            &name,
+            std::iter::empty(),
+            values,
+            |v, buf| match v {
+                Some(text) => {
+                    buf.extend_from_slice(text.as_bytes());
+                    Ok(postgres_protocol::IsNull::No)
+                }
+                None => Ok(postgres_protocol::IsNull::Yes),
+            },
+            std::iter::empty(),
+            &mut self.write,
+        )
+        .map_err(|_| WireError::Lost("a parameter value too long for a Bind message".into()))?;
+        frontend::describe(b'P', "", &mut self.write)?;
+        frontend::execute("", 0, &mut self.write)?;
+        frontend::sync(&mut self.write);
+        self.busy = true;
+        self.flush().await?;
+        let reply = self.read_reply(false).await;
+        if new && self.parsed {
+            self.prepared.insert(sql.to_owned(), name);
+        }
+        match reply {
+            Ok(ReplyEnd::Ready(r)) => Ok(r),
+            Ok(ReplyEnd::CopyIn) => Err(self.unexpected("CopyInResponse")),
+            Err(e) => {
+                // Someone ran DEALLOCATE on this backend: make them anew next time.
+                if matches!(&e, WireError::Server { code, .. } if code == "26000") {
+                    self.prepared.clear();
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Starts COPY … FROM STDIN; then [`Self::copy_data`] and [`Self::copy_finish`].
     pub async fn copy_in(&mut self, sql: &str) -> Result<(), WireError> {
         self.check_usable()?;
@@ -425,8 +511,11 @@ impl WireConn {
     async fn read_reply(&mut self, copy: bool) -> Result<ReplyEnd, WireError> {
         let mut r = Reply::default();
         let mut error = None;
+        self.parsed = false;
         loop {
             match self.next().await? {
+                backend::Message::ParseComplete => self.parsed = true,
+                backend::Message::BindComplete | backend::Message::NoData => {}
                 backend::Message::RowDescription(d) => {
                     r.columns = Some(columns(&d)?);
                     r.rows.clear();

@@ -40,7 +40,7 @@ use pgwire::messages::PgWireBackendMessage;
 use tokio::sync::Mutex;
 
 use crate::cancel::{Canceller, InFlight};
-use crate::dn::{Column, DnConn, DnError};
+use crate::dn::{Column, DnConn, DnError, Prepared};
 use crate::merge::{self, Row};
 use crate::node::Node;
 use crate::router::{self, Merge, Plan, SavepointOp};
@@ -101,6 +101,9 @@ struct State {
     /// SET statements of the session, replayed on every DN connection it takes.
     settings: Vec<String>,
     copy: Option<CopyState>,
+    /// The statement being executed as the client sent it (extended protocol, one
+    /// group by its template): the DN runs it as a named statement of the connection.
+    prepared: Option<Prepared>,
     /// ParameterStatus messages the client is owed (a SET of a reported setting).
     reports: Vec<(String, String)>,
 }
@@ -240,6 +243,8 @@ impl Session {
         work: Vec<(usize, String)>,
         write: bool,
     ) -> Result<Vec<crate::dn::Answer>, DnError> {
+        let prepared = st.prepared.take().filter(|_| work.len() == 1);
+        let epoch = self.node.catalog_read().version;
         let groups: Vec<usize> = work.iter().map(|(g, _)| *g).collect();
         self.enlist(st, &groups).await?;
         let Some(txn) = st.txn.as_mut() else {
@@ -254,9 +259,13 @@ impl Session {
                 taken.push((c, sql, self.group_name(g)));
             }
         }
+        let prepared = prepared.as_ref();
         let results =
             futures::future::join_all(taken.into_iter().map(|(mut c, sql, name)| async move {
-                let r = c.run(&name, &sql).await;
+                let r = match prepared {
+                    Some(p) => c.run_prepared(&name, p, epoch).await,
+                    None => c.run(&name, &sql).await,
+                };
                 (c, r)
             }))
             .await;
@@ -284,10 +293,16 @@ impl Session {
         &self,
         st: &State,
         work: Vec<(usize, String)>,
+        prepared: Option<&Prepared>,
     ) -> Result<Vec<crate::dn::Answer>, DnError> {
+        let prepared = prepared.filter(|_| work.len() == 1);
+        let epoch = self.node.catalog_read().version;
         let futs = work.into_iter().map(|(g, sql)| async move {
             let mut c = self.checkout(st, g).await?;
-            let r = c.run(&self.group_name(g), &sql).await;
+            let r = match prepared {
+                Some(p) => c.run_prepared(&self.group_name(g), p, epoch).await,
+                None => c.run(&self.group_name(g), &sql).await,
+            };
             self.node.pool.put(c).await;
             r
         });
@@ -304,8 +319,10 @@ impl Session {
             return self.run_in_txn(st, work, write).await;
         }
         if !write || work.len() == 1 {
-            return self.run_autocommit(st, work).await;
+            let prepared = st.prepared.take();
+            return self.run_autocommit(st, work, prepared.as_ref()).await;
         }
+        st.prepared = None;
         // A write on several groups outside BEGIN: its own transaction, 2PC at the end.
         st.txn = Some(Txn::new(false));
         let r = self.run_in_txn(st, work, write).await;
@@ -571,7 +588,7 @@ impl Session {
                 }
                 let groups = router::all_groups(&self.node.catalog_read());
                 let work = groups.into_iter().map(|g| (g, sql.clone())).collect();
-                self.run_autocommit(st, work).await?;
+                self.run_autocommit(st, work, None).await?;
                 Ok(Outcome::Command(tag))
             }
             Plan::CopyIn {
@@ -1349,6 +1366,7 @@ impl ExtendedQueryHandler for Session {
         let stmt = &portal.statement.statement;
         let mut literals = Vec::with_capacity(portal.parameter_len());
         let mut values = Vec::with_capacity(portal.parameter_len());
+        let mut types = Vec::with_capacity(portal.parameter_len());
         for i in 0..portal.parameter_len() {
             let ty = portal
                 .statement
@@ -1359,6 +1377,11 @@ impl ExtendedQueryHandler for Session {
                 .or_else(|| stmt.param_types.get(i).cloned())
                 .unwrap_or(Type::UNKNOWN);
             let (value, literal) = param_literal(portal, i, &ty)?;
+            // As for the literal: text and unknown values take the type the DN infers.
+            types.push(match ty {
+                Type::UNKNOWN | Type::TEXT | Type::VARCHAR => 0,
+                _ => ty.oid(),
+            });
             values.push(value);
             literals.push(literal);
         }
@@ -1366,7 +1389,7 @@ impl ExtendedQueryHandler for Session {
             sql_text::bind_parameters(&stmt.sql, &literals).map_err(|e| user_error("08P01", e))?;
         let mut st = self.state.lock().await;
         let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
-        let mut plans = {
+        let (mut plans, templated) = {
             let catalog = self.node.catalog_read();
             self.node
                 .plans
@@ -1380,7 +1403,20 @@ impl ExtendedQueryHandler for Session {
         }
         let plan = plans.remove(0);
         self.register_cancel(client);
+        // A one-group statement planned by its template runs on the DN as the client
+        // sent it, a named statement parsed and planned once per DN connection, instead
+        // of its text with the values bound in (parsed and planned at every run).
+        let one_group = match &plan {
+            Plan::Read { groups, .. } | Plan::Write { groups, .. } => groups.len() == 1,
+            _ => false,
+        };
+        st.prepared = (templated && one_group).then(|| Prepared {
+            sql: router::statement_text(&stmt.sql).to_owned(),
+            types,
+            values: values.clone(),
+        });
         let r = self.execute(&mut st, plan).await;
+        st.prepared = None;
         send_reports(client, std::mem::take(&mut st.reports)).await?;
         match r {
             Ok(o) => Ok(to_response(

@@ -592,6 +592,35 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
         .execute("update items set grp = grp where id = $1", &[&8i32])
         .await?;
     assert_eq!(n, 1);
+    // The DNs keep a one-group extended-protocol statement prepared per connection: a
+    // DDL that changes what its text means is seen at the next run.
+    client
+        .batch_execute("create table reshaped (id int primary key, a int)")
+        .await?;
+    client
+        .batch_execute("insert into reshaped values (1, 10)")
+        .await?;
+    for _ in 0..3 {
+        let row = client
+            .query_one("select * from reshaped where id = $1", &[&1i32])
+            .await?;
+        assert_eq!(row.get::<_, i32>(1), 10);
+    }
+    client
+        .batch_execute(
+            "drop table reshaped; create table reshaped (id int primary key, a text, b int); \
+             insert into reshaped values (1, 'x', 20)",
+        )
+        .await?;
+    for _ in 0..3 {
+        let row = client
+            .query_one("select * from reshaped where id = $1", &[&1i32])
+            .await?;
+        assert_eq!(
+            (row.get::<_, String>(1), row.get::<_, i32>(2)),
+            ("x".to_owned(), 20)
+        );
+    }
 
     // 3b. Protocol: savepoints on every group a transaction touches, a cancel request
     //     reaches the DN backend, ParameterStatus follows SET, the DN's own errors.
