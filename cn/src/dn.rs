@@ -3,6 +3,7 @@
 //! that come back as rows of PostgreSQL text with the DN's column types.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -243,6 +244,8 @@ pub struct Pool {
     connect_timeout: Duration,
     idle: Mutex<HashMap<usize, Vec<DnConn>>>,
     max_idle: usize,
+    /// Unix-domain sockets of the DNs by their TCP address, for those on this host.
+    sockets: HashMap<(String, u16), PathBuf>,
 }
 
 impl Pool {
@@ -250,8 +253,10 @@ impl Pool {
         user: &str,
         password_file: Option<std::path::PathBuf>,
         connect_timeout: Duration,
+        sockets: HashMap<(String, u16), PathBuf>,
     ) -> Arc<Pool> {
         Arc::new(Pool {
+            sockets,
             user: user.to_owned(),
             password_file,
             connect_timeout,
@@ -303,8 +308,27 @@ impl Pool {
             database: "postgres",
             application_name: "mpp-ha-cn",
             password: password.as_deref(),
+            socket: self
+                .sockets
+                .get(&endpoint)
+                .map(PathBuf::as_path)
+                .filter(|p| p.exists()),
         };
-        let connected = tokio::time::timeout(self.connect_timeout, WireConn::connect(&login)).await;
+        // The DN's Unix socket when it is on this host; TCP if that socket refuses us
+        // (a DN whose pg_hba predates socket logins for the CN's role).
+        let connect = async {
+            if login.socket.is_some() {
+                if let Ok(c) = WireConn::connect(&login).await {
+                    return Ok(c);
+                }
+            }
+            WireConn::connect(&Login {
+                socket: None,
+                ..login
+            })
+            .await
+        };
+        let connected = tokio::time::timeout(self.connect_timeout, connect).await;
         let conn = match connected {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {

@@ -13,15 +13,87 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::{backend, frontend};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+/// A DN's socket: TCP, or its Unix-domain socket when the DN runs on this host (no
+/// loopback TCP stack on either side of each statement).
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// The Unix socket `socket` if one is given and accepts, else TCP.
+    async fn connect(host: &str, port: u16, socket: Option<&Path>) -> io::Result<Stream> {
+        if let Some(path) = socket {
+            if let Ok(s) = UnixStream::connect(path).await {
+                return Ok(Stream::Unix(s));
+            }
+        }
+        let s = TcpStream::connect((host, port)).await?;
+        // Requests are whole messages written at once: never delay them.
+        s.set_nodelay(true)?;
+        Ok(Stream::Tcp(s))
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_read(buf),
+            Stream::Unix(s) => s.try_read(buf),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// What went wrong on a DN connection.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +164,8 @@ pub struct Description {
 pub struct CancelKey {
     pub host: String,
     pub port: u16,
+    /// The DN's Unix socket, when the connection went through it.
+    pub socket: Option<PathBuf>,
     pub pid: i32,
     pub secret: i32,
 }
@@ -100,7 +174,7 @@ impl CancelKey {
     /// Asks the DN to cancel what the backend runs now: a CancelRequest on a new
     /// connection, which the DN closes when it has acted on it.
     pub async fn cancel(&self) -> Result<(), WireError> {
-        let mut sock = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let mut sock = Stream::connect(&self.host, self.port, self.socket.as_deref()).await?;
         let mut buf = BytesMut::new();
         frontend::cancel_request(self.pid, self.secret, &mut buf);
         sock.write_all(&buf).await?;
@@ -118,10 +192,12 @@ pub struct Login<'a> {
     pub database: &'a str,
     pub application_name: &'a str,
     pub password: Option<&'a str>,
+    /// The DN's Unix-domain socket if it runs on this host (tried first).
+    pub socket: Option<&'a Path>,
 }
 
 pub struct WireConn {
-    stream: TcpStream,
+    stream: Stream,
     read: BytesMut,
     write: BytesMut,
     /// A request is out whose reply was not read to ReadyForQuery.
@@ -149,9 +225,11 @@ impl WireConn {
     /// Connects, logs in (trust, cleartext, md5 or SCRAM-SHA-256) and waits for the
     /// first ReadyForQuery.
     pub async fn connect(login: &Login<'_>) -> Result<WireConn, WireError> {
-        let stream = TcpStream::connect((login.host, login.port)).await?;
-        // Requests are whole messages written at once: never delay them.
-        stream.set_nodelay(true)?;
+        let stream = Stream::connect(login.host, login.port, login.socket).await?;
+        let socket = match stream {
+            Stream::Unix(_) => login.socket.map(Path::to_path_buf),
+            Stream::Tcp(_) => None,
+        };
         let mut conn = WireConn {
             stream,
             read: BytesMut::with_capacity(8192),
@@ -162,6 +240,7 @@ impl WireConn {
             cancel: Arc::new(CancelKey {
                 host: login.host.to_owned(),
                 port: login.port,
+                socket: socket.clone(),
                 pid: 0,
                 secret: 0,
             }),
@@ -250,6 +329,7 @@ impl WireConn {
         conn.cancel = Arc::new(CancelKey {
             host: login.host.to_owned(),
             port: login.port,
+            socket,
             pid,
             secret,
         });

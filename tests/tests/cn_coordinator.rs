@@ -633,6 +633,16 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
         )
         .await?;
     simple_query_column_types(cn1_port).await?;
+    // The CN reaches a DN on its own host by the DN's Unix socket (client_port -1).
+    assert_eq!(
+        scalar(
+            &client,
+            "select client_port from pg_stat_activity where pid = pg_backend_pid()"
+        )
+        .await?,
+        "-1",
+        "the CN's DN connection is not the DN's Unix socket"
+    );
 
     // 4. Differential: the same rows in one plain PostgreSQL (a database of its own on
     //    a DN primary, which is a stock PostgreSQL 15).
