@@ -223,7 +223,8 @@ pub fn render_settings(s: &PgSettings) -> String {
 
 /// The text of pg_hba.conf: the database superuser by trust on the instance's own
 /// Unix socket only (its directory is the OS user's: the agent and the OS user reach
-/// it), SCRAM passwords for every TCP connection from loopback and the cluster's hosts,
+/// it), other roles on that socket with SCRAM passwords (a CN on the same host), SCRAM
+/// passwords for every TCP connection from loopback and the cluster's hosts,
 /// replication included; nothing else connects.
 pub fn render_hba(addresses: &[String]) -> String {
     let mut out = format!(
@@ -232,6 +233,9 @@ pub fn render_hba(addresses: &[String]) -> String {
          # and the agent); every TCP login needs a SCRAM-SHA-256 password\n\
          # ({repl}, {mon}, {admin}: see [dn_auth] in the config).\n\
          local   all          {SUPERUSER}            trust\n\
+         # The other roles on the same socket with their passwords: a CN on this host\n\
+         # reaches its DN without the loopback TCP stack.\n\
+         local   all          all                 scram-sha-256\n\
          host    all          all   127.0.0.1/32  scram-sha-256\n\
          host    replication  all   127.0.0.1/32  scram-sha-256\n\
          host    all          all   ::1/128       scram-sha-256\n\
@@ -1343,8 +1347,18 @@ mod tests {
                 .count();
             assert_eq!(n, 1, "one {db} rule for {addr}: {text}");
         }
+        // Other roles on the local socket only with a password (a CN on this host).
+        let local: Vec<&Vec<&str>> = rules.iter().filter(|r| r[0] == "local").collect();
+        assert_eq!(
+            local,
+            [
+                &vec!["local", "all", "postgres", "trust"],
+                &vec!["local", "all", "all", "scram-sha-256"]
+            ],
+            "{text}"
+        );
         // Loopback cluster addresses are not listed twice; nothing else connects.
-        assert_eq!(rules.len(), 9, "{text}");
+        assert_eq!(rules.len(), 10, "{text}");
     }
 
     #[test]

@@ -11,13 +11,14 @@ use pgwire::api::cancel::CancelHandler;
 use pgwire::api::{ClientInfo, PidSecretKeyGenerator};
 use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::startup::SecretKey;
-use tokio_postgres::{CancelToken, NoTls};
 
-/// The DN statements one session is running: a cancel token per running statement.
+use crate::dn_wire::CancelKey;
+
+/// The DN statements one session is running: a cancel key per running statement.
 #[derive(Default)]
 pub struct InFlight {
     next: AtomicU64,
-    running: Mutex<HashMap<u64, Arc<CancelToken>>>,
+    running: Mutex<HashMap<u64, Arc<CancelKey>>>,
 }
 
 /// Marks one DN statement as running until dropped.
@@ -33,21 +34,21 @@ impl Drop for Running {
 }
 
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<CancelToken>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<CancelKey>>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a statement that runs on the DN backend `token` names.
-    pub fn enter(self: &Arc<Self>, token: Arc<CancelToken>) -> Running {
+    /// Registers a statement that runs on the DN backend `key` names.
+    pub fn enter(self: &Arc<Self>, key: Arc<CancelKey>) -> Running {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, token);
+        self.lock().insert(id, key);
         Running {
             id,
             set: self.clone(),
         }
     }
 
-    fn snapshot(&self) -> Vec<Arc<CancelToken>> {
+    fn snapshot(&self) -> Vec<Arc<CancelKey>> {
         self.lock().values().cloned().collect()
     }
 }
@@ -88,7 +89,7 @@ impl Registry {
             .and_then(Weak::upgrade);
         let Some(set) = set else { return 0 };
         let tokens = set.snapshot();
-        let sent = futures::future::join_all(tokens.iter().map(|t| t.cancel_query(NoTls))).await;
+        let sent = futures::future::join_all(tokens.iter().map(|k| k.cancel())).await;
         sent.into_iter().filter(|r| r.is_ok()).count()
     }
 }

@@ -1,15 +1,20 @@
 //! Connections to DN primaries: a pool per group (keyed by the primary's address, so a
 //! failover drops the old primary's connections), and running text-protocol statements
-//! that come back as rows of PostgreSQL text.
+//! that come back as rows of PostgreSQL text with the DN's column types.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio_postgres::{CancelToken, Client, NoTls, SimpleQueryMessage};
+use pgwire::api::results::{FieldFormat, FieldInfo};
+use pgwire::api::Type;
 
 use crate::cancel::InFlight;
+use crate::dn_wire::{CancelKey, Login, WireConn, WireError};
 use crate::merge::Row;
+
+pub use crate::dn_wire::{Column, Description};
 
 /// Where a group's primary is now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,15 +43,20 @@ impl DnError {
         }
     }
 
-    pub fn from_pg(group: &str, e: &tokio_postgres::Error) -> DnError {
-        match e.as_db_error() {
+    pub fn from_wire(group: &str, e: WireError) -> DnError {
+        match e {
             // The DN's own SQLSTATE and message, unchanged.
-            Some(db) => DnError {
-                code: db.code().code().to_owned(),
-                message: db.message().to_owned(),
-                detail: db.detail().map(|d| d.to_owned()),
+            WireError::Server {
+                code,
+                message,
+                detail,
+                ..
+            } => DnError {
+                code,
+                message,
+                detail,
             },
-            None => DnError {
+            WireError::Lost(e) => DnError {
                 // connection_failure: the client may retry the transaction.
                 code: "08006".into(),
                 message: format!("lost the connection to DN group {group}: {e}"),
@@ -96,25 +106,34 @@ impl std::fmt::Display for DnError {
     }
 }
 
-/// What a statement returned: column names (if it returned rows), rows, and the row
+/// What a statement returned: its columns (if it returned rows), rows, and the row
 /// count of its command tag.
 #[derive(Debug, Clone, Default)]
 pub struct Answer {
-    pub columns: Option<Vec<String>>,
+    pub columns: Option<Vec<Column>>,
     pub rows: Vec<Row>,
     pub count: u64,
+}
+
+/// A one-group statement of the extended protocol as the client sent it: its text with
+/// `$n`, the parameters' type OIDs (0: the DN infers) and values in text format.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub sql: String,
+    pub types: Vec<u32>,
+    pub values: Vec<Option<String>>,
 }
 
 /// A DN connection checked out of the pool.
 pub struct DnConn {
     pub group: usize,
-    pub client: Client,
+    conn: WireConn,
     endpoint: (String, u16),
     /// Session settings were applied: RESET ALL before it goes back to the pool.
     pub dirty: bool,
     pub broken: bool,
     /// Names this connection's DN backend in a cancel request.
-    token: Arc<CancelToken>,
+    cancel: Arc<CancelKey>,
     /// The statements of the session holding this connection, which a client's cancel
     /// request reaches (None in the pool and during commit).
     pub watch: Option<Arc<InFlight>>,
@@ -122,47 +141,99 @@ pub struct DnConn {
 
 impl DnConn {
     pub async fn run(&mut self, group_name: &str, sql: &str) -> Result<Answer, DnError> {
-        let _running = self.watch.as_ref().map(|w| w.enter(self.token.clone()));
-        match self.client.simple_query(sql).await {
-            Ok(msgs) => Ok(answer(msgs)),
-            Err(e) => {
-                // A FATAL from the DN (57P01/57P02) ends its backend: never pool it.
-                if e.as_db_error().is_none()
-                    || self.client.is_closed()
-                    || e.code().is_some_and(|c| c.code().starts_with("57P0"))
-                {
-                    self.broken = true;
-                }
-                Err(DnError::from_pg(group_name, &e))
+        let _running = self.watch.as_ref().map(|w| w.enter(self.cancel.clone()));
+        let r = self.conn.simple_query(sql).await;
+        self.check(group_name, r).map(|r| Answer {
+            columns: r.columns,
+            rows: r.rows,
+            count: r.count,
+        })
+    }
+
+    /// Runs a statement with `$n` parameters as a named statement of the connection
+    /// (prepared on the DN once per connection and catalog version).
+    pub async fn run_prepared(
+        &mut self,
+        group_name: &str,
+        p: &Prepared,
+        epoch: u64,
+    ) -> Result<Answer, DnError> {
+        let _running = self.watch.as_ref().map(|w| w.enter(self.cancel.clone()));
+        let r = self
+            .conn
+            .execute_prepared(&p.sql, &p.types, &p.values, epoch)
+            .await;
+        self.check(group_name, r).map(|r| Answer {
+            columns: r.columns,
+            rows: r.rows,
+            count: r.count,
+        })
+    }
+
+    /// Starts COPY … FROM STDIN on the connection.
+    pub async fn copy_in(&mut self, group_name: &str, sql: &str) -> Result<(), DnError> {
+        let _running = self.watch.as_ref().map(|w| w.enter(self.cancel.clone()));
+        let r = self.conn.copy_in(sql).await;
+        self.check(group_name, r)
+    }
+
+    pub async fn copy_data(&mut self, group_name: &str, data: &[u8]) -> Result<(), DnError> {
+        let r = self.conn.copy_data(data).await;
+        self.check(group_name, r)
+    }
+
+    /// Ends the COPY; the number of rows the DN copied.
+    pub async fn copy_finish(&mut self, group_name: &str) -> Result<u64, DnError> {
+        let _running = self.watch.as_ref().map(|w| w.enter(self.cancel.clone()));
+        let r = self.conn.copy_finish().await;
+        self.check(group_name, r)
+    }
+
+    /// Parameter types and result columns of a statement (nothing runs).
+    pub async fn describe(
+        &mut self,
+        group_name: &str,
+        sql: &str,
+        params: &[u32],
+    ) -> Result<Description, DnError> {
+        let r = self.conn.describe(sql, params).await;
+        self.check(group_name, r)
+    }
+
+    /// A FATAL from the DN (57P01/57P02) or a lost connection ends its backend: never
+    /// pool it.
+    fn check<T>(&mut self, group_name: &str, r: Result<T, WireError>) -> Result<T, DnError> {
+        r.map_err(|e| {
+            if !self.conn.is_usable() || matches!(e, WireError::Lost(_)) {
+                self.broken = true;
             }
-        }
+            let e = DnError::from_wire(group_name, e);
+            if e.code.starts_with("57P0") {
+                self.broken = true;
+            }
+            e
+        })
     }
 }
 
-/// Collects a simple-query reply; with several statements the last result wins.
-fn answer(msgs: Vec<SimpleQueryMessage>) -> Answer {
-    let mut a = Answer::default();
-    for m in msgs {
-        match m {
-            SimpleQueryMessage::RowDescription(cols) => {
-                a.columns = Some(cols.iter().map(|c| c.name().to_owned()).collect());
-                a.rows.clear();
-            }
-            SimpleQueryMessage::Row(r) => {
-                if a.columns.is_none() {
-                    a.columns = Some(r.columns().iter().map(|c| c.name().to_owned()).collect());
-                }
-                a.rows.push(
-                    (0..r.len())
-                        .map(|i| r.get(i).map(|s| s.to_owned()))
-                        .collect(),
-                );
-            }
-            SimpleQueryMessage::CommandComplete(n) => a.count = n,
-            _ => {}
-        }
-    }
-    a
+/// The type a DN names by `oid`: a built-in one, else one of the DN's own types (an
+/// enum, a domain …) that clients look up by its OID.
+pub fn pg_type(oid: u32) -> Type {
+    Type::from_oid(oid).unwrap_or_else(|| {
+        Type::new(
+            format!("oid{oid}"),
+            oid,
+            postgres_types::Kind::Simple,
+            "public".into(),
+        )
+    })
+}
+
+/// A result column for the client, as the DN described it.
+pub fn field_info(c: &Column, format: FieldFormat) -> FieldInfo {
+    FieldInfo::new(c.name.clone(), None, None, pg_type(c.type_oid), format)
+        .with_type_size(c.type_size)
+        .with_type_modifier(c.type_modifier)
 }
 
 /// Pools of idle connections per group.
@@ -173,6 +244,8 @@ pub struct Pool {
     connect_timeout: Duration,
     idle: Mutex<HashMap<usize, Vec<DnConn>>>,
     max_idle: usize,
+    /// Unix-domain sockets of the DNs by their TCP address, for those on this host.
+    sockets: HashMap<(String, u16), PathBuf>,
 }
 
 impl Pool {
@@ -180,8 +253,10 @@ impl Pool {
         user: &str,
         password_file: Option<std::path::PathBuf>,
         connect_timeout: Duration,
+        sockets: HashMap<(String, u16), PathBuf>,
     ) -> Arc<Pool> {
         Arc::new(Pool {
+            sockets,
             user: user.to_owned(),
             password_file,
             connect_timeout,
@@ -206,30 +281,55 @@ impl Pool {
         {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let list = idle.entry(group).or_default();
-            while let Some(c) = list.pop() {
-                if c.endpoint == endpoint && !c.client.is_closed() {
+            while let Some(mut c) = list.pop() {
+                // A pooled connection the DN closed meanwhile (its shutdown's FATAL,
+                // or a restart) is dropped here, not found broken by a statement.
+                if c.endpoint == endpoint && c.conn.is_idle_and_open() {
                     return Ok(c);
                 }
             }
         }
-        let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&target.host)
-            .port(target.port)
-            .user(&self.user)
-            .dbname("postgres")
-            .application_name("mpp-ha-cn")
-            .connect_timeout(self.connect_timeout);
-        if let Some(file) = &self.password_file {
-            let password = std::fs::read_to_string(file).map_err(|e| {
-                DnError::new(
-                    UNREACHABLE,
-                    format!("DN password file {}: {e}", file.display()),
-                )
-            })?;
-            cfg.password(password.lines().next().unwrap_or("").trim());
-        }
-        let connected = tokio::time::timeout(self.connect_timeout, cfg.connect(NoTls)).await;
-        let (client, conn) = match connected {
+        let password = match &self.password_file {
+            Some(file) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    DnError::new(
+                        UNREACHABLE,
+                        format!("DN password file {}: {e}", file.display()),
+                    )
+                })?;
+                Some(text.lines().next().unwrap_or("").trim().to_owned())
+            }
+            None => None,
+        };
+        let login = Login {
+            host: &target.host,
+            port: target.port,
+            user: &self.user,
+            database: "postgres",
+            application_name: "mpp-ha-cn",
+            password: password.as_deref(),
+            socket: self
+                .sockets
+                .get(&endpoint)
+                .map(PathBuf::as_path)
+                .filter(|p| p.exists()),
+        };
+        // The DN's Unix socket when it is on this host; TCP if that socket refuses us
+        // (a DN whose pg_hba predates socket logins for the CN's role).
+        let connect = async {
+            if login.socket.is_some() {
+                if let Ok(c) = WireConn::connect(&login).await {
+                    return Ok(c);
+                }
+            }
+            WireConn::connect(&Login {
+                socket: None,
+                ..login
+            })
+            .await
+        };
+        let connected = tokio::time::timeout(self.connect_timeout, connect).await;
+        let conn = match connected {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 return Err(DnError::new(
@@ -250,13 +350,10 @@ impl Pool {
                 ))
             }
         };
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
         Ok(DnConn {
             group,
-            token: Arc::new(client.cancel_token()),
-            client,
+            cancel: conn.cancel_key(),
+            conn,
             endpoint,
             dirty: false,
             broken: false,
@@ -267,11 +364,11 @@ impl Pool {
     /// Returns a connection that is outside any transaction.
     pub async fn put(&self, mut c: DnConn) {
         c.watch = None;
-        if c.broken || c.client.is_closed() {
+        if c.broken || !c.conn.is_usable() {
             return;
         }
         if c.dirty {
-            if c.client.simple_query("RESET ALL").await.is_err() {
+            if c.conn.simple_query("RESET ALL").await.is_err() {
                 return;
             }
             c.dirty = false;

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod cli;
 pub mod distribute_clause;
 pub mod dn;
+pub mod dn_wire;
 pub mod merge;
 pub mod node;
 pub mod plan_cache;

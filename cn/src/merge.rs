@@ -6,9 +6,10 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
+use crate::dn_wire::Column;
 use crate::router::{AggPlan, CmpOp, Merge, OutCol, SortKey};
 
-pub type Row = Vec<Option<String>>;
+pub use crate::dn_wire::Row;
 
 /// Merges the rows each group returned (`parts`, one Vec per group).
 pub fn merge(plan: &Merge, parts: Vec<Vec<Row>>) -> Vec<Row> {
@@ -238,6 +239,44 @@ fn format_float(v: f64) -> String {
 #[derive(Debug, Clone, Default)]
 struct Acc {
     values: Vec<Option<String>>,
+}
+
+/// The result columns of a merged aggregate: the names PostgreSQL would give them, and
+/// the types of the DN's partial columns (a count's int8, a sum's type as the DN typed
+/// it, min/max and group keys as the column), except avg: the DN ran sum and count for
+/// it, and PostgreSQL's avg is float8 over floats, interval over intervals, else numeric.
+pub fn aggregate_columns(plan: &AggPlan, dn: &[Column]) -> Vec<Column> {
+    const FLOAT4: u32 = 700;
+    const FLOAT8: u32 = 701;
+    const INTERVAL: u32 = 1186;
+    const NUMERIC: u32 = 1700;
+    const TEXT: u32 = 25;
+    plan.outputs
+        .iter()
+        .take(plan.visible)
+        .zip(&plan.names)
+        .map(|(out, name)| match *out {
+            OutCol::Key(i)
+            | OutCol::Count(i)
+            | OutCol::Sum(i)
+            | OutCol::Min(i)
+            | OutCol::Max(i) => match dn.get(i) {
+                Some(c) => Column {
+                    name: name.clone(),
+                    ..c.clone()
+                },
+                None => Column::computed(name, TEXT),
+            },
+            OutCol::Avg { sum, .. } => {
+                let oid = match dn.get(sum).map(|c| c.type_oid) {
+                    Some(FLOAT4 | FLOAT8) => FLOAT8,
+                    Some(INTERVAL) => INTERVAL,
+                    _ => NUMERIC,
+                };
+                Column::computed(name, oid)
+            }
+        })
+        .collect()
 }
 
 fn aggregate(plan: &AggPlan, parts: Vec<Vec<Row>>) -> Vec<Row> {

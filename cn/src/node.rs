@@ -77,6 +77,24 @@ pub struct Peer {
     pub catalog_version: u64,
 }
 
+/// Where each DN member's Unix-domain socket is if it runs on this host: the agent
+/// puts it in the member's instance dir (`unix_socket_directories`), a path that exists
+/// only on the member's host. pg_hba trusts that socket (it is reachable only by the
+/// PostgreSQL OS user and root), so no password is asked there.
+fn local_dn_sockets(cfg: &ClusterConfig) -> HashMap<(String, u16), PathBuf> {
+    cfg.dn_groups
+        .iter()
+        .flat_map(|g| g.members.iter())
+        .map(|m| {
+            (
+                (cfg.address_of(m).to_owned(), m.port()),
+                cfg.instance_dir(&m.name)
+                    .join(format!(".s.PGSQL.{}", m.port())),
+            )
+        })
+        .collect()
+}
+
 pub struct Node {
     pub name: String,
     pub cfg: ClusterConfig,
@@ -186,7 +204,12 @@ impl Node {
             state_dir,
             catalog: RwLock::new(catalog),
             topology: RwLock::new(topology),
-            pool: Pool::new(admin.name(), Some(password_file), timeout),
+            pool: Pool::new(
+                admin.name(),
+                Some(password_file),
+                timeout,
+                local_dn_sockets(&cfg),
+            ),
             gtm,
             ddl_lock: tokio::sync::Mutex::new(()),
             in_flight: Mutex::new(HashSet::new()),
@@ -335,24 +358,20 @@ impl Node {
         };
         let described = async {
             let target = self.target(0).ok()?;
-            let c = self.pool.get(0, &target).await.ok()?;
-            let r = c.client.prepare_typed(&text, given).await;
+            let mut c = self.pool.get(0, &target).await.ok()?;
+            let oids: Vec<u32> = given.iter().map(Type::oid).collect();
+            let r = c.describe(&target.group, &text, &oids).await;
             self.pool.put(c).await;
-            let stmt = r.ok()?;
-            let fields = stmt
-                .columns()
+            let d = r.ok()?;
+            let fields = d
+                .columns
                 .iter()
-                .map(|col| {
-                    FieldInfo::new(
-                        col.name().to_owned(),
-                        None,
-                        None,
-                        col.type_().clone(),
-                        FieldFormat::Text,
-                    )
-                })
+                .map(|col| crate::dn::field_info(col, FieldFormat::Text))
                 .collect::<Vec<_>>();
-            Some((stmt.params().to_vec(), fields))
+            Some((
+                d.params.into_iter().map(crate::dn::pg_type).collect(),
+                fields,
+            ))
         }
         .await;
         match described {

@@ -71,6 +71,8 @@ impl PlanCache {
     /// The plans of an extended-protocol statement: `shape` is its text (`$n` for its
     /// parameters), `bound` the same with the parameters bound as literals, `values`
     /// the parameters' texts (None: NULL).
+    /// The plan of a bound statement, and whether it came from the shape's template
+    /// (then the DNs may run the shape itself with the values as parameters).
     pub fn plan_bound(
         &self,
         shape: &str,
@@ -78,7 +80,7 @@ impl PlanCache {
         values: &[Option<String>],
         catalog: &Catalog,
         in_txn: bool,
-    ) -> Vec<Plan> {
+    ) -> (Vec<Plan>, bool) {
         if let Some(t) = self.template(shape, catalog) {
             let value = |n: usize| {
                 n.checked_sub(1)
@@ -86,10 +88,10 @@ impl PlanCache {
                     .and_then(|v| v.as_deref())
             };
             if let Some(p) = t.plan(bound, value, catalog) {
-                return vec![p];
+                return (vec![p], true);
             }
         }
-        router::plan_query(bound, catalog, in_txn)
+        (router::plan_query(bound, catalog, in_txn), false)
     }
 }
 
@@ -166,7 +168,7 @@ mod tests {
             let bound = crate::sql_text::bind_parameters(shape, &[lit]).unwrap();
             let values = [v.map(str::to_owned)];
             assert_eq!(
-                cache.plan_bound(shape, &bound, &values, &c, false),
+                cache.plan_bound(shape, &bound, &values, &c, false).0,
                 router::plan_query(&bound, &c, false),
                 "{bound}"
             );

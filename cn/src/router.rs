@@ -202,7 +202,7 @@ enum Params<'a> {
 }
 
 /// A statement's text as it is sent to the DNs: without surrounding space and `;`.
-fn statement_text(sql: &str) -> &str {
+pub(crate) fn statement_text(sql: &str) -> &str {
     sql.trim().trim_end_matches(';').trim()
 }
 

@@ -10,7 +10,6 @@ use std::fmt::Debug;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::{Sink, SinkExt, StreamExt};
 use pgwire::api::auth::sasl::scram::ScramAuth;
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
@@ -39,10 +38,9 @@ use pgwire::messages::response::EmptyQueryResponse;
 use pgwire::messages::startup::{ParameterStatus, SecretKey};
 use pgwire::messages::PgWireBackendMessage;
 use tokio::sync::Mutex;
-use tokio_postgres::CopyInSink;
 
 use crate::cancel::{Canceller, InFlight};
-use crate::dn::{DnConn, DnError};
+use crate::dn::{Column, DnConn, DnError, Prepared};
 use crate::merge::{self, Row};
 use crate::node::Node;
 use crate::router::{self, Merge, Plan, SavepointOp};
@@ -51,7 +49,7 @@ use crate::sql_text;
 /// What one statement produced.
 enum Outcome {
     Rows {
-        columns: Vec<String>,
+        columns: Vec<Column>,
         rows: Vec<Row>,
         tag: String,
     },
@@ -88,8 +86,9 @@ impl Txn {
     }
 }
 
+/// A COPY FROM STDIN in progress: it is open on the transaction's connection of each
+/// group in `groups`.
 struct CopyState {
-    sinks: BTreeMap<usize, std::pin::Pin<Box<CopyInSink<Bytes>>>>,
     buffers: BTreeMap<usize, Vec<u8>>,
     partial: Vec<u8>,
     dist: Option<(usize, crate::catalog::KeyKind)>,
@@ -102,6 +101,9 @@ struct State {
     /// SET statements of the session, replayed on every DN connection it takes.
     settings: Vec<String>,
     copy: Option<CopyState>,
+    /// The statement being executed as the client sent it (extended protocol, one
+    /// group by its template): the DN runs it as a named statement of the connection.
+    prepared: Option<Prepared>,
     /// ParameterStatus messages the client is owed (a SET of a reported setting).
     reports: Vec<(String, String)>,
 }
@@ -241,6 +243,8 @@ impl Session {
         work: Vec<(usize, String)>,
         write: bool,
     ) -> Result<Vec<crate::dn::Answer>, DnError> {
+        let prepared = st.prepared.take().filter(|_| work.len() == 1);
+        let epoch = self.node.catalog_read().version;
         let groups: Vec<usize> = work.iter().map(|(g, _)| *g).collect();
         self.enlist(st, &groups).await?;
         let Some(txn) = st.txn.as_mut() else {
@@ -255,9 +259,13 @@ impl Session {
                 taken.push((c, sql, self.group_name(g)));
             }
         }
+        let prepared = prepared.as_ref();
         let results =
             futures::future::join_all(taken.into_iter().map(|(mut c, sql, name)| async move {
-                let r = c.run(&name, &sql).await;
+                let r = match prepared {
+                    Some(p) => c.run_prepared(&name, p, epoch).await,
+                    None => c.run(&name, &sql).await,
+                };
                 (c, r)
             }))
             .await;
@@ -285,10 +293,16 @@ impl Session {
         &self,
         st: &State,
         work: Vec<(usize, String)>,
+        prepared: Option<&Prepared>,
     ) -> Result<Vec<crate::dn::Answer>, DnError> {
+        let prepared = prepared.filter(|_| work.len() == 1);
+        let epoch = self.node.catalog_read().version;
         let futs = work.into_iter().map(|(g, sql)| async move {
             let mut c = self.checkout(st, g).await?;
-            let r = c.run(&self.group_name(g), &sql).await;
+            let r = match prepared {
+                Some(p) => c.run_prepared(&self.group_name(g), p, epoch).await,
+                None => c.run(&self.group_name(g), &sql).await,
+            };
             self.node.pool.put(c).await;
             r
         });
@@ -305,8 +319,10 @@ impl Session {
             return self.run_in_txn(st, work, write).await;
         }
         if !write || work.len() == 1 {
-            return self.run_autocommit(st, work).await;
+            let prepared = st.prepared.take();
+            return self.run_autocommit(st, work, prepared.as_ref()).await;
         }
+        st.prepared = None;
         // A write on several groups outside BEGIN: its own transaction, 2PC at the end.
         st.txn = Some(Txn::new(false));
         let r = self.run_in_txn(st, work, write).await;
@@ -526,7 +542,7 @@ impl Session {
                     .unwrap_or_default();
                 let parts: Vec<Vec<Row>> = answers.into_iter().map(|a| a.rows).collect();
                 if let Merge::Aggregate(a) = &merge {
-                    columns = a.names.clone();
+                    columns = merge::aggregate_columns(a, &columns);
                 }
                 let rows = merge::merge(&merge, parts);
                 Ok(rows_outcome(Some(columns), rows, "SELECT"))
@@ -572,7 +588,7 @@ impl Session {
                 }
                 let groups = router::all_groups(&self.node.catalog_read());
                 let work = groups.into_iter().map(|g| (g, sql.clone())).collect();
-                self.run_autocommit(st, work).await?;
+                self.run_autocommit(st, work, None).await?;
                 Ok(Outcome::Command(tag))
             }
             Plan::CopyIn {
@@ -667,22 +683,17 @@ impl Session {
         groups: Vec<usize>,
     ) -> Result<(), DnError> {
         self.enlist(st, &groups).await?;
-        let mut sinks = BTreeMap::new();
         let Some(txn) = st.txn.as_mut() else {
             return Err(DnError::new("XX000", "no transaction"));
         };
         for &g in &groups {
             txn.wrote.insert(g);
-            let Some(c) = txn.conns.get(&g) else { continue };
-            let sink = c
-                .client
-                .copy_in::<_, Bytes>(sql)
-                .await
-                .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
-            sinks.insert(g, Box::pin(sink));
+            let Some(c) = txn.conns.get_mut(&g) else {
+                continue;
+            };
+            c.copy_in(&self.group_name(g), sql).await?;
         }
         st.copy = Some(CopyState {
-            sinks,
             buffers: BTreeMap::new(),
             partial: Vec::new(),
             dist,
@@ -789,7 +800,7 @@ async fn cut_before_commit(e: DnError, before_commit: bool) -> DnError {
     e.not_committed(before_commit)
 }
 
-fn rows_outcome(columns: Option<Vec<String>>, rows: Vec<Row>, tag: &str) -> Outcome {
+fn rows_outcome(columns: Option<Vec<Column>>, rows: Vec<Row>, tag: &str) -> Outcome {
     match columns {
         Some(columns) => Outcome::Rows {
             tag: if tag == "SELECT" {
@@ -804,7 +815,7 @@ fn rows_outcome(columns: Option<Vec<String>>, rows: Vec<Row>, tag: &str) -> Outc
     }
 }
 
-fn write_outcome(tag: &str, count: u64, columns: Option<Vec<String>>, rows: Vec<Row>) -> Outcome {
+fn write_outcome(tag: &str, count: u64, columns: Option<Vec<Column>>, rows: Vec<Row>) -> Outcome {
     let tag = match tag {
         "INSERT" => format!("INSERT 0 {count}"),
         "TRUNCATE TABLE" => "TRUNCATE TABLE".into(),
@@ -884,9 +895,10 @@ fn to_response(o: Outcome, described: Option<(&[FieldInfo], &Format)>) -> Respon
                         )
                     })
                     .collect(),
+                // The simple protocol: the DN's own column types (text format).
                 _ => columns
                     .iter()
-                    .map(|c| FieldInfo::new(c.clone(), None, None, Type::TEXT, FieldFormat::Text))
+                    .map(|c| crate::dn::field_info(c, FieldFormat::Text))
                     .collect(),
             };
             let fields = Arc::new(fields);
@@ -1354,6 +1366,7 @@ impl ExtendedQueryHandler for Session {
         let stmt = &portal.statement.statement;
         let mut literals = Vec::with_capacity(portal.parameter_len());
         let mut values = Vec::with_capacity(portal.parameter_len());
+        let mut types = Vec::with_capacity(portal.parameter_len());
         for i in 0..portal.parameter_len() {
             let ty = portal
                 .statement
@@ -1364,6 +1377,11 @@ impl ExtendedQueryHandler for Session {
                 .or_else(|| stmt.param_types.get(i).cloned())
                 .unwrap_or(Type::UNKNOWN);
             let (value, literal) = param_literal(portal, i, &ty)?;
+            // As for the literal: text and unknown values take the type the DN infers.
+            types.push(match ty {
+                Type::UNKNOWN | Type::TEXT | Type::VARCHAR => 0,
+                _ => ty.oid(),
+            });
             values.push(value);
             literals.push(literal);
         }
@@ -1371,7 +1389,7 @@ impl ExtendedQueryHandler for Session {
             sql_text::bind_parameters(&stmt.sql, &literals).map_err(|e| user_error("08P01", e))?;
         let mut st = self.state.lock().await;
         let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
-        let mut plans = {
+        let (mut plans, templated) = {
             let catalog = self.node.catalog_read();
             self.node
                 .plans
@@ -1385,7 +1403,20 @@ impl ExtendedQueryHandler for Session {
         }
         let plan = plans.remove(0);
         self.register_cancel(client);
+        // A one-group statement planned by its template runs on the DN as the client
+        // sent it, a named statement parsed and planned once per DN connection, instead
+        // of its text with the values bound in (parsed and planned at every run).
+        let one_group = match &plan {
+            Plan::Read { groups, .. } | Plan::Write { groups, .. } => groups.len() == 1,
+            _ => false,
+        };
+        st.prepared = (templated && one_group).then(|| Prepared {
+            sql: router::statement_text(&stmt.sql).to_owned(),
+            types,
+            values: values.clone(),
+        });
         let r = self.execute(&mut st, plan).await;
+        st.prepared = None;
         send_reports(client, std::mem::take(&mut st.reports)).await?;
         match r {
             Ok(o) => Ok(to_response(
@@ -1401,15 +1432,21 @@ impl ExtendedQueryHandler for Session {
 }
 
 impl Session {
-    async fn flush_copy(copy: &mut CopyState, min: usize) -> Result<(), DnError> {
+    /// Sends each group's buffered rows once there are at least `min` bytes of them.
+    async fn flush_copy(
+        &self,
+        copy: &mut CopyState,
+        txn: Option<&mut Txn>,
+        min: usize,
+    ) -> Result<(), DnError> {
+        let Some(txn) = txn else {
+            return Err(DnError::new("XX000", "COPY outside a transaction"));
+        };
         for (g, buf) in copy.buffers.iter_mut() {
             if buf.len() >= min && !buf.is_empty() {
-                if let Some(sink) = copy.sinks.get_mut(g) {
-                    let data = Bytes::from(std::mem::take(buf));
-                    sink.as_mut()
-                        .send(data)
-                        .await
-                        .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
+                if let Some(c) = txn.conns.get_mut(g) {
+                    c.copy_data(&self.group_name(*g), buf).await?;
+                    buf.clear();
                 }
             }
         }
@@ -1457,7 +1494,8 @@ impl CopyHandler for Session {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let mut st = self.state.lock().await;
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
         let Some(copy) = st.copy.as_mut() else {
             return Err(user_error("08P01", "CopyData outside COPY"));
         };
@@ -1465,9 +1503,9 @@ impl CopyHandler for Session {
             let catalog = self.node.catalog_read();
             Self::route_lines(&catalog, copy, &copy_data.data);
         }
-        if let Err(e) = Self::flush_copy(copy, 64 * 1024).await {
+        if let Err(e) = self.flush_copy(copy, st.txn.as_mut(), 64 * 1024).await {
             st.copy = None;
-            self.fail_txn(&mut st).await;
+            self.fail_txn(st).await;
             return Err(dn_error(e));
         }
         Ok(())
@@ -1494,15 +1532,15 @@ impl CopyHandler for Session {
                 let catalog = self.node.catalog_read().clone();
                 Self::route_lines(&catalog, &mut copy, &rest);
             }
-            Self::flush_copy(&mut copy, 0).await?;
+            self.flush_copy(&mut copy, st.txn.as_mut(), 0).await?;
             let mut counts = Vec::new();
-            for (g, sink) in copy.sinks.iter_mut() {
-                let n = sink
-                    .as_mut()
-                    .finish()
-                    .await
-                    .map_err(|e| DnError::from_pg(&g.to_string(), &e))?;
-                counts.push(n);
+            let Some(txn) = st.txn.as_mut() else {
+                return Err(DnError::new("XX000", "COPY outside a transaction"));
+            };
+            for g in &copy.groups {
+                if let Some(c) = txn.conns.get_mut(g) {
+                    counts.push(c.copy_finish(&self.group_name(*g)).await?);
+                }
             }
             Ok(if copy.dist.is_none() {
                 counts.first().copied().unwrap_or(0)
@@ -1544,7 +1582,7 @@ impl CopyHandler for Session {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let mut st = self.state.lock().await;
-        // Dropping the sinks aborts the DN COPYs; the transaction is rolled back.
+        // The DN COPYs are ended by CopyFail before the ROLLBACK (DnConn::run).
         st.copy = None;
         self.fail_txn(&mut st).await;
         user_error("57014", format!("COPY from stdin failed: {}", fail.message))

@@ -213,10 +213,8 @@ fn kind(m: &backend::Message) -> &'static str {
     }
 }
 
-/// The CN writes an extended-protocol round trip's replies at Flush or Sync (as
-/// PostgreSQL does), not per message: a client that sends Flush gets everything so far
-/// without ReadyForQuery, and Sync then ends the round trip.
-async fn flush_and_sync(port: u16) -> Result<()> {
+/// A raw protocol connection to the CN, logged in and ready for a query.
+async fn raw_login(port: u16) -> Result<(tokio::net::TcpStream, bytes::BytesMut)> {
     use tokio::io::AsyncWriteExt;
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let mut out = bytes::BytesMut::new();
@@ -250,6 +248,72 @@ async fn flush_and_sync(port: u16) -> Result<()> {
             sock.write_all(&out.split()).await?;
         }
     }
+    Ok((sock, buf))
+}
+
+/// The type OIDs of the RowDescription a simple Query of `sql` gets from the CN (what
+/// node-postgres and psycopg map values by).
+async fn simple_query_types(port: u16, sql: &str) -> Result<Vec<u32>> {
+    use tokio::io::AsyncWriteExt;
+    let (mut sock, mut buf) = raw_login(port).await?;
+    let mut out = bytes::BytesMut::new();
+    frontend::query(sql, &mut out)?;
+    sock.write_all(&out.split()).await?;
+    let msgs = read_until(&mut sock, &mut buf, |m| {
+        matches!(m, backend::Message::ReadyForQuery(_))
+    })
+    .await?;
+    for m in &msgs {
+        match m {
+            backend::Message::RowDescription(d) => {
+                use fallible_iterator::FallibleIterator;
+                let fields: Vec<backend::Field> = d.fields().collect()?;
+                return Ok(fields.iter().map(|f| f.type_oid()).collect());
+            }
+            backend::Message::ErrorResponse(_) => bail!("{sql}: the CN answered an error"),
+            _ => {}
+        }
+    }
+    bail!("{sql}: no RowDescription")
+}
+
+/// Result columns of simple-protocol queries carry the DN's own types, also for rows
+/// merged from several groups (aggregates as PostgreSQL types them).
+async fn simple_query_column_types(port: u16) -> Result<()> {
+    const INT4: u32 = 23;
+    const INT8: u32 = 20;
+    const TEXT: u32 = 25;
+    const NUMERIC: u32 = 1700;
+    let cases: [(&str, &[u32]); 6] = [
+        (
+            "select 1::int4 as a, 'x'::text as b, 2.5::numeric as c",
+            &[INT4, TEXT, NUMERIC],
+        ),
+        ("select id, v from wide where id = 3", &[INT8, INT4]),
+        ("select id, v from wide order by id limit 2", &[INT8, INT4]),
+        ("select count(*) from wide", &[INT8]),
+        (
+            "select count(*), sum(v), avg(v), max(id) from wide",
+            &[INT8, INT8, NUMERIC, INT8],
+        ),
+        (
+            "select v, count(*) from wide group by v having count(*) > 0",
+            &[INT4, INT8],
+        ),
+    ];
+    for (sql, want) in cases {
+        assert_eq!(simple_query_types(port, sql).await?, want, "{sql}");
+    }
+    Ok(())
+}
+
+/// The CN writes an extended-protocol round trip's replies at Flush or Sync (as
+/// PostgreSQL does), not per message: a client that sends Flush gets everything so far
+/// without ReadyForQuery, and Sync then ends the round trip.
+async fn flush_and_sync(port: u16) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (mut sock, mut buf) = raw_login(port).await?;
+    let mut out = bytes::BytesMut::new();
     frontend::parse("", "select $1::int + 1", [], &mut out)?;
     frontend::bind(
         "",
@@ -528,11 +592,57 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
         .execute("update items set grp = grp where id = $1", &[&8i32])
         .await?;
     assert_eq!(n, 1);
+    // The DNs keep a one-group extended-protocol statement prepared per connection: a
+    // DDL that changes what its text means is seen at the next run.
+    client
+        .batch_execute("create table reshaped (id int primary key, a int)")
+        .await?;
+    client
+        .batch_execute("insert into reshaped values (1, 10)")
+        .await?;
+    for _ in 0..3 {
+        let row = client
+            .query_one("select * from reshaped where id = $1", &[&1i32])
+            .await?;
+        assert_eq!(row.get::<_, i32>(1), 10);
+    }
+    client
+        .batch_execute(
+            "drop table reshaped; create table reshaped (id int primary key, a text, b int); \
+             insert into reshaped values (1, 'x', 20)",
+        )
+        .await?;
+    for _ in 0..3 {
+        let row = client
+            .query_one("select * from reshaped where id = $1", &[&1i32])
+            .await?;
+        assert_eq!(
+            (row.get::<_, String>(1), row.get::<_, i32>(2)),
+            ("x".to_owned(), 20)
+        );
+    }
 
     // 3b. Protocol: savepoints on every group a transaction touches, a cancel request
     //     reaches the DN backend, ParameterStatus follows SET, the DN's own errors.
     protocol_checks(cn1_port, &client).await?;
     flush_and_sync(cn1_port).await?;
+    client
+        .batch_execute(
+            "create table wide (id int8 primary key, v int4); \
+             insert into wide values (1, 10), (2, 20), (3, 30), (4, 40)",
+        )
+        .await?;
+    simple_query_column_types(cn1_port).await?;
+    // The CN reaches a DN on its own host by the DN's Unix socket (client_port -1).
+    assert_eq!(
+        scalar(
+            &client,
+            "select client_port from pg_stat_activity where pid = pg_backend_pid()"
+        )
+        .await?,
+        "-1",
+        "the CN's DN connection is not the DN's Unix socket"
+    );
 
     // 4. Differential: the same rows in one plain PostgreSQL (a database of its own on
     //    a DN primary, which is a stock PostgreSQL 15).
