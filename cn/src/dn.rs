@@ -278,16 +278,29 @@ impl Pool {
             ));
         }
         let endpoint = (target.host.clone(), target.port);
-        {
+        let mut stale = Vec::new();
+        let found = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let list = idle.entry(group).or_default();
+            let mut found = None;
             while let Some(mut c) = list.pop() {
                 // A pooled connection the DN closed meanwhile (its shutdown's FATAL,
-                // or a restart) is dropped here, not found broken by a statement.
-                if c.endpoint == endpoint && c.conn.is_idle_and_open() {
-                    return Ok(c);
+                // or a restart) is dropped here, not found broken by a statement; one
+                // to a former primary is closed.
+                if !c.conn.is_idle_and_open() {
+                    continue;
                 }
+                if c.endpoint == endpoint {
+                    found = Some(c);
+                    break;
+                }
+                stale.push(c);
             }
+            found
+        };
+        stale.into_iter().for_each(discard);
+        if let Some(c) = found {
+            return Ok(c);
         }
         let password = match &self.password_file {
             Some(file) => {
@@ -373,12 +386,30 @@ impl Pool {
             }
             c.dirty = false;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(c.group).or_default();
-        if list.len() < self.max_idle {
-            list.push(c);
+        let full = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.entry(c.group).or_default();
+            if list.len() < self.max_idle {
+                list.push(c);
+                None
+            } else {
+                Some(c)
+            }
+        };
+        if let Some(c) = full {
+            discard(c);
         }
     }
+}
+
+/// Ends a connection the pool does not keep with Terminate, so its DN backend ends at
+/// once instead of when it next reads (the CN's log and the DN's then agree: no
+/// "unexpected EOF on client connection"). In a task of its own, bounded: a former
+/// primary may not answer.
+fn discard(c: DnConn) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), c.conn.close()).await;
+    });
 }
 
 #[cfg(test)]

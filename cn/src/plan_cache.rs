@@ -4,10 +4,11 @@
 //! its literals lifted out ([`sql_text::lift_literals`]). Shapes without a template are
 //! remembered too, so they cost one lookup more than before, not a second parse.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::catalog::Catalog;
+use crate::dn::Prepared;
 use crate::router::{self, Plan, Template};
 use crate::sql_text;
 
@@ -21,6 +22,8 @@ type Shapes = HashMap<String, (u64, Option<Arc<Template>>)>;
 #[derive(Default)]
 pub struct PlanCache {
     shapes: Mutex<Shapes>,
+    /// Simple-query shapes (statement text) the DN refused to prepare.
+    refused: Mutex<HashSet<String>>,
 }
 
 impl PlanCache {
@@ -28,6 +31,7 @@ impl PlanCache {
     /// catch it, this frees the memory).
     pub fn clear(&self) {
         self.lock().clear();
+        self.refused().clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shapes> {
@@ -51,21 +55,52 @@ impl PlanCache {
         t
     }
 
-    /// The plans of one simple-query statement (no `;` outside quotes).
-    pub fn plan_simple(&self, sql: &str, catalog: &Catalog, in_txn: bool) -> Vec<Plan> {
-        if let Some((shape, values)) = sql_text::lift_literals(sql) {
+    /// The plans of one simple-query statement (no `;` outside quotes), and, when its
+    /// shape has a one-group template the DN can run as a named statement, that
+    /// statement with the literals as its parameters (see [`preparable`]).
+    pub fn plan_simple(
+        &self,
+        sql: &str,
+        catalog: &Catalog,
+        in_txn: bool,
+    ) -> (Vec<Plan>, Option<Prepared>) {
+        if let Some((shape, literals)) = sql_text::lift_literals(sql) {
             if let Some(t) = self.template(&shape, catalog) {
                 let value = |n: usize| {
                     n.checked_sub(1)
-                        .and_then(|k| values.get(k))
-                        .map(|v| v.as_str())
+                        .and_then(|k| literals.get(k))
+                        .map(|l| l.text.as_str())
                 };
                 if let Some(p) = t.plan(sql, value, catalog) {
-                    return vec![p];
+                    let text = router::statement_text(&shape);
+                    let prepared =
+                        (!in_txn && preparable(text, &literals) && !self.refused().contains(text))
+                            .then(|| Prepared {
+                                sql: text.to_owned(),
+                                types: literals.iter().map(sql_text::Literal::type_oid).collect(),
+                                values: literals.into_iter().map(|l| Some(l.text)).collect(),
+                            });
+                    return (vec![p], prepared);
                 }
             }
         }
-        router::plan_query(sql, catalog, in_txn)
+        (router::plan_query(sql, catalog, in_txn), None)
+    }
+
+    fn refused(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The DN would not prepare this simple query's shape (e.g. a literal where
+    /// PostgreSQL's grammar takes no parameter, `interval '1 day'`): the shape runs as
+    /// text from now on.
+    pub fn refuse_shape(&self, prepared_sql: &str) {
+        let mut refused = self.refused();
+        if refused.len() >= MAX_SHAPES {
+            refused.clear();
+        }
+        // Kept by the shape's statement text, as [`Self::plan_simple`] looks it up.
+        refused.insert(prepared_sql.to_owned());
     }
 
     /// The plans of an extended-protocol statement: `shape` is its text (`$n` for its
@@ -93,6 +128,20 @@ impl PlanCache {
         }
         (router::plan_query(bound, catalog, in_txn), false)
     }
+}
+
+/// Whether a simple query's shape means the same run as a named statement with its
+/// literals as parameters (typed as the parser types them, [`sql_text::Literal`]).
+/// Not where a literal is more than a value: `ORDER BY 1` and `GROUP BY 1` name a
+/// column, a parameter there would be a constant. Not with a backslash in a string: its
+/// meaning as a literal depends on `standard_conforming_strings`. A literal where the
+/// grammar takes no parameter (`interval '1 day'`, `varchar(10)`) makes the DN refuse
+/// the Parse; the caller then runs the text ([`PlanCache::refuse_shape`]).
+fn preparable(shape: &str, literals: &[sql_text::Literal]) -> bool {
+    let lower = shape.to_ascii_lowercase();
+    !lower.contains("order")
+        && !lower.contains("group")
+        && !literals.iter().any(|l| l.text.contains('\\'))
 }
 
 #[cfg(test)]
@@ -128,7 +177,7 @@ mod tests {
         ] {
             for _ in 0..2 {
                 assert_eq!(
-                    cache.plan_simple(sql, &c, false),
+                    cache.plan_simple(sql, &c, false).0,
                     router::plan_query(sql, &c, false),
                     "{sql}"
                 );
@@ -140,11 +189,46 @@ mod tests {
     }
 
     #[test]
+    fn one_group_simple_queries_run_as_named_statements_where_the_meaning_is_the_same() {
+        let c = catalog();
+        let cache = PlanCache::default();
+        let prepared = |sql: &str, in_txn: bool| cache.plan_simple(sql, &c, in_txn).1;
+        let p = prepared("SELECT v FROM t WHERE id = 7;", false).expect("a point read");
+        assert_eq!(p.sql, "SELECT v FROM t WHERE id = $1");
+        assert_eq!(p.types, [23]);
+        assert_eq!(p.values, [Some("7".to_owned())]);
+        let p = prepared("update t set v = 'x' where id = 5", false).expect("a point write");
+        assert_eq!(
+            (p.types, p.values),
+            (vec![0, 23], vec![Some("x".into()), Some("5".into())])
+        );
+        // Inside BEGIN, a refused Parse would end the DN transaction: text only.
+        assert!(prepared("select v from t where id = 7", true).is_none());
+        // A literal that names a column, or whose meaning depends on a setting.
+        assert!(prepared("select v, id from t where id = 7 order by 2", false).is_none());
+        assert!(prepared("select v from t where id = 7 group by 1", false).is_none());
+        assert!(prepared("select v from t where id = 7 and v = 'a\\b'", false).is_none());
+        // Scatters have no template.
+        assert!(prepared("select v from t where v = 'a'", false).is_none());
+        // A shape the DN refused runs as text from then on.
+        // (PostgreSQL cannot tell the type of a parameter that stands alone.)
+        let sql = "select 'a', v from t where id = 7";
+        let shape = prepared(sql, false)
+            .expect("not known to be refused yet")
+            .sql;
+        cache.refuse_shape(&shape);
+        assert!(prepared(sql, false).is_none());
+        assert!(prepared("select v from t where id = 8", false).is_some());
+        cache.clear();
+        assert!(prepared(sql, false).is_some());
+    }
+
+    #[test]
     fn a_catalog_change_replans() {
         let mut c = catalog();
         let cache = PlanCache::default();
         let sql = "select v from t where id = 1";
-        let before = cache.plan_simple(sql, &c, false);
+        let before = cache.plan_simple(sql, &c, false).0;
         let Some(Plan::Read { groups, .. }) = before.first() else {
             panic!("{before:?}")
         };
@@ -153,7 +237,7 @@ mod tests {
         let other = 1 - groups[0] as u16;
         c.buckets.iter_mut().for_each(|b| *b = other);
         c.version += 1;
-        let after = cache.plan_simple(sql, &c, false);
+        let after = cache.plan_simple(sql, &c, false).0;
         assert_eq!(after, router::plan_query(sql, &c, false));
         assert_ne!(before, after);
     }

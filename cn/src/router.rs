@@ -28,6 +28,17 @@ pub enum Plan {
     Set {
         sql: String,
     },
+    /// DEALLOCATE name (None: ALL): the client's prepared statements live in the CN's
+    /// session (the DNs never see them), so the CN forgets them itself.
+    Deallocate {
+        name: Option<String>,
+    },
+    /// DISCARD ALL / PLANS / TEMP / SEQUENCES: the session's state lives in the CN
+    /// (its settings, prepared statements, portals); see the session for what each does.
+    Discard {
+        all: bool,
+        tag: String,
+    },
     /// SAVEPOINT / RELEASE / ROLLBACK TO inside a transaction: run on every DN group
     /// the transaction holds (a group enlisted later replays the open savepoints).
     Savepoint {
@@ -420,6 +431,14 @@ fn plan_statement(
             op: SavepointOp::Release(ident_name(name)),
         },
         Statement::Set(_) => Plan::Set { sql },
+        Statement::Deallocate { name, .. } => Plan::Deallocate {
+            name: (name.quote_style.is_some() || !name.value.eq_ignore_ascii_case("all"))
+                .then(|| ident_name(name)),
+        },
+        Statement::Discard { object_type } => Plan::Discard {
+            all: matches!(object_type, ast::DiscardObject::ALL),
+            tag: format!("DISCARD {object_type}"),
+        },
         Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => {
             Plan::AnyGroup { sql, tag: "SHOW" }
         }

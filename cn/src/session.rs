@@ -106,6 +106,27 @@ struct State {
     prepared: Option<Prepared>,
     /// ParameterStatus messages the client is owed (a SET of a reported setting).
     reports: Vec<(String, String)>,
+    /// What DEALLOCATE or DISCARD ALL took from the client's statements and portals,
+    /// for the handler to remove from pgwire's store.
+    forget: Forget,
+}
+
+/// Prepared statements (and with DISCARD ALL the portals) the client's SQL removed.
+#[derive(Default)]
+struct Forget {
+    statements: Vec<String>,
+    portals: bool,
+}
+
+impl Forget {
+    fn apply<S: PortalStore>(self, store: &S) {
+        for name in &self.statements {
+            store.rm_statement(name);
+        }
+        if self.portals {
+            store.clear_portals();
+        }
+    }
 }
 
 pub struct Session {
@@ -116,6 +137,8 @@ pub struct Session {
     inflight: Arc<InFlight>,
     /// This session's BackendKeyData, registered with the node at its first query.
     cancel_key: OnceLock<(i32, SecretKey)>,
+    /// Names of the client's named prepared statements (Parse), for DEALLOCATE ALL.
+    statements: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl Session {
@@ -126,6 +149,7 @@ impl Session {
             state: Mutex::new(State::default()),
             inflight: Arc::default(),
             cancel_key: OnceLock::new(),
+            statements: Default::default(),
         })
     }
 
@@ -432,6 +456,8 @@ impl Session {
             Plan::Read { .. }
             | Plan::AnyGroup { .. }
             | Plan::Set { .. }
+            | Plan::Deallocate { .. }
+            | Plan::Discard { .. }
             | Plan::Savepoint { .. }
             | Plan::CopyIn { .. } => true,
             // Inside a transaction a write is no commit point; in autocommit on one
@@ -523,6 +549,15 @@ impl Session {
                 }
                 Ok(Outcome::Command("SET".into()))
             }
+            Plan::Deallocate { name } => self.deallocate(st, name),
+            Plan::Discard { all, tag } => {
+                if all {
+                    self.discard_all(st).await?;
+                }
+                // DISCARD PLANS / TEMP / SEQUENCES: the session has no such state of its
+                // own (no temporary tables; the DN connections' caches are the CN's).
+                Ok(Outcome::Command(tag))
+            }
             Plan::AnyGroup { sql, tag } => {
                 let g = st
                     .txn
@@ -613,6 +648,63 @@ impl Session {
 
     /// SAVEPOINT / RELEASE / ROLLBACK TO on every group the transaction holds, in
     /// parallel; the stack of names is kept for groups enlisted later.
+    /// DEALLOCATE: the client's prepared statements are the CN's (pgwire's store).
+    fn deallocate(&self, st: &mut State, name: Option<String>) -> Result<Outcome, DnError> {
+        let mut statements = self.statements.lock().unwrap_or_else(|p| p.into_inner());
+        match name {
+            None => {
+                st.forget
+                    .statements
+                    .extend(std::mem::take(&mut *statements));
+                Ok(Outcome::Command("DEALLOCATE ALL".into()))
+            }
+            Some(name) => {
+                if !statements.remove(&name) {
+                    return Err(DnError::new(
+                        "26000",
+                        format!("prepared statement \"{name}\" does not exist"),
+                    ));
+                }
+                st.forget.statements.push(name);
+                Ok(Outcome::Command("DEALLOCATE".into()))
+            }
+        }
+    }
+
+    /// DISCARD ALL, as PostgreSQL does it for a session: its settings back to the
+    /// defaults (the client is told the reported ones' values again), every prepared
+    /// statement and portal gone. A pooler's reset query (PgBouncer's
+    /// `server_reset_query`, Npgsql's reset on close) sends it.
+    async fn discard_all(&self, st: &mut State) -> Result<(), DnError> {
+        if st.txn.is_some() {
+            return Err(DnError::new(
+                "25001",
+                "DISCARD ALL cannot run inside a transaction block",
+            ));
+        }
+        let reported: BTreeSet<&'static str> = st
+            .settings
+            .iter()
+            .filter_map(|s| sql_text::reported_setting(s))
+            .collect();
+        st.settings.clear();
+        if !reported.is_empty() {
+            let mut c = self.checkout(st, 0).await?;
+            let name = self.group_name(0);
+            for setting in reported {
+                let r = c.run(&name, &format!("SHOW {setting}")).await;
+                let v = r.map(|a| a.rows.into_iter().next().and_then(|r| r.into_iter().next()));
+                if let Ok(Some(Some(v))) = v {
+                    st.reports.push((setting.to_owned(), v));
+                }
+            }
+            self.node.pool.put(c).await;
+        }
+        self.deallocate(st, None)?;
+        st.forget.portals = true;
+        Ok(())
+    }
+
     async fn savepoint(
         &self,
         st: &mut State,
@@ -704,21 +796,29 @@ impl Session {
 
     /// Plans and runs a query string; returns one response per statement and the
     /// ParameterStatus messages owed to the client.
-    async fn run_query(&self, sql: &str) -> (Vec<Response>, Vec<(String, String)>) {
+    async fn run_query(&self, sql: &str) -> (Vec<Response>, Vec<(String, String)>, Forget) {
         let mut st = self.state.lock().await;
         let statements = sql_text::split_statements(sql);
         if statements.len() > 1 {
             let out = self.run_statements(&mut st, &statements).await;
-            return (out, std::mem::take(&mut st.reports));
+            return (
+                out,
+                std::mem::take(&mut st.reports),
+                std::mem::take(&mut st.forget),
+            );
         }
         let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
-        let plans = {
+        let (plans, prepared) = {
             let catalog = self.node.catalog_read();
             self.node.plans.plan_simple(sql, &catalog, in_txn)
         };
         let mut out = Vec::new();
         for plan in plans {
-            match self.execute(&mut st, plan).await {
+            let r = match prepared.as_ref().filter(|_| st.txn.is_none()) {
+                Some(p) => self.execute_simple_prepared(&mut st, plan, p).await,
+                None => self.execute(&mut st, plan).await,
+            };
+            match r {
                 Ok(o) => {
                     let stop = matches!(o, Outcome::CopyIn { .. });
                     out.push(to_response(o, None));
@@ -733,7 +833,36 @@ impl Session {
                 }
             }
         }
-        (out, std::mem::take(&mut st.reports))
+        (
+            out,
+            std::mem::take(&mut st.reports),
+            std::mem::take(&mut st.forget),
+        )
+    }
+
+    /// A one-group autocommit statement of the simple protocol, run on the DN as a named
+    /// statement of its shape with the literals as parameters: the DN parses and plans
+    /// the shape once per connection instead of at every run (what makes `pgbench -S`
+    /// through a CN cheaper on the DN than on a plain PostgreSQL). If the DN refuses to
+    /// prepare the shape (class 42: a literal where its grammar takes no parameter, a
+    /// parameter whose type it cannot tell), nothing ran: the text runs instead, and
+    /// the shape is not tried again.
+    async fn execute_simple_prepared(
+        &self,
+        st: &mut State,
+        plan: Plan,
+        prepared: &Prepared,
+    ) -> Result<Outcome, DnError> {
+        st.prepared = Some(prepared.clone());
+        let r = self.execute(st, plan.clone()).await;
+        st.prepared = None;
+        match r {
+            Err(e) if e.code.starts_with("42") => {
+                self.node.plans.refuse_shape(&prepared.sql);
+                self.execute(st, plan).await
+            }
+            r => r,
+        }
     }
 
     /// A query string of several statements, as PostgreSQL runs one: each statement is
@@ -752,7 +881,7 @@ impl Session {
             let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
             let plans = {
                 let catalog = self.node.catalog_read();
-                self.node.plans.plan_simple(text, &catalog, in_txn)
+                self.node.plans.plan_simple(text, &catalog, in_txn).0
             };
             for plan in plans {
                 let implicit = st.txn.as_ref().is_some_and(|t| !t.explicit);
@@ -952,7 +1081,8 @@ impl SimpleQueryHandler for Session {
             ));
         }
         self.register_cancel(client);
-        let (responses, reports) = self.run_query(query).await;
+        let (responses, reports, forget) = self.run_query(query).await;
+        forget.apply(client.portal_store());
         send_reports(client, reports).await?;
         Ok(responses)
     }
@@ -1098,6 +1228,10 @@ impl ExtendedQueryHandler for Session {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        if let Some(name) = message.name.as_deref().filter(|n| !n.is_empty()) {
+            let mut statements = self.statements.lock().unwrap_or_else(|p| p.into_inner());
+            statements.insert(name.to_owned());
+        }
         match StoredStatement::parse(client, &message, self.parser.clone()).await? {
             Some(stmt) => client.portal_store().put_statement(Arc::new(stmt)),
             None => {
@@ -1335,7 +1469,11 @@ impl ExtendedQueryHandler for Session {
     {
         let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
         match message.target_type {
-            TARGET_TYPE_BYTE_STATEMENT => client.portal_store().rm_statement(name),
+            TARGET_TYPE_BYTE_STATEMENT => {
+                let mut statements = self.statements.lock().unwrap_or_else(|p| p.into_inner());
+                statements.remove(name);
+                client.portal_store().rm_statement(name)
+            }
             TARGET_TYPE_BYTE_PORTAL => client.portal_store().rm_portal(name),
             _ => {}
         }
@@ -1417,6 +1555,7 @@ impl ExtendedQueryHandler for Session {
         });
         let r = self.execute(&mut st, plan).await;
         st.prepared = None;
+        std::mem::take(&mut st.forget).apply(client.portal_store());
         send_reports(client, std::mem::take(&mut st.reports)).await?;
         match r {
             Ok(o) => Ok(to_response(

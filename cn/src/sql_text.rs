@@ -135,19 +135,50 @@ pub fn bind_parameters(sql: &str, literals: &[String]) -> Result<String, String>
     Ok(out)
 }
 
+/// A literal lifted out of a simple query's text by [`lift_literals`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Literal {
+    /// Its value: the digits of an integer, a string unquoted.
+    pub text: String,
+    /// A standard string literal (`'..'`), else an unsigned integer.
+    pub quoted: bool,
+}
+
+impl Literal {
+    /// The type OID PostgreSQL's parser gives this literal, for running the shape as a
+    /// statement with the literal as its parameter with the same meaning: an integer is
+    /// int4 when it fits, else int8, else numeric (as `make_const` decides); a string
+    /// is of unknown type (0: the DN infers it from where it stands, as for the
+    /// literal).
+    pub fn type_oid(&self) -> u32 {
+        const INT4: u32 = 23;
+        const INT8: u32 = 20;
+        const NUMERIC: u32 = 1700;
+        if self.quoted {
+            0
+        } else if self.text.parse::<i32>().is_ok() {
+            INT4
+        } else if self.text.parse::<i64>().is_ok() {
+            INT8
+        } else {
+            NUMERIC
+        }
+    }
+}
+
 /// A simple-query statement's shape: its text with each integer and standard string
-/// literal replaced by `$1`, `$2`, ... in order, and the literals' values (strings
-/// unquoted). Numbers with a fraction, exponent or sign, and E'', B'', X'', U&'' and
+/// literal replaced by `$1`, `$2`, ... in order, and the literals (strings unquoted).
+/// Numbers with a fraction, exponent or sign, and E'', B'', X'', U&'' and
 /// dollar-quoted strings stay in the text. None when the text has `$n` placeholders of
 /// its own (a simple query cannot bind them; PostgreSQL gives the error).
-pub fn lift_literals(sql: &str) -> Option<(String, Vec<String>)> {
+pub fn lift_literals(sql: &str) -> Option<(String, Vec<Literal>)> {
     let b = sql.as_bytes();
     let mut shape = String::with_capacity(sql.len() + 8);
-    let mut values = Vec::new();
+    let mut values: Vec<Literal> = Vec::new();
     let mut last = 0;
     let mut i = 0;
-    let lift = |shape: &mut String, values: &mut Vec<String>, value: String| {
-        values.push(value);
+    let lift = |shape: &mut String, values: &mut Vec<Literal>, text: String, quoted: bool| {
+        values.push(Literal { text, quoted });
         shape.push('$');
         shape.push_str(&values.len().to_string());
     };
@@ -163,6 +194,7 @@ pub fn lift_literals(sql: &str) -> Option<(String, Vec<String>)> {
                     &mut shape,
                     &mut values,
                     sql[i + 1..end - 1].replace("''", "'"),
+                    true,
                 );
                 last = end;
             }
@@ -181,7 +213,7 @@ pub fn lift_literals(sql: &str) -> Option<(String, Vec<String>)> {
             let glued_after = i < b.len() && (is_ident_byte(b[i]) || b[i] == b'.');
             if !glued_before && !glued_after {
                 shape.push_str(&sql[last..start]);
-                lift(&mut shape, &mut values, sql[start..i].to_owned());
+                lift(&mut shape, &mut values, sql[start..i].to_owned(), false);
                 last = i;
             }
             // A number glued to letters (t1, 1e5, 0x1f) is left whole.
@@ -347,6 +379,18 @@ mod tests {
         }
     }
 
+    fn texts(values: &[Literal]) -> Vec<&str> {
+        values.iter().map(|l| l.text.as_str()).collect()
+    }
+
+    #[test]
+    fn lifted_literals_have_the_types_the_parser_gives_them() {
+        let (_, values) =
+            lift_literals("select 2147483647, 2147483648, 99999999999999999999, '5'").unwrap();
+        let oids: Vec<u32> = values.iter().map(Literal::type_oid).collect();
+        assert_eq!(oids, [23, 20, 1700, 0]);
+    }
+
     #[test]
     fn lifts_plain_literals_only() {
         let (shape, values) =
@@ -355,7 +399,8 @@ mod tests {
             shape,
             "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
         );
-        assert_eq!(values, vec!["1234"]);
+        assert_eq!(texts(&values), ["1234"]);
+        assert_eq!(values[0].type_oid(), 23);
         let (shape, values) = lift_literals(
             "update t1 set v = 'it''s', w = 1.5, x = -3, y = E'a\\'b', z = 1e5 where id = 7 -- 8",
         )
@@ -364,14 +409,15 @@ mod tests {
             shape,
             "update t1 set v = $1, w = 1.5, x = -$2, y = E'a\\'b', z = 1e5 where id = $3 -- 8"
         );
-        assert_eq!(values, vec!["it's", "3", "7"]);
+        assert_eq!(texts(&values), ["it's", "3", "7"]);
         assert_eq!(
-            lift_literals("select $q$ 5 $q$, /* 6 /* 7 */ 8 */ \"9\", 10").unwrap(),
-            (
-                "select $q$ 5 $q$, /* 6 /* 7 */ 8 */ \"9\", $1".to_owned(),
-                vec!["10".to_owned()]
-            )
+            values.iter().map(|l| l.quoted).collect::<Vec<_>>(),
+            [true, false, false]
         );
+        let (shape, values) =
+            lift_literals("select $q$ 5 $q$, /* 6 /* 7 */ 8 */ \"9\", 10").unwrap();
+        assert_eq!(shape, "select $q$ 5 $q$, /* 6 /* 7 */ 8 */ \"9\", $1");
+        assert_eq!(texts(&values), ["10"]);
         assert_eq!(lift_literals("select $1"), None);
         // Unclosed: left as it is (the DN gives the error).
         assert_eq!(lift_literals("select 'ab").unwrap().0, "select 'ab");

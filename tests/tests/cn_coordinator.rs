@@ -713,6 +713,97 @@ async fn cn_serves_sql_ddl_2pc_pgbench_and_matches_plain_postgres() -> Result<()
         let got = normalise(rows(&client, q).await.with_context(|| q.to_owned())?);
         assert_eq!(got, want, "differs from plain PostgreSQL: {q}");
     }
+    // One-group simple queries run on the DN as named statements of their shape with
+    // the literals as parameters: each means what the text means (each twice: the
+    // second run finds the statement prepared).
+    let point = [
+        "select 'tag:' || tag, 5, amount from f where id = 17",
+        "select 'lit', amount from f where id = 18",
+        "select tag from f where id = '19'",
+        "select amount from f where id = 20 and amount < 2147483648",
+        "select amount from f where id = 21 and amount < 99999999999999999999",
+        "select id, amount, 3 from f where id = 22 order by 3, 1",
+    ];
+    // A group of rows on one DN group, where a literal that names a column matters.
+    for (p, q) in [
+        (
+            "create table m (k int, v int, w text)",
+            "create table m (k int, v int, w text) distribute by hash(k)",
+        ),
+        (
+            "insert into m values (1, 1, 'a'), (1, 2, 'b'), (1, 3, 'a'), (1, 4, 'c')",
+            "insert into m values (1, 1, 'a'), (1, 2, 'b'), (1, 3, 'a'), (1, 4, 'c')",
+        ),
+    ] {
+        plain.simple_query(p).await?;
+        client.simple_query(q).await?;
+    }
+    let point = point.iter().chain(&[
+        "select v, w from m where k = 1 order by 1 desc",
+        "select w, count(*) from m where k = 1 group by 1 order by 2 desc, 1",
+    ]);
+    for q in point.clone().chain(point) {
+        let want = normalise(rows(&plain, q).await?);
+        let got = normalise(rows(&client, q).await.with_context(|| q.to_owned())?);
+        assert_eq!(got, want, "differs from plain PostgreSQL: {q}");
+    }
+    for q in [
+        "select tag from f where id = 23 and tag = 5",
+        "select tag from f where id = 24 and amount = 'x'",
+    ] {
+        for _ in 0..2 {
+            let want = plain
+                .simple_query(q)
+                .await
+                .err()
+                .context("plain accepted it")?;
+            let got = client
+                .simple_query(q)
+                .await
+                .err()
+                .context("the CN accepted it")?;
+            assert_eq!(sqlstate(&got), sqlstate(&want), "{q}: {got:?} / {want:?}");
+        }
+    }
+    // DEALLOCATE and DISCARD ALL act on the client's session, which lives in the CN: a
+    // pooler's reset query (PgBouncer's DISCARD ALL, Npgsql's on close) works.
+    let stmt = client.prepare("select amount from f where id = $1").await?;
+    let want = normalise(rows(&plain, "select amount from f where id = 25").await?);
+    let got = client.query(&stmt, &[&25i32]).await?;
+    assert_eq!(got.len(), want.len());
+    client.simple_query("set statement_timeout = '17s'").await?;
+    client.simple_query("deallocate all").await?;
+    let e = client
+        .query(&stmt, &[&25i32])
+        .await
+        .err()
+        .context("a deallocated statement ran")?;
+    assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{e:?}");
+    let e = client
+        .simple_query("deallocate nosuch")
+        .await
+        .err()
+        .context("deallocate nosuch")?;
+    assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{e:?}");
+    assert_eq!(scalar(&client, "show statement_timeout").await?, "17s");
+    client.simple_query("begin").await?;
+    let e = client
+        .simple_query("discard all")
+        .await
+        .err()
+        .context("discard all in a block")?;
+    assert_eq!(sqlstate(&e).as_deref(), Some("25001"), "{e:?}");
+    client.simple_query("rollback").await?;
+    client.simple_query("discard all").await?;
+    assert_eq!(
+        scalar(&client, "show statement_timeout").await?,
+        scalar(&plain, "show statement_timeout").await?
+    );
+    for id in [26, 27] {
+        let q = format!("select amount from f where id = {id}");
+        let want = normalise(rows(&plain, &q).await?);
+        assert_eq!(normalise(rows(&client, &q).await?), want, "{q}");
+    }
     let unordered = [
         "select id, tag from f where amount < 20",
         "select * from dim",
