@@ -24,6 +24,7 @@ use ha_common::proto::cm::{
     SetDesiredStateReply, SetDesiredStateRequest, SwitchoverRequest, SyncStateReply,
     SyncStateRequest,
 };
+use ha_common::tls::CertRole;
 use ha_common::ClusterConfig;
 use tonic::{Code, Request, Response, Status};
 
@@ -208,6 +209,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl CmService {
+    /// The caller's certificate is `role`'s and, where certificates name their host,
+    /// of the host the config gives `instance`: a GTM, CN or CMServer speaks for itself
+    /// only, as an agent reports for its own host only. An instance the config does not
+    /// know is left to the handler's own error.
+    #[allow(clippy::result_large_err)]
+    fn require_own_instance<T>(
+        &self,
+        request: &Request<T>,
+        role: CertRole,
+        instance: &str,
+    ) -> Result<(), Status> {
+        match self.shared.cfg.find(instance) {
+            Some(r) => ha_common::tls::require_role_on_host(request, &[role], &r.instance.host),
+            None => ha_common::tls::require_role(request, &[role]),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl CmServer for CmService {
     async fn report(&self, request: Request<AgentReport>) -> Result<Response<ReportReply>, Status> {
@@ -262,7 +282,7 @@ impl CmServer for CmService {
         &self,
         request: Request<RenewGtmLeaseRequest>,
     ) -> Result<Response<RenewGtmLeaseReply>, Status> {
-        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Gtm])?;
+        self.require_own_instance(&request, CertRole::Gtm, &request.get_ref().instance)?;
         let sh = &self.shared;
         sh.require_primary()?;
         let req = request.into_inner();
@@ -351,7 +371,7 @@ impl CmServer for CmService {
         &self,
         request: Request<SyncStateRequest>,
     ) -> Result<Response<SyncStateReply>, Status> {
-        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::CmServer])?;
+        self.require_own_instance(&request, CertRole::CmServer, &request.get_ref().from)?;
         let sh = &self.shared;
         let req = request.into_inner();
         let from = req.from.clone();
@@ -433,7 +453,7 @@ impl CmServer for CmService {
         &self,
         request: Request<CnSyncRequest>,
     ) -> Result<Response<CnSyncReply>, Status> {
-        ha_common::tls::require_role(&request, &[ha_common::tls::CertRole::Cn])?;
+        self.require_own_instance(&request, CertRole::Cn, &request.get_ref().cn)?;
         let sh = &self.shared;
         let req = request.into_inner();
         // Standby too: a new primary knows the CNs the moment it is elected.

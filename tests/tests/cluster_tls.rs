@@ -1,11 +1,12 @@
-//! Mutual TLS on a running cluster: the cluster works with TLS on, and a client with no certificate, a certificate from another CA, an expired certificate, plaintext, an agent certificate ordering a failover, or one host's agent certificate reporting for another host is refused without changing anything.
+//! Mutual TLS on a running cluster: the cluster works with TLS on, and a client with no certificate, a certificate from another CA, an expired certificate, plaintext, an agent certificate ordering a failover, or one host's certificate speaking for another host's agent, GTM, CN or CMServer is refused without changing anything.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ha_common::proto::cm::cm_server_client::CmServerClient;
 use ha_common::proto::cm::{
-    AgentReport, ClusterStatusRequest, FailoverRequest, RenewGtmLeaseRequest,
+    AgentReport, ClusterStatusRequest, CnSyncRequest, FailoverRequest, RenewGtmLeaseRequest,
+    SyncStateRequest,
 };
 use ha_common::tls::{Ca, CertRole, IssueOptions, TlsMaterial};
 use mpp_ha_tests::{status_member, with_tls, LocalCluster};
@@ -254,6 +255,53 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
         },
     )
     .await?;
+
+    // The same for every role that speaks for an instance of its own: h2's GTM, CN
+    // and CMServer certificates may not speak for gtm1, cn1 and cms1 (all on h1).
+    let as_h2 = |role| -> Result<TlsMaterial> {
+        TlsMaterial::load(&c.cfg, role, Some("h2"))?.context("tls is on")
+    };
+    let (gtm, cn, cms) = (
+        as_h2(CertRole::Gtm)?,
+        as_h2(CertRole::Cn)?,
+        as_h2(CertRole::CmServer)?,
+    );
+    for ep in c.cfg.cm_server_endpoints() {
+        let renew = cm_server_as(&gtm, &ep)
+            .await?
+            .renew_gtm_lease(RenewGtmLeaseRequest {
+                instance: "gtm1".into(),
+                gtm_term: 0,
+            })
+            .await
+            .map(|_| ());
+        let sync = cm_server_as(&cn, &ep)
+            .await?
+            .cn_sync(CnSyncRequest {
+                cn: "cn1".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ());
+        let state = cm_server_as(&cms, &ep)
+            .await?
+            .sync_state(SyncStateRequest {
+                from: "cms1".into(),
+                probe: true,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ());
+        for (what, r) in [("GTM lease", renew), ("CnSync", sync), ("SyncState", state)] {
+            match r {
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                    let m = s.message();
+                    assert!(m.contains("\"h2\"") && m.contains("\"h1\""), "{what}: {m}");
+                }
+                other => bail!("{ep}: {what} with h2's certificate for an h1 instance: {other:?}"),
+            }
+        }
+    }
 
     // A host-less (legacy) agent certificate of the cluster CA still gets through the
     // certificate check: a dir made before certificates named hosts keeps working.
