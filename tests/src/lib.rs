@@ -781,11 +781,17 @@ impl LocalCluster {
         let what = format!("{names:?} to be {state}");
         wait_for(&what, timeout, || async {
             let s = self.status()?;
+            // With the status's own reason, so that a failure says why.
             let off: Vec<String> = names
                 .iter()
                 .map(|n| (n, member_state(&s, n)))
                 .filter(|(_, st)| st != state)
-                .map(|(n, st)| format!("{n} is {st}"))
+                .map(|(n, st)| {
+                    let detail = status_member(&s, n)
+                        .and_then(|m| m["detail"].as_str())
+                        .unwrap_or("");
+                    format!("{n} is {st} ({detail})")
+                })
                 .collect();
             if off.is_empty() {
                 Ok(Some(()))
