@@ -623,7 +623,7 @@ pub async fn serve(cfg: ClusterConfig, node: &str) -> Result<(), ServerError> {
     notifier.ready();
     let watchdog =
         ha_common::notify::spawn_watchdog(notifier.clone(), service.shared.progress.clone());
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let incoming = ha_common::tls::incoming(listener);
     ha_common::tls::server()
         .add_service(CmServerServer::with_interceptor(
             service,

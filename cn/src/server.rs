@@ -107,7 +107,7 @@ pub async fn serve(
         ha_common::tls::deny_restore,
     );
     tokio::spawn(async move {
-        let incoming = tokio_stream_from(rpc_listener);
+        let incoming = ha_common::tls::incoming(rpc_listener);
         if let Err(e) = ha_common::tls::server()
             .add_service(svc)
             .serve_with_incoming(incoming)
@@ -192,13 +192,4 @@ async fn serve_http(node: &Arc<Node>, endpoint: Option<String>) {
         )
         .spawn_at(&node.name, endpoint)
         .await;
-}
-
-fn tokio_stream_from(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
-    futures::stream::unfold(listener, |l| async move {
-        let r = l.accept().await.map(|(s, _)| s);
-        Some((r, l))
-    })
 }

@@ -242,7 +242,7 @@ pub async fn serve(
         .metrics_port()
         .map(|p| format!("{}:{p}", cfg.address_of(&me)));
     serve_metrics(&n, &me.name, metrics_ep).await;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = ha_common::tls::incoming(listener);
     ha_common::tls::server()
         .add_service(ReplicatorServer::new(Service { node: n }))
         .serve_with_incoming_shutdown(incoming, ha_common::shutdown::signal())

@@ -430,7 +430,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         ))
     });
     let bg = tokio::spawn(replication::run(node.clone(), stop_rx));
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = ha_common::tls::incoming(listener);
     let result = ha_common::tls::server()
         .add_service(GtmServer::with_interceptor(
             GtmService::new(node),
