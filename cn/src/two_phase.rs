@@ -168,8 +168,10 @@ pub async fn run_ddl(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
 
 async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnError> {
     let _one_at_a_time = node.ddl_lock.lock().await;
+    let mut steps = Steps::start();
     let fault = node.take_fault();
     let gxid = node.gtm.next_gxid(1).await.map_err(gtm_error)?.start;
+    steps.done("gxid");
     let gid = gid_for(gxid, &node.name);
     let _flight = InFlight::new(node, &gid);
     let base = node.catalog_read().version;
@@ -179,7 +181,9 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
     let local = node
         .prepare_catalog(&gid, base, change.clone())
         .map_err(|e| DnError::new("XX000", format!("catalog: {e}")));
+    steps.done("own catalog prepared");
     crate::topology::sync_now(node).await;
+    steps.done("CMServer told");
     let peers = node.ddl_peers();
     let term = node.cm_term.load(std::sync::atomic::Ordering::SeqCst);
     let dn_results = futures::future::join_all(
@@ -188,12 +192,14 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
             .map(|g| prepare_ddl_on(node, *g, sql, &gid, fault.as_deref())),
     )
     .await;
+    steps.done("DNs prepared");
     let peer_results = futures::future::join_all(
         peers
             .iter()
             .map(|p| prepare_peer(p, &gid, base, &change, term)),
     )
     .await;
+    steps.done("peers prepared");
 
     let mut prepared = Vec::new();
     let mut first_error: Option<DnError> = local.err();
@@ -248,6 +254,7 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
     // A CN admitted to the DDL set after we read it would miss this change: re-read the
     // set just before the decision and abort if a member joined that we did not prepare on.
     crate::topology::sync_now(node).await;
+    steps.done("DDL set re-read");
     let joined: Vec<String> = node
         .ddl_peers()
         .into_iter()
@@ -284,6 +291,7 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
             format!("the outcome of this DDL is not known yet ({e}); the resolver will finish it"),
         ));
     }
+    steps.done("decision recorded");
     if fault.as_deref() == Some("exit_after_decision") {
         // stderr directly: the log writer may not flush before exit.
         eprintln!("cn: test fault point: exiting after the decision of {gid}, before phase two");
@@ -300,14 +308,51 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
             }
         }
     }
+    steps.done("DNs committed");
     for p in &peers {
         if let Err(e) = finish_peer(p, &gid, true).await {
             tracing::warn!(%gid, "finishing the catalog change on {e} failed; its resolver will");
         }
     }
+    steps.done("peers committed");
     node.finish_catalog(&gid, true)
         .map_err(|e| DnError::new("XX000", format!("catalog: {e}")))?;
+    steps.done("own catalog committed");
+    tracing::info!(%gid, steps = %steps, "DDL committed");
     Ok(())
+}
+
+/// How long each step of a two-phase commit took, for its log line (DDL latency is
+/// the sum of rounds to the GTM, the CMServer, the DNs and the other CNs).
+struct Steps {
+    last: Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn start() -> Steps {
+        Steps {
+            last: Instant::now(),
+            took: Vec::new(),
+        }
+    }
+
+    fn done(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.took.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total: Duration = self.took.iter().map(|(_, d)| *d).sum();
+        write!(f, "{:.1} ms:", total.as_secs_f64() * 1e3)?;
+        for (step, d) in &self.took {
+            write!(f, " {step} {:.1}", d.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
 }
 
 /// Commits a transaction that wrote on several groups: PREPARE on each, the decision in
