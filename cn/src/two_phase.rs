@@ -186,20 +186,22 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
     steps.done("CMServer told");
     let peers = node.ddl_peers();
     let term = node.cm_term.load(std::sync::atomic::Ordering::SeqCst);
-    let dn_results = futures::future::join_all(
-        groups
-            .iter()
-            .map(|g| prepare_ddl_on(node, *g, sql, &gid, fault.as_deref())),
-    )
-    .await;
-    steps.done("DNs prepared");
-    let peer_results = futures::future::join_all(
-        peers
-            .iter()
-            .map(|p| prepare_peer(p, &gid, base, &change, term)),
-    )
-    .await;
-    steps.done("peers prepared");
+    // The DNs and the other CNs at once.
+    let (dn_results, peer_results) = futures::join!(
+        futures::future::join_all(groups.iter().map(|g| prepare_ddl_on(
+            node,
+            *g,
+            sql,
+            &gid,
+            fault.as_deref()
+        )),),
+        futures::future::join_all(
+            peers
+                .iter()
+                .map(|p| prepare_peer(p, &gid, base, &change, term)),
+        )
+    );
+    steps.done("DNs and peers prepared");
 
     let mut prepared = Vec::new();
     let mut first_error: Option<DnError> = local.err();
@@ -298,23 +300,15 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
         std::process::exit(3);
     }
 
-    // Phase two.
-    for mut c in prepared {
-        let name = group_name(node, c.group);
-        match c.run(&name, &format!("COMMIT PREPARED '{gid}'")).await {
-            Ok(_) => node.pool.put(c).await,
-            Err(e) => {
-                tracing::warn!(%gid, group = %name, "COMMIT PREPARED failed ({e}); the resolver will retry")
-            }
-        }
+    // Phase two, on the DNs and the other CNs at once.
+    let ((), finished) = futures::join!(
+        commit_prepared_on(node, prepared, &gid),
+        futures::future::join_all(peers.iter().map(|p| finish_peer(p, &gid, true)))
+    );
+    for e in finished.into_iter().filter_map(Result::err) {
+        tracing::warn!(%gid, "finishing the catalog change on {e} failed; its resolver will");
     }
-    steps.done("DNs committed");
-    for p in &peers {
-        if let Err(e) = finish_peer(p, &gid, true).await {
-            tracing::warn!(%gid, "finishing the catalog change on {e} failed; its resolver will");
-        }
-    }
-    steps.done("peers committed");
+    steps.done("DNs and peers committed");
     node.finish_catalog(&gid, true)
         .map_err(|e| DnError::new("XX000", format!("catalog: {e}")))?;
     steps.done("own catalog committed");
@@ -421,16 +415,26 @@ async fn commit_2pc(node: &Node, conns: Vec<DnConn>) -> Result<(), DnError> {
             format!("the outcome of this transaction is not known yet ({e}); the resolver will finish it"),
         ));
     }
-    for mut c in prepared {
+    commit_prepared_on(node, prepared, &gid).await;
+    Ok(())
+}
+
+/// Phase two after a recorded Commit: COMMIT PREPARED on every group at once (a row
+/// lock is held until its group's COMMIT PREPARED; in turn, the last group's would also
+/// wait for every other group's). A group that fails is left to the resolver.
+async fn commit_prepared_on(node: &Node, prepared: Vec<DnConn>, gid: &str) {
+    let sql = format!("COMMIT PREPARED '{gid}'");
+    let sql = &sql;
+    futures::future::join_all(prepared.into_iter().map(|mut c| async move {
         let name = group_name(node, c.group);
-        match c.run(&name, &format!("COMMIT PREPARED '{gid}'")).await {
+        match c.run(&name, sql).await {
             Ok(_) => node.pool.put(c).await,
             Err(e) => {
                 tracing::warn!(%gid, group = %name, "COMMIT PREPARED failed ({e}); the resolver will retry")
             }
         }
-    }
-    Ok(())
+    }))
+    .await;
 }
 
 /// The decision for `gxid`: Abort is recorded unless Commit already was (so that the
