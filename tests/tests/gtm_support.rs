@@ -16,10 +16,13 @@ pub const NODES: [&str; 2] = ["gtm1", "gtm2"];
 
 /// A GTM pair (gtm1 configured primary, gtm2 standby) with its own dir and ports.
 pub struct Pair {
+    // Fields drop in order: the processes are killed before their dir is removed (a
+    // GTM still running writes its log and state into a removed dir, which was left
+    // behind under /tmp/mpp-ha-test).
+    procs: Vec<Option<Proc>>,
     pub dir: TestDir,
     pub config: PathBuf,
     pub cfg: ClusterConfig,
-    procs: Vec<Option<Proc>>,
 }
 
 impl Pair {
