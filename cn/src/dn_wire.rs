@@ -580,26 +580,18 @@ impl WireConn {
         let mut d = Description::default();
         let mut error = None;
         loop {
-            match self.next().await? {
+            let m = self.next().await?;
+            match self.on_any_reply(&m, &mut error)? {
+                Reading::Done => break,
+                Reading::Taken => continue,
+                Reading::Yours => {}
+            }
+            match m {
                 backend::Message::ParseComplete | backend::Message::NoData => {}
                 backend::Message::ParameterDescription(p) => {
                     d.params = p.parameters().collect()?;
                 }
                 backend::Message::RowDescription(r) => d.columns = columns(&r)?,
-                backend::Message::ErrorResponse(e) => {
-                    let e = server_error(&e);
-                    if self.is_fatal(&e) {
-                        return Err(e);
-                    }
-                    error.get_or_insert(e);
-                }
-                backend::Message::ReadyForQuery(r) => {
-                    self.status = r.status();
-                    break;
-                }
-                backend::Message::NoticeResponse(_)
-                | backend::Message::ParameterStatus(_)
-                | backend::Message::NotificationResponse(_) => {}
                 _ => return Err(self.unexpected("a message outside Describe's reply")),
             }
         }
@@ -617,7 +609,13 @@ impl WireConn {
         let mut error = None;
         self.parsed = false;
         loop {
-            match self.next().await? {
+            let m = self.next().await?;
+            match self.on_any_reply(&m, &mut error)? {
+                Reading::Done => break,
+                Reading::Taken => continue,
+                Reading::Yours => {}
+            }
+            match m {
                 backend::Message::ParseComplete => self.parsed = true,
                 backend::Message::BindComplete | backend::Message::NoData => {}
                 backend::Message::RowDescription(d) => {
@@ -652,20 +650,6 @@ impl WireConn {
                     frontend::copy_fail("unexpected COPY FROM STDIN", &mut self.write)?;
                     self.flush().await?;
                 }
-                backend::Message::ErrorResponse(e) => {
-                    let e = server_error(&e);
-                    if self.is_fatal(&e) {
-                        return Err(e);
-                    }
-                    error.get_or_insert(e);
-                }
-                backend::Message::ReadyForQuery(r) => {
-                    self.status = r.status();
-                    break;
-                }
-                backend::Message::NoticeResponse(_)
-                | backend::Message::ParameterStatus(_)
-                | backend::Message::NotificationResponse(_) => {}
                 _ => return Err(self.unexpected("a message outside a simple query's reply")),
             }
         }
@@ -673,6 +657,34 @@ impl WireConn {
         match error {
             Some(e) => Err(e),
             None => Ok(ReplyEnd::Ready(r)),
+        }
+    }
+
+    /// What every reply may carry, the same in each reader: the first error is kept for
+    /// the end of the reply (a FATAL one ends the connection at once), notices and
+    /// parameter changes are skipped, ReadyForQuery ends the reply.
+    fn on_any_reply(
+        &mut self,
+        m: &backend::Message,
+        error: &mut Option<WireError>,
+    ) -> Result<Reading, WireError> {
+        match m {
+            backend::Message::ErrorResponse(e) => {
+                let e = server_error(e);
+                if self.is_fatal(&e) {
+                    return Err(e);
+                }
+                error.get_or_insert(e);
+                Ok(Reading::Taken)
+            }
+            backend::Message::ReadyForQuery(r) => {
+                self.status = r.status();
+                Ok(Reading::Done)
+            }
+            backend::Message::NoticeResponse(_)
+            | backend::Message::ParameterStatus(_)
+            | backend::Message::NotificationResponse(_) => Ok(Reading::Taken),
+            _ => Ok(Reading::Yours),
         }
     }
 
@@ -698,6 +710,16 @@ impl WireConn {
         frontend::terminate(&mut self.write);
         let _ = self.stream.write_all(&self.write).await;
     }
+}
+
+/// What [`WireConn::on_any_reply`] made of a message.
+enum Reading {
+    /// ReadyForQuery: the reply is over.
+    Done,
+    /// Handled (an error kept, a notice skipped).
+    Taken,
+    /// The reader's own message.
+    Yours,
 }
 
 enum ReplyEnd {
