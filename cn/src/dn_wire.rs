@@ -579,13 +579,7 @@ impl WireConn {
         self.flush().await?;
         let mut d = Description::default();
         let mut error = None;
-        loop {
-            let m = self.next().await?;
-            match self.on_any_reply(&m, &mut error)? {
-                Reading::Done => break,
-                Reading::Taken => continue,
-                Reading::Yours => {}
-            }
+        while let Some(m) = self.next_own(&mut error).await? {
             match m {
                 backend::Message::ParseComplete | backend::Message::NoData => {}
                 backend::Message::ParameterDescription(p) => {
@@ -608,13 +602,7 @@ impl WireConn {
         let mut r = Reply::default();
         let mut error = None;
         self.parsed = false;
-        loop {
-            let m = self.next().await?;
-            match self.on_any_reply(&m, &mut error)? {
-                Reading::Done => break,
-                Reading::Taken => continue,
-                Reading::Yours => {}
-            }
+        while let Some(m) = self.next_own(&mut error).await? {
             match m {
                 backend::Message::ParseComplete => self.parsed = true,
                 backend::Message::BindComplete | backend::Message::NoData => {}
@@ -657,6 +645,22 @@ impl WireConn {
         match error {
             Some(e) => Err(e),
             None => Ok(ReplyEnd::Ready(r)),
+        }
+    }
+
+    /// The next message of a reply that is the reader's own, after those every reply
+    /// may carry ([`Self::on_any_reply`]); None once ReadyForQuery ends the reply.
+    async fn next_own(
+        &mut self,
+        error: &mut Option<WireError>,
+    ) -> Result<Option<backend::Message>, WireError> {
+        loop {
+            let m = self.next().await?;
+            match self.on_any_reply(&m, error)? {
+                Reading::Done => return Ok(None),
+                Reading::Taken => {}
+                Reading::Yours => return Ok(Some(m)),
+            }
         }
     }
 
