@@ -104,29 +104,19 @@ struct State {
     /// The statement being executed as the client sent it (extended protocol, one
     /// group by its template): the DN runs it as a named statement of the connection.
     prepared: Option<Prepared>,
-    /// ParameterStatus messages the client is owed (a SET of a reported setting).
-    reports: Vec<(String, String)>,
-    /// What DEALLOCATE or DISCARD ALL took from the client's statements and portals,
-    /// for the handler to remove from pgwire's store.
-    forget: Forget,
+    /// What the statements so far leave for the handler to deliver ([`deliver`]).
+    owed: Owed,
 }
 
-/// Prepared statements (and with DISCARD ALL the portals) the client's SQL removed.
+/// What statements leave for the client's side of the session, delivered by the
+/// handler once they ran: ParameterStatus messages (a SET of a reported setting), and
+/// the prepared statements (with DISCARD ALL also the portals) that DEALLOCATE or
+/// DISCARD ALL removed, to drop from pgwire's store.
 #[derive(Default)]
-struct Forget {
-    statements: Vec<String>,
-    portals: bool,
-}
-
-impl Forget {
-    fn apply<S: PortalStore>(self, store: &S) {
-        for name in &self.statements {
-            store.rm_statement(name);
-        }
-        if self.portals {
-            store.clear_portals();
-        }
-    }
+struct Owed {
+    reports: Vec<(String, String)>,
+    forget_statements: Vec<String>,
+    forget_portals: bool,
 }
 
 pub struct Session {
@@ -522,7 +512,7 @@ impl Session {
                             .map(|a| {
                                 let v = a.rows.first().and_then(|r| r.first().cloned());
                                 if let Some(Some(v)) = v {
-                                    st.reports.push((name.to_owned(), v));
+                                    st.owed.reports.push((name.to_owned(), v));
                                 }
                             });
                     }
@@ -646,15 +636,13 @@ impl Session {
         }
     }
 
-    /// SAVEPOINT / RELEASE / ROLLBACK TO on every group the transaction holds, in
-    /// parallel; the stack of names is kept for groups enlisted later.
     /// DEALLOCATE: the client's prepared statements are the CN's (pgwire's store).
     fn deallocate(&self, st: &mut State, name: Option<String>) -> Result<Outcome, DnError> {
         let mut statements = self.statements.lock().unwrap_or_else(|p| p.into_inner());
         match name {
             None => {
-                st.forget
-                    .statements
+                st.owed
+                    .forget_statements
                     .extend(std::mem::take(&mut *statements));
                 Ok(Outcome::Command("DEALLOCATE ALL".into()))
             }
@@ -665,7 +653,7 @@ impl Session {
                         format!("prepared statement \"{name}\" does not exist"),
                     ));
                 }
-                st.forget.statements.push(name);
+                st.owed.forget_statements.push(name);
                 Ok(Outcome::Command("DEALLOCATE".into()))
             }
         }
@@ -695,16 +683,18 @@ impl Session {
                 let r = c.run(&name, &format!("SHOW {setting}")).await;
                 let v = r.map(|a| a.rows.into_iter().next().and_then(|r| r.into_iter().next()));
                 if let Ok(Some(Some(v))) = v {
-                    st.reports.push((setting.to_owned(), v));
+                    st.owed.reports.push((setting.to_owned(), v));
                 }
             }
             self.node.pool.put(c).await;
         }
         self.deallocate(st, None)?;
-        st.forget.portals = true;
+        st.owed.forget_portals = true;
         Ok(())
     }
 
+    /// SAVEPOINT / RELEASE / ROLLBACK TO on every group the transaction holds, in
+    /// parallel; the stack of names is kept for groups enlisted later.
     async fn savepoint(
         &self,
         st: &mut State,
@@ -794,18 +784,14 @@ impl Session {
         Ok(())
     }
 
-    /// Plans and runs a query string; returns one response per statement and the
-    /// ParameterStatus messages owed to the client.
-    async fn run_query(&self, sql: &str) -> (Vec<Response>, Vec<(String, String)>, Forget) {
+    /// Plans and runs a query string; returns one response per statement and what the
+    /// statements left for the handler to deliver.
+    async fn run_query(&self, sql: &str) -> (Vec<Response>, Owed) {
         let mut st = self.state.lock().await;
         let statements = sql_text::split_statements(sql);
         if statements.len() > 1 {
             let out = self.run_statements(&mut st, &statements).await;
-            return (
-                out,
-                std::mem::take(&mut st.reports),
-                std::mem::take(&mut st.forget),
-            );
+            return (out, std::mem::take(&mut st.owed));
         }
         let in_txn = st.txn.as_ref().is_some_and(|t| t.explicit);
         let (plans, prepared) = {
@@ -833,11 +819,7 @@ impl Session {
                 }
             }
         }
-        (
-            out,
-            std::mem::take(&mut st.reports),
-            std::mem::take(&mut st.forget),
-        )
+        (out, std::mem::take(&mut st.owed))
     }
 
     /// A one-group autocommit statement of the simple protocol, run on the DN as a named
@@ -1081,9 +1063,8 @@ impl SimpleQueryHandler for Session {
             ));
         }
         self.register_cancel(client);
-        let (responses, reports, forget) = self.run_query(query).await;
-        forget.apply(client.portal_store());
-        send_reports(client, reports).await?;
+        let (responses, owed) = self.run_query(query).await;
+        deliver(client, owed).await?;
         Ok(responses)
     }
 }
@@ -1555,8 +1536,7 @@ impl ExtendedQueryHandler for Session {
         });
         let r = self.execute(&mut st, plan).await;
         st.prepared = None;
-        std::mem::take(&mut st.forget).apply(client.portal_store());
-        send_reports(client, std::mem::take(&mut st.reports)).await?;
+        deliver(client, std::mem::take(&mut st.owed)).await?;
         match r {
             Ok(o) => Ok(to_response(
                 o,
@@ -1728,14 +1708,23 @@ impl CopyHandler for Session {
     }
 }
 
-/// ParameterStatus messages, before the responses of the statement that changed them
-/// (where PostgreSQL sends them).
-async fn send_reports<C>(client: &mut C, reports: Vec<(String, String)>) -> PgWireResult<()>
+/// Delivers what statements left ([`Owed`]): the statements and portals they removed go
+/// from pgwire's store; ParameterStatus messages go before the responses of the
+/// statement that changed them (where PostgreSQL sends them).
+async fn deliver<C>(client: &mut C, owed: Owed) -> PgWireResult<()>
 where
-    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C: ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send,
+    C::PortalStore: PortalStore,
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
-    for (name, value) in reports {
+    let store = client.portal_store();
+    for name in &owed.forget_statements {
+        store.rm_statement(name);
+    }
+    if owed.forget_portals {
+        store.clear_portals();
+    }
+    for (name, value) in owed.reports {
         client
             .feed(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(
                 name, value,
