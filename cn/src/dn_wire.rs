@@ -216,9 +216,6 @@ pub struct WireConn {
     next_statement: u64,
     /// The last reply had a ParseComplete.
     parsed: bool,
-    /// The transaction status of the last ReadyForQuery: b'I' idle, b'T' in a
-    /// transaction block, b'E' in a failed one.
-    status: u8,
 }
 
 /// Named statements kept per connection; past it they are deallocated and made anew.
@@ -251,7 +248,6 @@ impl WireConn {
             prepared_epoch: 0,
             next_statement: 0,
             parsed: false,
-            status: b'I',
         };
         frontend::startup_message(
             [
@@ -453,29 +449,6 @@ impl WireConn {
         values: &[Option<String>],
         epoch: u64,
     ) -> Result<Reply, WireError> {
-        let r = self.execute_prepared_once(sql, types, values, epoch).await;
-        let deallocated = matches!(&r, Err(WireError::Server { code, .. }) if code == "26000");
-        if !deallocated {
-            return r;
-        }
-        // Someone ran DEALLOCATE on this backend (a client's own `DEALLOCATE ALL` goes
-        // to the DNs): make the statements anew. Outside a transaction block the Bind
-        // failed before anything ran, so run it again, once; inside one the error has
-        // ended the DN's transaction and goes to the client.
-        self.prepared.clear();
-        if self.is_usable() && self.status == b'I' {
-            return self.execute_prepared_once(sql, types, values, epoch).await;
-        }
-        r
-    }
-
-    async fn execute_prepared_once(
-        &mut self,
-        sql: &str,
-        types: &[u32],
-        values: &[Option<String>],
-        epoch: u64,
-    ) -> Result<Reply, WireError> {
         self.check_usable()?;
         self.abort_copy().await?;
         if !self.prepared.is_empty()
@@ -524,7 +497,15 @@ impl WireConn {
         match reply {
             Ok(ReplyEnd::Ready(r)) => Ok(r),
             Ok(ReplyEnd::CopyIn) => Err(self.unexpected("CopyInResponse")),
-            Err(e) => Err(e),
+            Err(e) => {
+                // Our statements are gone from the backend (the CN answers a client's
+                // DEALLOCATE itself, so nothing of ours should do this): make them anew
+                // next time.
+                if matches!(&e, WireError::Server { code, .. } if code == "26000") {
+                    self.prepared.clear();
+                }
+                Err(e)
+            }
         }
     }
 
@@ -681,10 +662,7 @@ impl WireConn {
                 error.get_or_insert(e);
                 Ok(Reading::Taken)
             }
-            backend::Message::ReadyForQuery(r) => {
-                self.status = r.status();
-                Ok(Reading::Done)
-            }
+            backend::Message::ReadyForQuery(_) => Ok(Reading::Done),
             backend::Message::NoticeResponse(_)
             | backend::Message::ParameterStatus(_)
             | backend::Message::NotificationResponse(_) => Ok(Reading::Taken),
