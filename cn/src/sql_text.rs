@@ -151,17 +151,15 @@ impl Literal {
     /// is of unknown type (0: the DN infers it from where it stands, as for the
     /// literal).
     pub fn type_oid(&self) -> u32 {
-        const INT4: u32 = 23;
-        const INT8: u32 = 20;
-        const NUMERIC: u32 = 1700;
+        use pgwire::api::Type;
         if self.quoted {
             0
         } else if self.text.parse::<i32>().is_ok() {
-            INT4
+            Type::INT4.oid()
         } else if self.text.parse::<i64>().is_ok() {
-            INT8
+            Type::INT8.oid()
         } else {
-            NUMERIC
+            Type::NUMERIC.oid()
         }
     }
 }
