@@ -187,20 +187,17 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
     let peers = node.ddl_peers();
     let term = node.cm_term.load(std::sync::atomic::Ordering::SeqCst);
     // The DNs and the other CNs at once.
-    let (dn_results, peer_results) = futures::join!(
-        futures::future::join_all(groups.iter().map(|g| prepare_ddl_on(
-            node,
-            *g,
-            sql,
-            &gid,
-            fault.as_deref()
-        )),),
-        futures::future::join_all(
-            peers
-                .iter()
-                .map(|p| prepare_peer(p, &gid, base, &change, term)),
-        )
+    let on_dns = futures::future::join_all(
+        groups
+            .iter()
+            .map(|g| prepare_ddl_on(node, *g, sql, &gid, fault.as_deref())),
     );
+    let on_peers = futures::future::join_all(
+        peers
+            .iter()
+            .map(|p| prepare_peer(p, &gid, base, &change, term)),
+    );
+    let (dn_results, peer_results) = futures::join!(on_dns, on_peers);
     steps.done("DNs and peers prepared");
 
     let mut prepared = Vec::new();
@@ -235,21 +232,7 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
         }
     }
     if let Some(err) = first_error {
-        // Abort is recorded first so that no resolver can commit any part.
-        let _ = node.gtm.record_decision(gxid, Decision::Abort).await;
-        for mut c in prepared {
-            let name = group_name(node, c.group);
-            if c.run(&name, &format!("ROLLBACK PREPARED '{gid}'"))
-                .await
-                .is_ok()
-            {
-                node.pool.put(c).await;
-            }
-        }
-        for p in &peers {
-            let _ = finish_peer(p, &gid, false).await;
-        }
-        let _ = node.finish_catalog(&gid, false);
+        abort_ddl(node, gxid, &gid, prepared, &peers).await;
         return Err(err);
     }
 
@@ -264,20 +247,7 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
         .map(|p| p.name)
         .collect();
     if !joined.is_empty() {
-        let _ = node.gtm.record_decision(gxid, Decision::Abort).await;
-        for mut c in prepared {
-            let name = group_name(node, c.group);
-            if c.run(&name, &format!("ROLLBACK PREPARED '{gid}'"))
-                .await
-                .is_ok()
-            {
-                node.pool.put(c).await;
-            }
-        }
-        for p in &peers {
-            let _ = finish_peer(p, &gid, false).await;
-        }
-        let _ = node.finish_catalog(&gid, false);
+        abort_ddl(node, gxid, &gid, prepared, &peers).await;
         return Err(DnError::new(
             "40001",
             format!(
@@ -302,7 +272,7 @@ async fn run_ddl_2pc(node: &Node, sql: &str, change: Change) -> Result<(), DnErr
 
     // Phase two, on the DNs and the other CNs at once.
     let ((), finished) = futures::join!(
-        commit_prepared_on(node, prepared, &gid),
+        finish_prepared_on(node, prepared, &gid, Decision::Commit),
         futures::future::join_all(peers.iter().map(|p| finish_peer(p, &gid, true)))
     );
     for e in finished.into_iter().filter_map(Result::err) {
@@ -395,15 +365,7 @@ async fn commit_2pc(node: &Node, conns: Vec<DnConn>) -> Result<(), DnError> {
     }
     if let Some(e) = first_error {
         let _ = node.gtm.record_decision(gxid, Decision::Abort).await;
-        for mut c in prepared {
-            let name = group_name(node, c.group);
-            if c.run(&name, &format!("ROLLBACK PREPARED '{gid}'"))
-                .await
-                .is_ok()
-            {
-                node.pool.put(c).await;
-            }
-        }
+        finish_prepared_on(node, prepared, &gid, Decision::Abort).await;
         // No Commit decision is recorded, and only this CN would record it: the
         // transaction surely did not commit anywhere (the resolver rolls back what stays
         // prepared), so a DN lost in phase one is safe to retry.
@@ -415,22 +377,43 @@ async fn commit_2pc(node: &Node, conns: Vec<DnConn>) -> Result<(), DnError> {
             format!("the outcome of this transaction is not known yet ({e}); the resolver will finish it"),
         ));
     }
-    commit_prepared_on(node, prepared, &gid).await;
+    finish_prepared_on(node, prepared, &gid, Decision::Commit).await;
     Ok(())
 }
 
-/// Phase two after a recorded Commit: COMMIT PREPARED on every group at once (a row
-/// lock is held until its group's COMMIT PREPARED; in turn, the last group's would also
-/// wait for every other group's). A group that fails is left to the resolver.
-async fn commit_prepared_on(node: &Node, prepared: Vec<DnConn>, gid: &str) {
-    let sql = format!("COMMIT PREPARED '{gid}'");
+/// A DDL that will not commit: Abort is recorded first, so that no resolver can commit
+/// any part, then it is rolled back on the DNs, the other CNs and our own catalog
+/// (what fails here is left to the resolvers).
+async fn abort_ddl(node: &Node, gxid: u64, gid: &str, prepared: Vec<DnConn>, peers: &[Peer]) {
+    let _ = node.gtm.record_decision(gxid, Decision::Abort).await;
+    finish_prepared_on(node, prepared, gid, Decision::Abort).await;
+    for p in peers {
+        let _ = finish_peer(p, gid, false).await;
+    }
+    let _ = node.finish_catalog(gid, false);
+}
+
+/// What finishes prepared transaction `gid` on a DN as `decision` says.
+fn finish_prepared_sql(gid: &str, decision: Decision) -> String {
+    match decision {
+        Decision::Commit => format!("COMMIT PREPARED '{gid}'"),
+        Decision::Abort => format!("ROLLBACK PREPARED '{gid}'"),
+    }
+}
+
+/// Phase two on every prepared group at once, after `decision` is recorded. At once
+/// because a row lock is held until its own group's COMMIT PREPARED; in turn, the last
+/// group's would also wait for every other group's. A group that fails is left to the
+/// resolver; its connection is not pooled.
+async fn finish_prepared_on(node: &Node, prepared: Vec<DnConn>, gid: &str, decision: Decision) {
+    let sql = finish_prepared_sql(gid, decision);
     let sql = &sql;
     futures::future::join_all(prepared.into_iter().map(|mut c| async move {
         let name = group_name(node, c.group);
         match c.run(&name, sql).await {
             Ok(_) => node.pool.put(c).await,
             Err(e) => {
-                tracing::warn!(%gid, group = %name, "COMMIT PREPARED failed ({e}); the resolver will retry")
+                tracing::warn!(%gid, group = %name, "{sql} failed ({e}); the resolver will retry")
             }
         }
     }))
@@ -503,11 +486,7 @@ pub async fn resolve_once(node: &Node) -> usize {
             let Some(decision) = settle(node, gxid).await else {
                 continue;
             };
-            let sql = match decision {
-                Decision::Commit => format!("COMMIT PREPARED '{gid}'"),
-                Decision::Abort => format!("ROLLBACK PREPARED '{gid}'"),
-            };
-            match c.run(&name, &sql).await {
+            match c.run(&name, &finish_prepared_sql(&gid, decision)).await {
                 Ok(_) => {
                     tracing::info!(%gid, group = %name, ?decision, "resolver finished an in-doubt transaction");
                     done += 1;
