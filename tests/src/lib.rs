@@ -77,12 +77,7 @@ fn password_from(slot: &std::sync::Mutex<Option<PathBuf>>, what: &str) -> Result
         .with_context(|| {
             format!("no test cluster config written yet (write_config) to take the {what} password from")
         })?;
-    password_in(&file, what)
-}
-
-/// The first line of password file `file`.
-fn password_in(file: &Path, what: &str) -> Result<String> {
-    let text = std::fs::read_to_string(file)
+    let text = std::fs::read_to_string(&file)
         .with_context(|| format!("{what} password file {}", file.display()))?;
     Ok(text.lines().next().unwrap_or("").trim().to_owned())
 }
@@ -614,10 +609,10 @@ impl LocalCluster {
     /// This cluster's DN admin login (role, password), for [`connect_dn_as`] from tasks
     /// that do not borrow the cluster.
     pub fn dn_login(&self) -> Result<(String, String)> {
-        use ha_common::dn_auth::{password_file, DnRole};
+        use ha_common::dn_auth::{read_password, DnRole};
         Ok((
             DnRole::Admin.name().to_owned(),
-            password_in(&password_file(&self.cfg, DnRole::Admin), "DN admin")?,
+            read_password(&self.cfg, DnRole::Admin)?,
         ))
     }
 

@@ -243,22 +243,65 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
         "cms1 loads cmserver@h1.crt: {cms1_log}"
     );
 
-    // h2's agent certificate reporting for h1 (a stolen key speaking for another
-    // host): refused by every CMServer, naming both hosts, before the report is read.
+    // One host's certificate speaking for another host (a stolen key): h2's agent
+    // certificate reporting for h1, and h2's GTM, CN and CMServer certificates speaking
+    // for gtm1, cn1 and cms1 (all on h1). Refused by every CMServer, naming both hosts,
+    // before the request is read.
+    let as_h2 = |role| -> Result<TlsMaterial> {
+        TlsMaterial::load(&c.cfg, role, Some("h2"))?.context("tls is on")
+    };
+    let (gtm_cert, cn_cert, cms_cert) = (
+        as_h2(CertRole::Gtm)?,
+        as_h2(CertRole::Cn)?,
+        as_h2(CertRole::CmServer)?,
+    );
     for ep in c.cfg.cm_server_endpoints() {
-        let mut client = cm_server_as(&agent, &ep).await?;
-        let r = client
+        let report = cm_server_as(&agent, &ep)
+            .await?
             .report(AgentReport {
                 host: "h1".into(),
                 ..Default::default()
             })
-            .await;
-        match r {
-            Err(s) if s.code() == tonic::Code::PermissionDenied => {
-                let m = s.message();
-                assert!(m.contains("\"h2\"") && m.contains("\"h1\""), "{m}");
+            .await
+            .map(|_| ());
+        let renew = cm_server_as(&gtm_cert, &ep)
+            .await?
+            .renew_gtm_lease(RenewGtmLeaseRequest {
+                instance: "gtm1".into(),
+                gtm_term: 0,
+            })
+            .await
+            .map(|_| ());
+        let sync = cm_server_as(&cn_cert, &ep)
+            .await?
+            .cn_sync(CnSyncRequest {
+                cn: "cn1".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ());
+        let state = cm_server_as(&cms_cert, &ep)
+            .await?
+            .sync_state(SyncStateRequest {
+                from: "cms1".into(),
+                probe: true,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ());
+        for (what, r) in [
+            ("agent report", report),
+            ("GTM lease", renew),
+            ("CnSync", sync),
+            ("SyncState", state),
+        ] {
+            match r {
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                    let m = s.message();
+                    assert!(m.contains("\"h2\"") && m.contains("\"h1\""), "{what}: {m}");
+                }
+                other => bail!("{ep}: {what} with h2's certificate for an h1 instance: {other:?}"),
             }
-            other => bail!("{ep}: h2's agent certificate reporting for h1: {other:?}"),
         }
     }
     mpp_ha_tests::wait_for(
@@ -272,53 +315,6 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
         },
     )
     .await?;
-
-    // The same for every role that speaks for an instance of its own: h2's GTM, CN
-    // and CMServer certificates may not speak for gtm1, cn1 and cms1 (all on h1).
-    let as_h2 = |role| -> Result<TlsMaterial> {
-        TlsMaterial::load(&c.cfg, role, Some("h2"))?.context("tls is on")
-    };
-    let (gtm, cn, cms) = (
-        as_h2(CertRole::Gtm)?,
-        as_h2(CertRole::Cn)?,
-        as_h2(CertRole::CmServer)?,
-    );
-    for ep in c.cfg.cm_server_endpoints() {
-        let renew = cm_server_as(&gtm, &ep)
-            .await?
-            .renew_gtm_lease(RenewGtmLeaseRequest {
-                instance: "gtm1".into(),
-                gtm_term: 0,
-            })
-            .await
-            .map(|_| ());
-        let sync = cm_server_as(&cn, &ep)
-            .await?
-            .cn_sync(CnSyncRequest {
-                cn: "cn1".into(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ());
-        let state = cm_server_as(&cms, &ep)
-            .await?
-            .sync_state(SyncStateRequest {
-                from: "cms1".into(),
-                probe: true,
-                ..Default::default()
-            })
-            .await
-            .map(|_| ());
-        for (what, r) in [("GTM lease", renew), ("CnSync", sync), ("SyncState", state)] {
-            match r {
-                Err(s) if s.code() == tonic::Code::PermissionDenied => {
-                    let m = s.message();
-                    assert!(m.contains("\"h2\"") && m.contains("\"h1\""), "{what}: {m}");
-                }
-                other => bail!("{ep}: {what} with h2's certificate for an h1 instance: {other:?}"),
-            }
-        }
-    }
 
     // A host-less (legacy) agent certificate of the cluster CA still gets through the
     // certificate check: a dir made before certificates named hosts keeps working.
@@ -366,7 +362,7 @@ async fn only_the_cluster_ca_and_an_operator_certificate_get_through() -> Result
     let cn1 = c.cfg.cns.iter().find(|n| n.name == "cn1").context("cn1")?;
     let cn_ep = format!("{}:{}", c.cfg.address_of(cn1), cn1.rpc_port());
     let channel = ha_common::tls::endpoint_with(
-        Some(&as_h2(CertRole::Cn)?),
+        Some(&cn_cert),
         &cn_ep,
         CertRole::Cn,
         Duration::from_secs(2),
